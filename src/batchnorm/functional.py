@@ -1,0 +1,297 @@
+"""Functional batch normalization with the signature and semantics of ``F.batch_norm``.
+
+Training mode normalizes with the batch mean and **biased** variance and, when running buffers
+are given, moves them towards the batch mean and the **unbiased** variance::
+
+    running ← (1 − momentum)·running + momentum·batch,   var_unbiased = σ²·M / (M − 1)
+
+Evaluation mode normalizes with the running estimates instead. Every argument is checked before
+anything is computed or updated, so a rejected call leaves the running buffers bit-identical.
+
+Two forms:
+
+* :func:`batch_norm` updates the running buffers in place, exactly like
+  ``torch.nn.functional.batch_norm``;
+* :func:`batch_norm_pure` returns the new running statistics instead, so it composes with
+  ``torch.func.vmap``, ``torch.func.grad`` and ``torch.func.functional_call``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from batchnorm.autograd import batch_norm_train
+from batchnorm.backends import compute_dtype, resolve_backend
+
+__all__ = [
+    "BatchNormOutput",
+    "batch_norm",
+    "batch_norm_pure",
+    "check_batch_norm_args",
+    "running_update",
+]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class BatchNormOutput(NamedTuple):
+    """Result of :func:`batch_norm_pure`.
+
+    Attributes:
+        output: the normalized tensor, shape and dtype of the input.
+        running_mean: the updated running mean, or the given one (or ``None``) when unchanged.
+        running_var: the updated running variance, or the given one (or ``None``) when unchanged.
+    """
+
+    output: torch.Tensor
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+
+
+def check_batch_norm_args(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+) -> None:
+    """Rejects every argument :func:`batch_norm` cannot use, before anything is changed.
+
+    Args:
+        input, running_mean, running_var, weight, bias, training, momentum, eps: as in
+            :func:`batch_norm`; ``momentum`` may be ``None`` here (the modules' cumulative
+            average) although :func:`batch_norm` itself needs a number.
+
+    Raises:
+        TypeError: if ``input`` or a per-channel tensor is not a floating-point tensor, or a
+            scalar argument has the wrong type.
+        ValueError: if ``input`` has fewer than 2 dimensions, a per-channel tensor does not hold
+            one value per channel, training sees one value per channel, or a running buffer
+            is missing in evaluation mode.
+        RuntimeError: if a tensor is on another device than ``input`` (PyTorch's error type
+            for device mismatches).
+    """
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            "input: expected a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got {input.dtype}"
+        )
+    if input.dim() < 2:
+        raise ValueError(
+            "input: expected a tensor of shape (N, C, *) with at least 2 dimensions, "
+            f"got shape {tuple(input.shape)}"
+        )
+    channels = input.shape[1]
+    per_channel = {
+        "running_mean": running_mean,
+        "running_var": running_var,
+        "weight": weight,
+        "bias": bias,
+    }
+    for name, tensor in per_channel.items():
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(tensor).__name__}")
+        if tensor.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected a floating-point tensor, got {tensor.dtype}")
+        if tensor.shape != (channels,):
+            raise ValueError(
+                f"{name}: expected shape ({channels},), one value per channel of input "
+                f"(dim 1 of shape {tuple(input.shape)}), got shape {tuple(tensor.shape)}"
+            )
+        if tensor.device != input.device:
+            raise RuntimeError(
+                f"{name}: expected a tensor on {input.device} (the device of input), "
+                f"got one on {tensor.device}"
+            )
+    if not isinstance(training, bool):
+        raise TypeError(f"training: expected a bool, got {type(training).__name__}")
+    if momentum is not None and (
+        isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+    ):
+        raise TypeError(f"momentum: expected a float, got {type(momentum).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
+        raise TypeError(f"eps: expected a finite float, got {eps!r}")
+    if training:
+        values_per_channel = input.numel() // max(channels, 1)
+        if values_per_channel == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, "
+                f"got input size {input.size()}"
+            )
+    else:
+        for name, tensor in (("running_mean", running_mean), ("running_var", running_var)):
+            if tensor is None:
+                raise ValueError(
+                    f"{name}: must be defined in evaluation mode (training=False); "
+                    "pass the running buffer or training=True"
+                )
+
+
+def running_update(
+    running: torch.Tensor,
+    batch_stat: torch.Tensor,
+    momentum: float,
+) -> torch.Tensor:
+    """Returns ``(1 − momentum)·running + momentum·batch_stat`` in ``running``'s dtype (pure).
+
+    Args:
+        running: a running buffer, shape ``(C,)``.
+        batch_stat: this batch's mean or unbiased variance, shape ``(C,)``.
+        momentum: the exponential-average factor for this step.
+
+    Returns:
+        The new running value, a new tensor of ``running``'s dtype; computed in at least
+        float32.
+    """
+    dtype = torch.promote_types(running.dtype, torch.float32)
+    new = (1.0 - momentum) * running.to(dtype) + momentum * batch_stat.to(dtype)  # (C,)
+    return new.to(running.dtype)
+
+
+def _normalize(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    backend: str | None,
+) -> BatchNormOutput:
+    """Shared body of :func:`batch_norm` and :func:`batch_norm_pure` (arguments checked)."""
+    x3 = input.reshape(input.shape[0], input.shape[1], -1)  # (N, C, L), a view when possible
+    if not training:
+        assert running_mean is not None and running_var is not None  # checked above
+        dtype = compute_dtype(input.dtype)
+        scale = torch.rsqrt(running_var.to(dtype) + eps)  # (C,)  r from population estimates
+        if weight is not None:
+            scale = scale * weight.to(dtype)  # (C,)  γ·r
+        y3 = (x3.to(dtype) - running_mean.to(dtype)[None, :, None]) * scale[None, :, None]
+        if bias is not None:
+            y3 = y3 + bias.to(dtype)[None, :, None]  # (N, C, L)
+        return BatchNormOutput(y3.to(input.dtype).reshape(input.shape), running_mean, running_var)
+
+    impl = resolve_backend(backend, input.device)
+    result = batch_norm_train(x3, weight, bias, eps, impl)
+    count = x3.shape[0] * x3.shape[2]  # M = N·L
+    new_mean, new_var = running_mean, running_var
+    if count > 0:  # an empty batch leaves the running statistics as they are (as PyTorch does)
+        if running_mean is not None:
+            new_mean = running_update(running_mean, result.mean, momentum)
+        if running_var is not None:
+            var_unbiased = result.var * (count / (count - 1))  # (C,)  Bessel's correction
+            new_var = running_update(running_var, var_unbiased, momentum)
+    return BatchNormOutput(result.y.reshape(input.shape), new_mean, new_var)
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Batch normalization over dim 1 of ``input``, a drop-in for ``F.batch_norm``.
+
+    ``y = γ·(x − μ) / sqrt(σ² + ε) + β`` per channel, with the batch statistics in training
+    (biased variance; running buffers updated in place with the unbiased one) and the running
+    estimates in evaluation.
+
+    Args:
+        input: tensor of shape ``(N, C, *)``, float16/bfloat16/float32/float64, any memory
+            format.
+        running_mean: running mean ``(C,)``, updated in place in training; required in
+            evaluation.
+        running_var: running unbiased variance ``(C,)``, same rules as ``running_mean``.
+        weight: ``γ`` of shape ``(C,)``, or ``None`` for 1.
+        bias: ``β`` of shape ``(C,)``, or ``None`` for 0.
+        training: use batch statistics (and update the running buffers) when ``True``.
+        momentum: factor of the running-average update.
+        eps: added to the variance inside the square root.
+        backend: backend name (``"torch"``, ``"numpy"``, ``"auto"``), or ``None`` for the
+            ``BATCHNORM_BACKEND`` environment variable, then ``auto``.
+
+    Returns:
+        A tensor of the shape, dtype and memory format of ``input``.
+
+    Raises:
+        TypeError, ValueError, RuntimeError: see :func:`check_batch_norm_args`; the running
+            buffers are unchanged when any is raised.
+
+    Examples:
+        >>> x = torch.randn(8, 3, 4, 4)
+        >>> mean, var = torch.zeros(3), torch.ones(3)
+        >>> y = batch_norm(x, mean, var, training=True)
+        >>> y.shape
+        torch.Size([8, 3, 4, 4])
+    """
+    if momentum is None:
+        raise TypeError("momentum: expected a float; None is a module option, not a functional one")
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    result = _normalize(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, backend
+    )
+    with torch.no_grad():
+        if running_mean is not None and result.running_mean is not running_mean:
+            running_mean.copy_(result.running_mean)  # type: ignore[arg-type]
+        if running_var is not None and result.running_var is not running_var:
+            running_var.copy_(result.running_var)  # type: ignore[arg-type]
+    return result.output
+
+
+def batch_norm_pure(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> BatchNormOutput:
+    """:func:`batch_norm` without side effects: returns the new running statistics.
+
+    Nothing is modified in place, so this form works under ``torch.func.vmap`` and
+    ``torch.func.grad`` (with the ``torch`` backend) and inside ``functional_call``.
+
+    Args:
+        input, running_mean, running_var, weight, bias, training, momentum, eps, backend: as
+            in :func:`batch_norm`.
+
+    Returns:
+        A :class:`BatchNormOutput` ``(output, running_mean, running_var)``; the statistics are
+        new tensors in training (when given and the batch is not empty), else the ones given.
+
+    Raises:
+        TypeError, ValueError, RuntimeError: see :func:`check_batch_norm_args`.
+
+    Examples:
+        >>> x = torch.randn(8, 3)
+        >>> out, mean, var = batch_norm_pure(x, torch.zeros(3), torch.ones(3), training=True)
+        >>> mean.shape
+        torch.Size([3])
+    """
+    if momentum is None:
+        raise TypeError("momentum: expected a float; None is a module option, not a functional one")
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _normalize(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, backend
+    )

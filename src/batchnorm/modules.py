@@ -1,0 +1,270 @@
+"""``BatchNorm1d/2d/3d``: drop-in replacements for ``torch.nn.BatchNorm*`` on our backends.
+
+The modules hold the policy (when buffers update, the momentum schedule, train/eval), the
+functional (:mod:`batchnorm.functional`) holds the math. Parameter and buffer names, dtypes and
+the ``state_dict`` layout are those of ``torch.nn.BatchNorm*``, so checkpoints load both ways.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from batchnorm.functional import batch_norm_pure
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase"]
+
+
+class BatchNormBase(nn.Module):
+    r"""Batch normalization over dim 1 (the channels) of an ``(N, C, *)`` input.
+
+    .. math::
+
+        y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+    In training the mean and the **biased** variance of the batch are used, and (with
+    ``track_running_stats``) ``running_mean`` / ``running_var`` move towards the batch mean and
+    the **unbiased** variance: ``running ← (1 − momentum)·running + momentum·batch``; with
+    ``momentum=None`` the factor is ``1 / num_batches_tracked`` (cumulative average). In
+    evaluation the running estimates are used, unless ``track_running_stats=False``, in which
+    case batch statistics are used in both modes.
+
+    Variance note: normalization uses the biased estimator (divide by ``M = N·L``), the running
+    estimate the unbiased one (divide by ``M − 1``), exactly as ``torch.nn.BatchNorm*``.
+
+    Every input is checked before any buffer changes: a rejected call leaves ``running_mean``,
+    ``running_var`` and ``num_batches_tracked`` bit-identical.
+
+    Args:
+        num_features: ``C``, the number of channels.
+        eps: added to the variance inside the square root. Default: 1e-5.
+        momentum: running-average factor, or ``None`` for a cumulative average. Default: 0.1.
+        affine: learnable ``weight`` (γ, init 1) and ``bias`` (β, init 0). Default: True.
+        track_running_stats: keep ``running_mean``, ``running_var`` and
+            ``num_batches_tracked`` buffers. Default: True.
+        device: device of parameters and buffers.
+        dtype: dtype of parameters and running buffers.
+        bias: with ``affine``, also learn ``bias`` (keyword only, as in PyTorch). Default: True.
+        backend: backend name for the training pass (keyword only); ``None`` reads
+            ``BATCHNORM_BACKEND``, then ``auto``.
+
+    Raises:
+        TypeError, ValueError: on constructor arguments of the wrong type or range.
+
+    Shape:
+        - Input: ``(N, C, *)`` as the subclass states.
+        - Output: same shape, dtype and memory format as the input.
+
+    References:
+        S. Ioffe and C. Szegedy, "Batch Normalization: Accelerating Deep Network Training by
+        Reducing Internal Covariate Shift", ICML 2015.
+    """
+
+    _version = 2
+    #: Input ranks the subclass accepts, and how it names them in errors.
+    _allowed_dims: tuple[int, ...] = ()
+    _shape_text: str = "(N, C, *)"
+
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    num_batches_tracked: torch.Tensor | None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"eps: expected a non-negative float, got {eps!r}")
+        if momentum is not None and (
+            isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+        ):
+            raise TypeError(f"momentum: expected a float or None, got {momentum!r}")
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.backend = backend
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory)) if bias else None
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if affine and not bias:
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Sets ``running_mean`` to 0, ``running_var`` to 1 and ``num_batches_tracked`` to 0."""
+        if self.running_mean is not None:
+            self.running_mean.zero_()
+        if self.running_var is not None:
+            self.running_var.fill_(1)
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Resets the running statistics, ``weight`` to 1 and ``bias`` to 0."""
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        """The constructor arguments, formatted as ``torch.nn.BatchNorm*`` does."""
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        """Rejects an input of the wrong rank or channel count for this module."""
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
+        name = type(self).__name__
+        if self._allowed_dims and input.dim() not in self._allowed_dims:
+            ranks = " or ".join(f"{d}D" for d in self._allowed_dims)
+            raise ValueError(
+                f"{name}: expected {ranks} input {self._shape_text}, "
+                f"got {input.dim()}D input of shape {tuple(input.shape)}"
+            )
+        if input.dim() < 2 or input.shape[1] != self.num_features:
+            got = input.shape[1] if input.dim() >= 2 else "none"
+            raise ValueError(
+                f"{name}: expected input with {self.num_features} channels (dim 1, "
+                f"num_features), got {got} in input of shape {tuple(input.shape)}"
+            )
+
+    def _momentum_for_this_step(self) -> float:
+        """The running-average factor of the coming training step (before counting it)."""
+        if self.momentum is not None:
+            return float(self.momentum)
+        tracked = 0 if self.num_batches_tracked is None else int(self.num_batches_tracked)
+        return 1.0 / (tracked + 1)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Normalizes ``input``; see the class docstring for the mode rules.
+
+        Args:
+            input: tensor of shape ``(N, C, *)`` as the subclass states.
+
+        Returns:
+            A tensor of the shape, dtype and memory format of ``input``.
+
+        Raises:
+            TypeError, ValueError, RuntimeError: on a wrong rank, channel count, dtype or
+                device, or one value per channel in training; buffers are left unchanged.
+        """
+        self._check_input_dim(input)
+        # Buffers are None without track_running_stats; then batch statistics serve both modes.
+        use_batch_stats = self.training or self.running_mean is None
+        updates_stats = self.training and self.track_running_stats
+        result = batch_norm_pure(  # checks every argument; pure, so nothing changes on error
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            self._momentum_for_this_step() if updates_stats else 0.0,
+            self.eps,
+            backend=self.backend,
+        )
+        if updates_stats:
+            with torch.no_grad():
+                if self.running_mean is not None and result.running_mean is not None:
+                    self.running_mean.copy_(result.running_mean)
+                if self.running_var is not None and result.running_var is not None:
+                    self.running_var.copy_(result.running_var)
+                if self.num_batches_tracked is not None:
+                    self.num_batches_tracked.add_(1)
+        return result.output
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """Loads like ``torch.nn.BatchNorm*``; a missing ``num_batches_tracked`` becomes 0.
+
+        PyTorch fills the counter only for checkpoints older than version 2; we fill it for any
+        checkpoint that lacks it, since the counter only matters with ``momentum=None``.
+        """
+        key = prefix + "num_batches_tracked"
+        if self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class BatchNorm1d(BatchNormBase):
+    """Batch normalization of ``(N, C)`` or ``(N, C, L)`` input (see :class:`BatchNormBase`).
+
+    Examples:
+        >>> bn = BatchNorm1d(100)
+        >>> bn(torch.randn(20, 100)).shape
+        torch.Size([20, 100])
+    """
+
+    _allowed_dims = (2, 3)
+    _shape_text = "(N, C) or (N, C, L)"
+
+
+class BatchNorm2d(BatchNormBase):
+    """Batch normalization of ``(N, C, H, W)`` input (see :class:`BatchNormBase`).
+
+    Examples:
+        >>> bn = BatchNorm2d(16)
+        >>> bn(torch.randn(4, 16, 8, 8)).shape
+        torch.Size([4, 16, 8, 8])
+    """
+
+    _allowed_dims = (4,)
+    _shape_text = "(N, C, H, W)"
+
+
+class BatchNorm3d(BatchNormBase):
+    """Batch normalization of ``(N, C, D, H, W)`` input (see :class:`BatchNormBase`).
+
+    Examples:
+        >>> bn = BatchNorm3d(8)
+        >>> bn(torch.randn(2, 8, 4, 4, 4)).shape
+        torch.Size([2, 8, 4, 4, 4])
+    """
+
+    _allowed_dims = (5,)
+    _shape_text = "(N, C, D, H, W)"
