@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch that lies on this machine's disk; the library itself needs torch>=2.3.
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
+# Triton kernels run on CPU tensors through its interpreter (no GPU needed).
+export TRITON_INTERPRET ?= 1
 
-.PHONY: venv demo test clean
+.PHONY: venv demo lint test clean
 
 venv: $(STAMP)
 
@@ -20,8 +22,13 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/python -m batchnorm.demo
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 tests
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -n 2 --cov=batchnorm --cov-report=term-missing:skip-covered tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

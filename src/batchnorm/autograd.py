@@ -27,7 +27,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
@@ -48,7 +48,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(mean, invstd, var)
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any,
         dy: torch.Tensor,
         _dmean: torch.Tensor | None,
@@ -87,4 +87,5 @@ def batch_norm_train(
     Returns:
         A :class:`ForwardResult`; gradients flow to ``x``, ``weight`` and ``bias`` through ``y``.
     """
-    return ForwardResult(*BatchNormTrainFunction.apply(x, weight, bias, eps, backend))
+    outputs = BatchNormTrainFunction.apply(x, weight, bias, eps, backend)  # type: ignore[no-untyped-call]
+    return ForwardResult(*outputs)

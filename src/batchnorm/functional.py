@@ -172,7 +172,8 @@ def _normalize(
     """Shared body of :func:`batch_norm` and :func:`batch_norm_pure` (arguments checked)."""
     x3 = input.reshape(input.shape[0], input.shape[1], -1)  # (N, C, L), a view when possible
     if not training:
-        assert running_mean is not None and running_var is not None  # checked above
+        assert running_mean is not None  # checked by check_batch_norm_args
+        assert running_var is not None
         dtype = compute_dtype(input.dtype)
         scale = torch.rsqrt(running_var.to(dtype) + eps)  # (C,)  r from population estimates
         if weight is not None:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchnorm.functional import batch_norm_pure
+from batchnorm.functional import BatchNormOutput, batch_norm_pure
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase"]
 
@@ -187,26 +187,49 @@ class BatchNormBase(nn.Module):
         # Buffers are None without track_running_stats; then batch statistics serve both modes.
         use_batch_stats = self.training or self.running_mean is None
         updates_stats = self.training and self.track_running_stats
-        result = batch_norm_pure(  # checks every argument; pure, so nothing changes on error
+        momentum = self._momentum_for_this_step() if updates_stats else 0.0
+        result = self._normalize(input, use_batch_stats, momentum)
+        if updates_stats:
+            self._commit_running_stats(result)
+        return result.output
+
+    def _normalize(
+        self, input: torch.Tensor, use_batch_stats: bool, momentum: float
+    ) -> BatchNormOutput:
+        """Computes the output and the new running statistics without changing anything.
+
+        The one place subclasses (synchronized, ghost, renormalized batch norm) override: the
+        base class checks the input before and commits the statistics after.
+
+        Args:
+            input: the checked input, ``(N, C, *)``.
+            use_batch_stats: normalize with batch statistics (else with the running ones).
+            momentum: running-average factor of this step.
+
+        Returns:
+            A :class:`BatchNormOutput`; its statistics are committed only if training.
+        """
+        return batch_norm_pure(  # checks every argument; pure, so nothing changes on error
             input,
             self.running_mean,
             self.running_var,
             self.weight,
             self.bias,
             use_batch_stats,
-            self._momentum_for_this_step() if updates_stats else 0.0,
+            momentum,
             self.eps,
             backend=self.backend,
         )
-        if updates_stats:
-            with torch.no_grad():
-                if self.running_mean is not None and result.running_mean is not None:
-                    self.running_mean.copy_(result.running_mean)
-                if self.running_var is not None and result.running_var is not None:
-                    self.running_var.copy_(result.running_var)
-                if self.num_batches_tracked is not None:
-                    self.num_batches_tracked.add_(1)
-        return result.output
+
+    def _commit_running_stats(self, result: BatchNormOutput) -> None:
+        """Copies the new running statistics into the buffers and counts the batch."""
+        with torch.no_grad():
+            if self.running_mean is not None and result.running_mean is not None:
+                self.running_mean.copy_(result.running_mean)
+            if self.running_var is not None and result.running_var is not None:
+                self.running_var.copy_(result.running_var)
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
 
     def _load_from_state_dict(
         self,

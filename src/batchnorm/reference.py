@@ -96,9 +96,7 @@ def forward(
     x_hat = centered * invstd[None, :, None]  # (N, C, L)
     # Step 3: scale and shift.
     y = weight[None, :, None] * x_hat + bias[None, :, None]  # (N, C, L)
-    cache = Cache(
-        x_hat=x_hat.reshape(x.shape), invstd=invstd, weight=weight, mean=mean, var=var
-    )
+    cache = Cache(x_hat=x_hat.reshape(x.shape), invstd=invstd, weight=weight, mean=mean, var=var)
     return y.reshape(x.shape).astype(x.dtype, copy=False), cache
 
 

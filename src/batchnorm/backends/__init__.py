@@ -3,20 +3,21 @@
 Selection, first match wins:
 
 1. the ``backend=`` argument of :func:`batchnorm.functional.batch_norm` or of a module;
-2. the environment variable ``BATCHNORM_BACKEND`` (``torch``, ``numpy`` or ``auto``);
-3. ``auto``: the pure-torch backend.
+2. the environment variable ``BATCHNORM_BACKEND`` (a backend name or ``auto``);
+3. ``auto``: Triton for CUDA tensors when it imports, else the pure-torch backend.
+
+Backends live in their own modules and are imported on first use, so a missing optional
+dependency (Triton) only matters to whoever asks for that backend.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Callable
 
 import torch
 
 from batchnorm.backends.base import Backend, ForwardResult, compute_dtype
-from batchnorm.backends.numpy_backend import NumpyBackend
-from batchnorm.backends.torch_backend import TorchBackend
 
 __all__ = [
     "BACKEND_ENV_VAR",
@@ -29,16 +30,44 @@ __all__ = [
 
 BACKEND_ENV_VAR = "BATCHNORM_BACKEND"
 
-_FACTORIES: dict[str, Callable[[], Backend]] = {
-    "torch": TorchBackend,
-    "numpy": NumpyBackend,
+#: Backend name → (module, class); the module is imported when the backend is first asked for.
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "torch": ("batchnorm.backends.torch_backend", "TorchBackend"),
+    "numpy": ("batchnorm.backends.numpy_backend", "NumpyBackend"),
 }
 _INSTANCES: dict[str, Backend] = {}
 
 
 def available_backends() -> tuple[str, ...]:
-    """Names accepted by ``backend=`` and ``BATCHNORM_BACKEND`` (besides ``auto``)."""
-    return tuple(_FACTORIES)
+    """Names of the backends that import on this machine (``backend=`` also takes ``auto``)."""
+    names = []
+    for name in _REGISTRY:
+        try:
+            _instance(name)
+        except ImportError:
+            continue
+        names.append(name)
+    return tuple(names)
+
+
+def _instance(name: str) -> Backend:
+    """The shared instance of backend ``name``; raises ImportError if its module cannot load."""
+    if name not in _INSTANCES:
+        module_name, class_name = _REGISTRY[name]
+        backend_class = getattr(importlib.import_module(module_name), class_name)
+        _INSTANCES[name] = backend_class()
+    return _INSTANCES[name]
+
+
+def _auto(device: torch.device) -> str:
+    """The backend ``auto`` picks for ``device``."""
+    if device.type == "cuda" and "triton" in _REGISTRY:
+        try:
+            _instance("triton")
+        except ImportError:
+            return "torch"
+        return "triton"
+    return "torch"
 
 
 def resolve_backend(name: str | None, device: torch.device) -> Backend:
@@ -53,16 +82,21 @@ def resolve_backend(name: str | None, device: torch.device) -> Backend:
 
     Raises:
         ValueError: if the name (argument or environment variable) is not a known backend.
+        ImportError: if the named backend needs a package that is not installed.
     """
     source = "backend"
     if name is None:
         name = os.environ.get(BACKEND_ENV_VAR, "auto") or "auto"
         source = BACKEND_ENV_VAR
     if name == "auto":
-        name = "torch"
-    if name not in _FACTORIES:
-        choices = ", ".join(("auto", *_FACTORIES))
+        name = _auto(device)
+    if name not in _REGISTRY:
+        choices = ", ".join(("auto", *_REGISTRY))
         raise ValueError(f"{source}: expected one of {choices}, got {name!r}")
-    if name not in _INSTANCES:
-        _INSTANCES[name] = _FACTORIES[name]()
-    return _INSTANCES[name]
+    try:
+        return _instance(name)
+    except ImportError as error:
+        raise ImportError(
+            f"{source}: the {name!r} backend cannot be used here ({error}); "
+            f"install what it needs or choose another of: {', '.join(available_backends())}"
+        ) from error

@@ -22,6 +22,11 @@ def _to_float64(t: torch.Tensor | None, size: int, fill: float) -> np.ndarray:
     return t.detach().cpu().to(torch.float64).numpy()
 
 
+def _to_torch(array: np.ndarray, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``array`` as a tensor of ``dtype`` on the device of ``like``."""
+    return torch.from_numpy(array).to(device=like.device, dtype=dtype)
+
+
 class NumpyBackend:
     """Runs :func:`batchnorm.reference.forward`/``backward`` in float64 (see :class:`Backend`)."""
 
