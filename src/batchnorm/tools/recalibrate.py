@@ -134,7 +134,8 @@ def recalibrate(
 
     Raises:
         TypeError: if ``model`` is not a module or a batch cannot be fed.
-        ValueError: if ``num_batches < 1`` or ``batches`` is empty (nothing is changed).
+        ValueError: if ``num_batches < 1``, or ``batches`` is empty without ``process_group``
+            (nothing is changed; with a group, a rank without batches contributes none).
 
     Examples:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
