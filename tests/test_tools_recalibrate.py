@@ -183,7 +183,7 @@ def test_single_rank_group_equals_no_group():
         timeout=timedelta(seconds=30),
     )
     try:
-        grouped = recalibrate(_mlp(), _batches(), process_group=dist.group.WORLD, progress=False)
+        grouped = recalibrate(_mlp(), _batches(), process_group=dist.group.WORLD)
         # a rank without batches still joins the merge, with zero samples
         with pytest.warns(UserWarning, match="saw 0 value"):
             empty = recalibrate(_mlp(), [], process_group=dist.group.WORLD, progress=False)

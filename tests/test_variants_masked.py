@@ -139,3 +139,12 @@ def test_bad_masks_are_rejected_and_buffers_kept(mask, error, match):
         bn(x, mask=mask)
     for key, value in bn.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_empty_batch_keeps_statistics():
+    mean, var = torch.zeros(2), torch.ones(2)
+    y = batch_norm(
+        torch.randn(0, 2, 3), mean, var, training=True, mask=torch.ones(0, 3, dtype=torch.bool)
+    )
+    assert y.shape == (0, 2, 3)
+    assert torch.equal(mean, torch.zeros(2))

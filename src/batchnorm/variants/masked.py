@@ -17,6 +17,8 @@ device; the ``backend`` choice of the unmasked path does not apply here.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from batchnorm.backends import compute_dtype
@@ -92,9 +94,9 @@ def masked_batch_norm_pure(
     """
     check_mask(input, mask)
     dtype = compute_dtype(input.dtype)
-    batch, channels = input.shape[0], input.shape[1]
-    x3 = input.reshape(batch, channels, -1)  # (N, C, L)
-    real = mask.reshape(batch, 1, -1)  # (N, 1, L)
+    batch, channels, length = input.shape[0], input.shape[1], math.prod(input.shape[2:])
+    x3 = input.reshape(batch, channels, length)  # (N, C, L)
+    real = mask.reshape(batch, 1, length)  # (N, 1, L)
     x_real = torch.where(real, x3.to(dtype), 0.0)  # (N, C, L)  padding → 0: NaN cannot leak
     new_mean, new_var = running_mean, running_var
     if training:

@@ -25,6 +25,7 @@ Reference:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -163,7 +164,8 @@ class BatchRenormBase(BatchNormBase):
         assert self.running_mean is not None  # track_running_stats is always on
         assert self.running_var is not None
         with torch.no_grad():  # r and d are constants in backward
-            x3 = input.detach().reshape(input.shape[0], input.shape[1], -1)  # (N, C, L)
+            length = math.prod(input.shape[2:])  # L
+            x3 = input.detach().reshape(input.shape[0], input.shape[1], length)  # (N, C, L)
             dtype = torch.promote_types(input.dtype, torch.float32)
             batch_var, batch_mean = torch.var_mean(x3.to(dtype), dim=(0, 2), correction=0)
             sigma = torch.sqrt(self.running_var.to(dtype) + self.eps)  # (C,)  σ
