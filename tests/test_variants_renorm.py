@@ -167,6 +167,7 @@ def test_affine_false_and_frozen_stats():
         ({"d_max": -1.0}, "d_max"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"r_max_steps": 1.5}, "r_max_steps"),
+        ({"track_running_stats": False}, "track_running_stats"),
     ],
 )
 def test_bad_arguments(kwargs, match):

@@ -73,9 +73,9 @@ class BatchRenormBase(BatchNormBase):
     """Batch renormalization over dim 1 (see the module docstring for the math).
 
     Args:
-        num_features, eps, momentum, affine, device, dtype: as :class:`BatchNormBase`
-            (``track_running_stats`` is always on: ``r`` and ``d`` need the running
-            statistics).
+        num_features, eps, momentum, affine, device, dtype: as :class:`BatchNormBase`.
+        track_running_stats: must be True (the positional slot of ``torch.nn.BatchNorm*``
+            is kept): ``r`` and ``d`` need the running statistics.
         r_max: final upper limit of ``r`` (≥ 1). Default: 3.0.
         d_max: final limit of ``|d|`` (≥ 0). Default: 5.0.
         warmup_steps: training steps of plain batch normalization. Default: 5000.
@@ -85,7 +85,8 @@ class BatchRenormBase(BatchNormBase):
             ``freeze_stats``, ``nonfinite``).
 
     Raises:
-        ValueError: if ``r_max < 1``, ``d_max < 0`` or a step count is negative.
+        ValueError: if ``r_max < 1``, ``d_max < 0``, a step count is negative or
+            ``track_running_stats`` is False.
 
     References:
         S. Ioffe, "Batch Renormalization", NeurIPS 2017.
@@ -99,6 +100,7 @@ class BatchRenormBase(BatchNormBase):
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,
+        track_running_stats: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
@@ -109,6 +111,11 @@ class BatchRenormBase(BatchNormBase):
         d_max_steps: int = 25000,
         **kwargs: Any,
     ) -> None:
+        if track_running_stats is not True:
+            raise ValueError(
+                "track_running_stats: batch renormalization needs the running statistics "
+                f"(r and d compare the batch with them); expected True, got {track_running_stats!r}"
+            )
         if not r_max >= 1.0:
             raise ValueError(f"r_max: expected a float ≥ 1, got {r_max!r}")
         if not d_max >= 0.0:
