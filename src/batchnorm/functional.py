@@ -196,6 +196,26 @@ def _normalize(
     return BatchNormOutput(result.y.reshape(input.shape), new_mean, new_var)
 
 
+def _masked(
+    input: torch.Tensor,
+    mask: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> BatchNormOutput:
+    """Dispatches a masked call to :func:`batchnorm.variants.masked.masked_batch_norm_pure`."""
+    # Imported here: the variants package imports this module.
+    from batchnorm.variants.masked import masked_batch_norm_pure
+
+    return masked_batch_norm_pure(
+        input, mask, running_mean, running_var, weight, bias, training, momentum, eps
+    )
+
+
 def batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -207,6 +227,7 @@ def batch_norm(
     eps: float = 1e-5,
     *,
     backend: str | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batch normalization over dim 1 of ``input``, a drop-in for ``F.batch_norm``.
 
@@ -227,6 +248,10 @@ def batch_norm(
         eps: added to the variance inside the square root.
         backend: backend name (``"torch"``, ``"numpy"``, ``"auto"``), or ``None`` for the
             ``BATCHNORM_BACKEND`` environment variable, then ``auto``.
+        mask: optional ``torch.bool`` tensor of shape ``(N, *)`` (``input``'s shape without
+            dim 1), ``True`` = real value: statistics over the real positions only, padded
+            outputs and their gradients 0 (see :mod:`batchnorm.variants.masked`; runs on torch
+            operations whatever ``backend`` says).
 
     Returns:
         A tensor of the shape, dtype and memory format of ``input``.
@@ -242,11 +267,17 @@ def batch_norm(
         >>> y.shape
         torch.Size([8, 3, 4, 4])
     """
-    if momentum is None:
-        raise TypeError("momentum: expected a float; None is a module option, not a functional one")
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    result = _normalize(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, backend
+    result = batch_norm_pure(  # checks every argument; pure, so nothing changes on error
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        backend=backend,
+        mask=mask,
     )
     with torch.no_grad():
         if running_mean is not None and result.running_mean is not running_mean:
@@ -267,6 +298,7 @@ def batch_norm_pure(
     eps: float = 1e-5,
     *,
     backend: str | None = None,
+    mask: torch.Tensor | None = None,
 ) -> BatchNormOutput:
     """:func:`batch_norm` without side effects: returns the new running statistics.
 
@@ -274,8 +306,8 @@ def batch_norm_pure(
     ``torch.func.grad`` (with the ``torch`` backend) and inside ``functional_call``.
 
     Args:
-        input, running_mean, running_var, weight, bias, training, momentum, eps, backend: as
-            in :func:`batch_norm`.
+        input, running_mean, running_var, weight, bias, training, momentum, eps, backend, mask:
+            as in :func:`batch_norm`.
 
     Returns:
         A :class:`BatchNormOutput` ``(output, running_mean, running_var)``; the statistics are
@@ -293,6 +325,10 @@ def batch_norm_pure(
     if momentum is None:
         raise TypeError("momentum: expected a float; None is a module option, not a functional one")
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if mask is not None:
+        return _masked(
+            input, mask, running_mean, running_var, weight, bias, training, momentum, eps
+        )
     return _normalize(
         input, running_mean, running_var, weight, bias, training, momentum, eps, backend
     )
