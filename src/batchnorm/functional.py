@@ -30,6 +30,7 @@ __all__ = [
     "BatchNormOutput",
     "batch_norm",
     "batch_norm_pure",
+    "channel_view",
     "check_batch_norm_args",
     "running_update",
 ]
@@ -158,6 +159,16 @@ def running_update(
     return new.to(running.dtype)
 
 
+def channel_view(input: torch.Tensor) -> torch.Tensor:
+    """``input`` of shape ``(N, C, *)`` as ``(N, C, L)``, ``L`` the product of ``*`` (1 if none).
+
+    A view whenever the strides allow (contiguous and channels-last inputs); ``L`` is computed
+    explicitly so that empty batches (``N = 0``) reshape too.
+    """
+    spatial = math.prod(input.shape[2:])  # L
+    return input.reshape(input.shape[0], input.shape[1], spatial)
+
+
 def _normalize(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -170,7 +181,7 @@ def _normalize(
     backend: str | None,
 ) -> BatchNormOutput:
     """Shared body of :func:`batch_norm` and :func:`batch_norm_pure` (arguments checked)."""
-    x3 = input.reshape(input.shape[0], input.shape[1], -1)  # (N, C, L), a view when possible
+    x3 = channel_view(input)  # (N, C, L), a view when possible
     if not training:
         assert running_mean is not None  # checked by check_batch_norm_args
         assert running_var is not None
