@@ -120,8 +120,11 @@ def check_batch_norm_args(
         isinstance(momentum, bool) or not isinstance(momentum, (int, float))
     ):
         raise TypeError(f"momentum: expected a float, got {type(momentum).__name__}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
-        raise TypeError(f"eps: expected a finite float, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
+    if not math.isfinite(eps) or eps < 0 or (training and eps == 0):
+        expected = "a positive float in training" if training else "a non-negative finite float"
+        raise ValueError(f"eps: expected {expected}, got {eps!r}")
     if training:
         values_per_channel = input.numel() // max(channels, 1)
         if values_per_channel == 1:

@@ -373,14 +373,17 @@ class BatchNormBase(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        """Loads like ``torch.nn.BatchNorm*``; a missing ``num_batches_tracked`` becomes 0.
+        """Loads like ``torch.nn.BatchNorm*``; a missing ``num_batches_tracked`` is kept as is.
 
-        PyTorch fills the counter only for checkpoints older than version 2; we fill it for any
-        checkpoint that lacks it, since the counter only matters with ``momentum=None``.
+        As PyTorch does for checkpoints older than version 2 (which lack the counter), the
+        module keeps its current counter; unlike PyTorch, this holds for any checkpoint that
+        lacks the key, so a checkpoint with the counter removed still loads with ``strict=True``.
         """
         key = prefix + "num_batches_tracked"
         if self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            counter = self.num_batches_tracked
+            keep = counter is not None and counter.device.type != "meta"
+            state_dict[key] = counter if keep else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
