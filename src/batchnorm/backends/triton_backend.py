@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import triton
 
+from batchnorm.autograd import activation_derivative
 from batchnorm.backends.base import ForwardResult, FusedForwardResult
 from batchnorm.backends.torch_backend import TorchBackend
 from batchnorm.kernels import batchnorm_bwd, batchnorm_fwd, inference
@@ -553,3 +554,47 @@ class TritonBackend:
             activation or "none", float(negative_slope),
         )  # fmt: skip
         return y
+
+
+def _inference_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    """Saves what the evaluation backward recomputes ``u`` from."""
+    x3, running_mean, running_var, weight, bias, residual, eps, activation, slope = inputs
+    ctx.save_for_backward(x3, running_mean, running_var, weight, bias, residual)
+    ctx.eps = eps
+    ctx.activation = activation
+    ctx.negative_slope = slope
+
+
+def _inference_backward_formula(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of the evaluation forward (statistics are constants here), in torch ops.
+
+    ``du = dy·act'(u)``, ``dx = du·γ·r̄``, ``dz = du``, ``dγ = Σ du·x̂``, ``dβ = Σ du`` with
+    ``x̂ = (x − μ̄)·r̄`` and ``r̄ = 1 / sqrt(σ̄² + ε)``. Rarely on a hot path (fine-tuning with
+    frozen statistics, input gradients), so written for clarity.
+    """
+    x3, running_mean, running_var, weight, bias, residual = ctx.saved_tensors
+    dtype = torch.float32
+    invstd = torch.rsqrt(running_var.to(dtype) + ctx.eps)[None, :, None]  # (1, C, 1)
+    x_hat = (x3.to(dtype) - running_mean.to(dtype)[None, :, None]) * invstd  # (N, C, L)
+    gamma = 1.0 if weight is None else weight.to(dtype)[None, :, None]
+    du = dy.to(dtype)  # (N, C, L)
+    if ctx.activation != "none":
+        u = x_hat * gamma + (0.0 if bias is None else bias.to(dtype)[None, :, None])
+        if residual is not None:
+            u = u + residual.to(dtype)
+        du = du * activation_derivative(u, ctx.activation, ctx.negative_slope)
+    needs = ctx.needs_input_grad
+    return (
+        (du * gamma * invstd).to(x3.dtype) if needs[0] else None,
+        None,
+        None,
+        (du * x_hat).sum(dim=(0, 2)).to(weight.dtype) if needs[3] else None,
+        du.sum(dim=(0, 2)).to(bias.dtype) if needs[4] else None,
+        du.to(residual.dtype) if needs[5] else None,
+        None,
+        None,
+        None,
+    )
+
+
+inference_op.register_autograd(_inference_backward_formula, setup_context=_inference_setup_context)
