@@ -110,7 +110,9 @@ def _persistent_config(
     config = tile_config(
         n * length, c, channels_contiguous, capacity, block_m=split.block_m, block_c=split.block_c
     )
-    if config.channel_blocks * config.row_programs > capacity:
+    programs = config.channel_blocks * config.row_programs
+    # The final grid compiles its own variant (BLOCK_P follows P): check its occupancy too.
+    if programs > capacity or programs > _resident_programs(compile_kernel(config), x3.device):
         return None
     return config
 
