@@ -81,10 +81,11 @@ def _resident_programs(compiled: Any, device: torch.device) -> int:
     """
     compiled._init_handles()  # loads the binary; fills n_regs
     props = torch.cuda.get_device_properties(device)
-    threads = compiled.metadata.num_warps * 32
-    regs_per_warp = -(-max(compiled.n_regs, 1) * 32 // 256) * 256
+    num_warps = compiled.metadata.num_warps
+    threads = num_warps * 32
+    regs_per_warp = -(-max(compiled.n_regs, 1) * 32 // 256) * 256  # rounded up to 256
     regs_per_sm = getattr(props, "regs_per_multiprocessor", 65536)
-    by_registers = regs_per_sm // (regs_per_warp * compiled.metadata.num_warps)
+    by_registers = regs_per_sm // (regs_per_warp * num_warps)
     by_threads = getattr(props, "max_threads_per_multi_processor", 2048) // threads
     shared = compiled.metadata.shared
     shared_per_sm = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
