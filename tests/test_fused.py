@@ -16,6 +16,7 @@ import torch
 
 import triton_helpers as th
 from batchnorm import functional as bnf
+from batchnorm.autograd import activate, activation_derivative
 from batchnorm.backends import available_backends
 from batchnorm.modules import BatchNorm2d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 
@@ -222,3 +223,15 @@ def test_torch_backend_compiles_fullgraph(module_class: type) -> None:
     torch.testing.assert_close(x_compiled.grad, x_eager.grad)
     torch.testing.assert_close(compiled_module.running_var, eager.running_var)
     assert int(compiled_module.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation_derivatives_match_autograd(activation: str | None) -> None:
+    """The closed-form derivatives of the composition against autograd of torch's functions."""
+    u = torch.linspace(-4, 4, 101, dtype=torch.float64).requires_grad_()
+    (expected,) = torch.autograd.grad(th.ACTIVATION_FUNCTIONS[activation](u).sum(), u)
+    slope = th.NEGATIVE_SLOPE
+    torch.testing.assert_close(activation_derivative(u.detach(), activation, slope), expected)
+    torch.testing.assert_close(
+        activate(u.detach(), activation, slope), th.ACTIVATION_FUNCTIONS[activation](u).detach()
+    )

@@ -237,3 +237,13 @@ def test_resident_programs_follows_occupancy(monkeypatch: pytest.MonkeyPatch) ->
     assert tb._resident_programs(compiled, torch.device("cuda")) == 16 * 132
     Metadata.shared = 100 * 1024  # two programs' shared memory fit per SM
     assert tb._resident_programs(compiled, torch.device("cuda")) == 2 * 132
+
+
+def test_cpu_tensor_without_interpreter_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside the interpreter a CPU tensor gets a clear error instead of a launch failure."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = th.make((2, 3, 4))
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", CPU).forward(x, None, None, 1e-5)
+    with pytest.raises(RuntimeError, match="expected a CUDA tensor"):
+        tb.inference_op(x, torch.zeros(3), torch.ones(3), None, None, None, 1e-5, "none", 0.0)

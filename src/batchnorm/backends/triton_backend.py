@@ -126,6 +126,15 @@ def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:
     return (stride_n, stride_c, stride_l)
 
 
+def _check_device(x3: torch.Tensor) -> None:
+    """Rejects tensors the kernels cannot reach: CPU tensors need the interpreter."""
+    if x3.device.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            f"triton backend: expected a CUDA tensor, got one on {x3.device}; CPU tensors run "
+            "only in Triton's interpreter (set TRITON_INTERPRET=1 before importing batchnorm)"
+        )
+
+
 def _uses_mask(activation: str, has_residual: bool) -> bool:
     """(Leaky) ReLU with a residual saves the ``u > 0`` mask instead of re-reading ``z``."""
     return has_residual and activation in ("relu", "leaky_relu")
@@ -157,6 +166,7 @@ def _train_forward(
 
     Absent outputs (the mask, the running statistics) are 0-element tensors.
     """
+    _check_device(x3)
     n, c, length = x3.shape
     rows = n * length  # M
     y = torch.empty_like(x3)  # (N, C, L), strides of x3 when x3 is dense
@@ -172,10 +182,12 @@ def _train_forward(
         var.zero_()
         invstd.copy_(torch.rsqrt(var + eps))
         return outputs
-    # Absent tensors are never read (constexpr flags); any pointer stands in for them.
+    # Absent tensors are never read (constexpr flags); x3 stands in for them (never pass a
+    # 0-element tensor as a pointer).
     weight_ = x3 if weight is None else weight
     bias_ = x3 if bias is None else bias
     z_ = x3 if residual is None else residual
+    positive_ = positive if save_mask else x3
     old_mean, old_var = (running_mean, running_var) if update else (mean, var)
     strides = (*_strides(x3), *_strides(y), *_strides(residual), *_strides(positive))
     flags = {
@@ -194,7 +206,7 @@ def _train_forward(
         run = kernel.warmup if warmup else kernel[config.grid]
         extra = {"grid": config.grid} if warmup else {}
         return run(
-            x3, y, z_, positive, weight_, bias_, partial, counter, mean, invstd, var,
+            x3, y, z_, positive_, weight_, bias_, partial, counter, mean, invstd, var,
             old_mean, old_var, new_mean if update else mean, new_var if update else var,
             rows, length, c, config.row_programs, eps, momentum, negative_slope, *strides,
             config.rows_per_program, **flags, UPDATE_RUNNING=update, BLOCK_M=config.block_m,
@@ -219,7 +231,7 @@ def _train_forward(
         BLOCK_P=batchnorm_fwd.merge_block_p(split.row_programs), BLOCK_C=merge_block_c,
     )  # fmt: skip
     batchnorm_fwd.normalize_kernel[split.grid](
-        x3, y, z_, positive, weight_, bias_, mean, invstd, rows, length, c, negative_slope,
+        x3, y, z_, positive_, weight_, bias_, mean, invstd, rows, length, c, negative_slope,
         *strides, split.rows_per_program, **flags, BLOCK_M=split.block_m,
         BLOCK_C=split.block_c, num_warps=split.num_warps,
     )  # fmt: skip
@@ -245,6 +257,7 @@ def _train_backward(
     the forward's ``u > 0`` mask or a 0-element tensor. ``dweight``/``dbias`` are float32
     ``(C,)``; ``dresidual = du`` (dtype of ``x``) when ``residual_grad``, else 0 elements.
     """
+    _check_device(x3)
     n, c, length = x3.shape
     rows = n * length  # M
     dx = torch.empty_like(x3)  # (N, C, L)
@@ -253,9 +266,12 @@ def _train_backward(
     if rows == 0:
         return dx, dweight, dbias, dz
     from_mask = positive.dim() == 3
+    # Absent tensors are never read or written (constexpr flags); x3 stands in for them.
     weight_ = x3 if weight is None else weight
     bias_ = x3 if bias is None else bias
     z_ = x3 if residual is None else residual
+    positive_ = positive if from_mask else x3
+    dz_ = dz if residual_grad else x3
     strides = (
         *_strides(dy), *_strides(x3), *_strides(residual), *_strides(positive),
         *_strides(dx), *_strides(dz),
@@ -277,7 +293,7 @@ def _train_backward(
         run = kernel.warmup if warmup else kernel[config.grid]
         extra = {"grid": config.grid} if warmup else {}
         return run(
-            dy, x3, z_, positive, dx, dz, weight_, bias_, mean, invstd, partial, counter,
+            dy, x3, z_, positive_, dx, dz_, weight_, bias_, mean, invstd, partial, counter,
             dweight, dbias, rows, length, c, config.row_programs, negative_slope, *strides,
             config.rows_per_program, **flags, BLOCK_M=config.block_m,
             BLOCK_P=batchnorm_fwd.merge_block_p(config.row_programs), BLOCK_C=config.block_c,
@@ -292,7 +308,7 @@ def _train_backward(
     partial = x3.new_empty((2, split.row_programs, c), dtype=torch.float32)  # (2, P, C)
     grad_strides = strides[:12]  # dy, x, z, mask
     batchnorm_bwd.partial_grads_kernel[split.grid](
-        dy, x3, z_, positive, weight_, bias_, mean, invstd, partial, rows, length, c,
+        dy, x3, z_, positive_, weight_, bias_, mean, invstd, partial, rows, length, c,
         split.row_programs, negative_slope, *grad_strides, split.rows_per_program,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_RESIDUAL=residual is not None, ACTIVATION=flags["ACTIVATION"], FROM_MASK=from_mask,
@@ -304,7 +320,7 @@ def _train_backward(
         BLOCK_P=batchnorm_fwd.merge_block_p(split.row_programs), BLOCK_C=merge_block_c,
     )  # fmt: skip
     batchnorm_bwd.input_grad_kernel[split.grid](
-        dy, x3, z_, positive, dx, dz, weight_, bias_, mean, invstd, dweight, dbias, rows, length,
+        dy, x3, z_, positive_, dx, dz_, weight_, bias_, mean, invstd, dweight, dbias, rows, length,
         c, negative_slope, *strides, split.rows_per_program, **flags, BLOCK_M=split.block_m,
         BLOCK_C=split.block_c, num_warps=split.num_warps,
     )  # fmt: skip
@@ -323,6 +339,7 @@ def _inference(
     negative_slope: float,
 ) -> torch.Tensor:
     """Launches the evaluation forward ``y = act(γ·(x − μ̄)/sqrt(σ̄² + ε) + β + z)``."""
+    _check_device(x3)
     n, c, length = x3.shape
     y = torch.empty_like(x3)  # (N, C, L)
     if n * length == 0:

@@ -127,13 +127,18 @@ def tile_moments(values, valid):
 def grid_barrier(counter_ptr, expected):
     """Waits until ``expected`` programs have arrived at ``counter_ptr`` (all must be resident).
 
-    Release on arrival publishes this program's earlier stores; acquire on every poll makes the
-    other programs' stores visible afterwards. Deadlocks if the programs are not all resident,
-    hence only for occupancy-sized grids and never under the (sequential) interpreter.
+    The block-level barrier first makes every thread's stores part of what the release on
+    arrival publishes; acquire on every poll, then a second block-level barrier, make the other
+    programs' stores visible to all threads afterwards (the pattern of Inductor's cooperative
+    reductions). Deadlocks if the programs are not all resident, hence only for
+    occupancy-sized grids and never under the (sequential) interpreter with more than one
+    program.
     """
+    tl.debug_barrier()
     tl.atomic_add(counter_ptr, 1, sem="release")
     while tl.atomic_add(counter_ptr, 0, sem="acquire") < expected:
         pass
+    tl.debug_barrier()
 
 
 def interpreting() -> bool:
