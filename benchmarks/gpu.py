@@ -32,6 +32,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -81,7 +82,7 @@ class Row:
     config: str
     kind: str  # "plain" or "fused"
     direction: str
-    provider: str  # "ours", "eager", "compile"
+    provider: str  # "ours", "ours_persistent", "eager", "compile"
     ms: float
     fraction_of_copy: float
 
@@ -132,11 +133,15 @@ def speedups(rows: Sequence[Row]) -> dict[tuple[tuple[int, ...], str, str, str],
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """The short summary: forward+backward, fraction of copy bandwidth and speed-ups."""
+    """The short summary: forward+backward, fraction of copy bandwidth and speed-ups.
+
+    Columns: ``ours`` ms, then fractions of copy bandwidth at minimal bytes for ours (split),
+    ours persistent, eager and compile, then ours' speed-ups over eager and compile.
+    """
     ratios = speedups(rows)
     lines = [
-        f"{'shape':<20} {'config':<8} {'kind':<6} {'ours ms':>8} {'ours':>5} {'eager':>5} "
-        f"{'comp.':>5} {'×eager':>7} {'×comp.':>7}"
+        f"{'shape':<20} {'config':<8} {'kind':<6} {'ours ms':>8} {'ours':>5} {'pers.':>5} "
+        f"{'eager':>5} {'comp.':>5} {'×eager':>7} {'×comp.':>7}"
     ]
     by_key: dict[tuple[tuple[int, ...], str, str], dict[str, Row]] = {}
     for row in rows:
@@ -157,7 +162,8 @@ def format_table(rows: Sequence[Row]) -> str:
 
         lines.append(
             f"{'x'.join(map(str, shape)):<20} {config:<8} {kind:<6} {ours.ms:8.3f} "
-            f"{frac('ours')} {frac('eager')} {frac('compile')} {times('vs_eager')} "
+            f"{frac('ours')} {frac('ours_persistent')} {frac('eager')} {frac('compile')} "
+            f"{times('vs_eager')} "
             f"{times('vs_compile')}"
         )
     return "\n".join(lines)
@@ -187,6 +193,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--out", type=Path, default=Path(__file__).resolve().parent / "results", help="JSON dir"
     )
     parser.add_argument("--rep-ms", type=float, default=40.0, help="timing budget per case")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=200.0,
+        help="stop timing new shapes after this many seconds (the JSON says it was truncated)",
+    )
     return parser.parse_args(argv)
 
 
@@ -279,11 +291,16 @@ def copy_bandwidth_gbps(rep_ms: float) -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
-def _providers(kind: str, shape: Sequence[int]) -> dict[str, Callable]:
-    """The forward functions to time: ``f(x, weight, bias, residual) -> y``."""
+def _providers(kind: str, shape: Sequence[int], config: str) -> dict[str, Callable]:
+    """The forward functions to time: ``f(x, weight, bias, residual) -> y``.
+
+    ``ours`` is the default (split) arrangement, ``ours_persistent`` the single-launch one;
+    ``compile`` only on :data:`COMPILE_SHAPES` in bf16 (each compile costs seconds).
+    """
     import torch
     import torch.nn.functional as F
 
+    from batchnorm.backends.triton_backend import ARRANGEMENT_ENV_VAR
     from batchnorm.functional import batch_norm
 
     def ours(x, w, b, z):
@@ -292,12 +309,19 @@ def _providers(kind: str, shape: Sequence[int]) -> dict[str, Callable]:
             activation="relu" if kind == "fused" else None, residual=z if kind == "fused" else None,
         )  # fmt: skip
 
+    def ours_persistent(x, w, b, z):
+        os.environ[ARRANGEMENT_ENV_VAR] = "persistent"
+        try:
+            return ours(x, w, b, z)
+        finally:
+            os.environ.pop(ARRANGEMENT_ENV_VAR, None)
+
     def eager(x, w, b, z):
         y = F.batch_norm(x, None, None, w, b, training=True)
         return torch.relu(y + z) if kind == "fused" else y
 
-    providers = {"ours": ours, "eager": eager}
-    if tuple(shape) in COMPILE_SHAPES:
+    providers = {"ours": ours, "ours_persistent": ours_persistent, "eager": eager}
+    if tuple(shape) in COMPILE_SHAPES and kind == "plain" and config != "fp32":
         providers["compile"] = torch.compile(eager, fullgraph=True)
     return providers
 
@@ -354,13 +378,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     copy_gbps = copy_bandwidth_gbps(args.rep_ms)
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
     rows: list[Row] = []
+    started = time.monotonic()
+    skipped: list[list[int]] = []
     for shape in shapes:
+        if time.monotonic() - started > args.max_seconds:
+            skipped.append(list(shape))
+            continue
+        print(f"timing {shape} ({time.monotonic() - started:.0f} s)", flush=True)
         for config, (dtype_name, _cl) in CONFIGS.items():
             if len(shape) != 4 and config == "bf16_cl":
                 continue
             for kind in ("plain", "fused"):
                 x, w, b, z, dy = _make(shape, config, "cuda")
-                for provider, fn in _providers(kind, shape).items():
+                for provider, fn in _providers(kind, shape, config).items():
                     times = time_case(fn, (x, w, b, z), dy, kind, args.rep_ms)
                     for direction, ms in times.items():
                         nbytes = minimal_bytes(shape, dtype_name, kind, direction)
@@ -384,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cuda": torch.version.cuda,
         },
         "copy_bandwidth_gbps": copy_gbps,
+        "skipped_shapes_time_limit": skipped,
         "minimal_bytes_in_S": {f"{k}/{d}": v for (k, d), v in MINIMAL_S.items()},
         "rows": [asdict(row) for row in rows],
         "speedups": [

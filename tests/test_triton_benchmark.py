@@ -55,7 +55,7 @@ def test_fraction_of_copy_and_speedups() -> None:
     assert ((2, 3), "fp32", "plain", "fwd") not in ratios  # no "ours" row to compare with
     table = gpu.format_table(rows)
     assert table.splitlines()[1].split() == [
-        "2x3", "fp32", "plain", "1.000", "0.80", "0.27", "0.53", "3.00", "1.50"
+        "2x3", "fp32", "plain", "1.000", "0.80", "–", "0.27", "0.53", "3.00", "1.50"
     ]  # fmt: skip
 
 
