@@ -95,3 +95,11 @@ def test_missing_triton_gives_a_clear_import_error(monkeypatch: pytest.MonkeyPat
         backends.resolve_backend("triton", torch.device("cpu"))
     assert "triton" not in backends.available_backends()
     assert backends.resolve_backend("auto", torch.device("cuda")).name == "torch"
+
+
+def test_no_cuda_and_no_interpreter_means_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a GPU and outside the interpreter the backend refuses to start, saying why."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ImportError, match="need a CUDA device, or TRITON_INTERPRET=1"):
+        tb.TritonBackend()

@@ -493,6 +493,19 @@ class TritonBackend:
 
     name = "triton"
 
+    def __init__(self) -> None:
+        """Checks that the kernels can run here at all.
+
+        Raises:
+            ImportError: without a CUDA device and outside the interpreter (so the registry
+                reports the backend as unavailable, with this reason).
+        """
+        if not torch.cuda.is_available() and not interpreting():
+            raise ImportError(
+                "Triton kernels need a CUDA device, or TRITON_INTERPRET=1 (set before importing "
+                "batchnorm) to run them on CPU tensors in the interpreter"
+            )
+
     def supports_fusion(self, x: torch.Tensor) -> bool:
         """Whether the fused ops take ``x``: float16, bfloat16 and float32 (not float64)."""
         return x.dtype in _SUPPORTED_DTYPES
