@@ -180,7 +180,8 @@ def _normalize(
             input, running_mean, running_var, weight, bias, training, momentum, eps, backend,
             activation, residual, negative_slope,
         )  # fmt: skip
-    x3 = input.reshape(input.shape[0], input.shape[1], -1)  # (N, C, L), a view when possible
+    # L spelt out: reshape cannot infer a -1 for a tensor of 0 elements (N = 0).
+    x3 = input.reshape(input.shape[0], input.shape[1], math.prod(input.shape[2:]))  # (N, C, L)
     if not training:
         assert running_mean is not None  # checked by check_batch_norm_args
         assert running_var is not None
@@ -397,7 +398,8 @@ def _normalize_fused(
     others one autograd node composes the backend's normalization, the add and the activation
     (:class:`batchnorm.autograd.BatchNormActFunction`), and evaluation composes torch ops.
     """
-    shape3 = (input.shape[0], input.shape[1], -1)
+    # L spelt out: reshape cannot infer a -1 for a tensor of 0 elements (N = 0).
+    shape3 = (input.shape[0], input.shape[1], math.prod(input.shape[2:]))
     x3 = input.reshape(shape3)  # (N, C, L), a view when possible
     z3 = None if residual is None else residual.reshape(shape3)  # (N, C, L)
     impl = resolve_backend(backend, input.device)
