@@ -117,7 +117,7 @@ def test_inference_kernel(dtype: torch.dtype, activation: str | None) -> None:
 def test_many_row_programs_merge_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     """Small tiles, several row programs and a 2-wide merge step: every Chan merge path runs."""
 
-    def small_tiles(x3: torch.Tensor, target_programs: int | None = None) -> object:
+    def small_tiles(x3: torch.Tensor) -> object:
         n, c, length = x3.shape
         return tile_config(n * length, c, False, 64, block_m=16, block_c=2)
 

@@ -65,12 +65,11 @@ def _target_programs(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _config(x3: torch.Tensor, target_programs: int | None = None) -> TileConfig:
-    """The tile configuration of the ``(N, C, L)`` view ``x3``."""
+def _config(x3: torch.Tensor) -> TileConfig:
+    """The tile configuration of the split arrangement for the ``(N, C, L)`` view ``x3``."""
     n, c, length = x3.shape
     channels_contiguous = x3.stride(1) == 1 and c > 1
-    target = _target_programs(x3.device) if target_programs is None else target_programs
-    return tile_config(n * length, c, channels_contiguous, target)
+    return tile_config(n * length, c, channels_contiguous, _target_programs(x3.device))
 
 
 def _resident_programs(compiled: Any, device: torch.device) -> int:
