@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("triton")
 
 import triton_helpers as th
-from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct2d
 
 #: Input rank → (our module, torch's module).
 MODULES = {
@@ -89,3 +89,21 @@ def test_without_running_stats_and_without_affine() -> None:
     expected = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
     th.assert_close_to(ours(x), expected, torch.float32, "y")
     assert ours.running_mean is None
+
+
+def test_autocast_channels_last_model_keeps_float32_statistics() -> None:
+    """A channels_last conv + BatchNormAct2d under bf16 autocast: bf16 activations, fp32 buffers."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1).to(memory_format=torch.channels_last)
+    ours = BatchNormAct2d(5, backend="triton")
+    reference = torch.nn.BatchNorm2d(5)
+    x = th.make((2, 3, 4, 4), "channels_last")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = conv(x)
+        y = ours(h)
+    assert h.dtype == y.dtype == torch.bfloat16
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert ours.running_var.dtype == torch.float32
+    expected = torch.relu(reference(h.detach().float()))
+    th.assert_close_to(y, expected.detach().double(), torch.bfloat16, "y")
+    th.assert_close_to(ours.running_var, reference.running_var.double(), torch.float32, "var")
