@@ -48,7 +48,9 @@ def tile_offsets(rows, cols, L, stride_n, stride_c, stride_l):
 
 
 @triton.jit
-def scale_shift(weight_ptr, bias_ptr, mean, invstd, cols, C, HAS_WEIGHT, HAS_BIAS):
+def scale_shift(
+    weight_ptr, bias_ptr, mean, invstd, cols, C, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr
+):
     """Per-channel ``scale = γ·r`` and ``shift = β − μ·scale`` (fp32), so ``u = x·scale + shift``.
 
     Forward and backward both call this, so the backward recomputes ``u`` bit for bit.
@@ -135,9 +137,9 @@ def grid_barrier(counter_ptr, expected):
     program.
     """
     tl.debug_barrier()
-    tl.atomic_add(counter_ptr, 1, sem="release")
-    while tl.atomic_add(counter_ptr, 0, sem="acquire") < expected:
-        pass
+    arrived = tl.atomic_add(counter_ptr, 1, sem="release") + 1  # programs here so far
+    while arrived < expected:
+        arrived = tl.atomic_add(counter_ptr, 0, sem="acquire")
     tl.debug_barrier()
 
 
