@@ -36,9 +36,9 @@ from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBa
 #: dtype → (atol, rtol) for the comparisons with torch.nn on the concatenated batch.
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-10, 1e-10)}
 #: Wall-clock limit of one spawned group; a broken test fails here instead of hanging CI.
-GROUP_DEADLINE_S = 100.0
+GROUP_DEADLINE_S = 180.0
 #: The process-group timeout of the equivalence groups (a stuck collective fails after this).
-GROUP_TIMEOUT_S = 30.0
+GROUP_TIMEOUT_S = 60.0
 #: The short timeout of the hang test.
 HANG_TIMEOUT_S = 5.0
 
@@ -72,9 +72,7 @@ def _entry(
         dist.destroy_process_group()
 
 
-def _run_group(
-    worker: Any, world_size: int, *args: Any, timeout_s: float = GROUP_TIMEOUT_S
-) -> None:
+def _run_group(worker: Any, world_size: int, *args: Any) -> None:
     """Runs ``worker(rank, world_size, store, *args)`` on ``world_size`` spawned gloo ranks.
 
     A FileStore in a fresh directory needs no port. A rank that raises fails the test with its
@@ -83,7 +81,7 @@ def _run_group(
     with tempfile.TemporaryDirectory() as tmp:
         context = mp.spawn(
             _entry,
-            args=(world_size, os.path.join(tmp, "store"), timeout_s, worker, args),
+            args=(world_size, os.path.join(tmp, "store"), GROUP_TIMEOUT_S, worker, args),
             nprocs=world_size,
             join=False,
         )
@@ -191,7 +189,7 @@ def _check_config(rank: int, world_size: int, config: Config, seed: int) -> None
     reference.eval()
     x_eval = torch.randn((config.splits[rank], *shape[1:]), generator=gen, dtype=torch.float64)
     x_eval = x_eval.to(config.dtype)
-    if config.splits[rank] > 0:
+    if config.splits[rank] > 0:  # empty eval input: functional.py's reshape(N, C, -1) fails
         _close(ours(x_eval), reference(x_eval), config.dtype, f"{config} eval rank {rank}")
 
 
