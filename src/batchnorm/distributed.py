@@ -96,11 +96,11 @@ def local_moments(x3: torch.Tensor, dtype: torch.dtype) -> Moments:
         dtype: the dtype of the reduction (see :func:`batchnorm.backends.compute_dtype`).
 
     Returns:
-        :class:`Moments` with ``n`` of shape ``()`` (``N·L``), ``mean`` and ``m2`` of shape
-        ``(C,)``; zeros for an empty view.
+        :class:`Moments` with ``n = N·L`` of shape ``()`` in float64 (exact up to 2**53), and
+        ``mean`` and ``m2`` of shape ``(C,)`` in ``dtype``; zeros for an empty view.
     """
     values = x3.shape[0] * x3.shape[2]  # n = N·L per channel
-    count = torch.full((), float(values), dtype=dtype, device=x3.device)  # ()
+    count = torch.full((), float(values), dtype=STATS_DTYPE, device=x3.device)  # () exact
     if values == 0:
         zeros = torch.zeros(x3.shape[1], dtype=dtype, device=x3.device)  # (C,)
         return Moments(count, zeros, zeros)
@@ -150,9 +150,8 @@ def _collective_error(what: str, error: Exception) -> RuntimeError:
 def _gather_moments(local: Moments, process_group: Any) -> Moments:
     """All-gathers every rank's moments in one collective and merges them (:func:`chan_merge`)."""
     channels = local.mean.shape[0]
-    packed = torch.cat([local.n.reshape(1), local.mean, local.m2]).to(
-        STATS_DTYPE
-    )  # (2C+1,)  [n_r, μ_r, M2_r]
+    parts = [local.n.reshape(1), local.mean.to(STATS_DTYPE), local.m2.to(STATS_DTYPE)]
+    packed = torch.cat(parts)  # (2C+1,)  [n_r, μ_r, M2_r] in float64
     world_size = dist.get_world_size(process_group)
     table = [torch.empty_like(packed) for _ in range(world_size)]  # W × (2C+1,)
     try:
