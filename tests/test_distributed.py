@@ -569,6 +569,17 @@ def test_convert_keeps_tensors_and_revert_restores_classes() -> None:
     torch.testing.assert_close(reverted.state_dict(), state, atol=0, rtol=0)
 
 
+def test_state_dict_loads_both_ways_with_torch_batch_norm() -> None:
+    torch_bn = nn.BatchNorm2d(4)
+    torch_bn(torch.randn(3, 4, 2, 2))  # non-trivial buffers and num_batches_tracked
+    ours = SyncBatchNorm(4)
+    ours.load_state_dict(torch_bn.state_dict())
+    torch.testing.assert_close(ours.state_dict(), torch_bn.state_dict(), atol=0, rtol=0)
+    back = nn.BatchNorm2d(4)
+    back.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(back.state_dict(), torch_bn.state_dict(), atol=0, rtol=0)
+
+
 def test_convert_a_single_layer_and_already_synchronized_ones() -> None:
     bn = nn.BatchNorm2d(4)
     bn.qconfig = "a quantization config"
