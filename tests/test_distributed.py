@@ -496,6 +496,8 @@ def test_synchronized_path_errors_and_empty_batch(world_of_one) -> None:
         bnd.sync_batch_norm_pure(torch.randn(4, 3), mean, var, torch.ones(2), None, 0.1, 1e-5)
     with pytest.raises(ValueError, match="input: expected a tensor of shape"):
         bnd.sync_batch_norm_pure(torch.randn(4), mean, var, None, None, 0.1, 1e-5)
+    with pytest.raises(TypeError, match=r"input: expected a torch\.Tensor"):
+        bnd.sync_batch_norm_pure([[1.0]], mean, var, None, None, 0.1, 1e-5)
     x = torch.randn(0, 3, 4, requires_grad=True)
     weight = torch.ones(3, requires_grad=True)
     out = bnd.sync_batch_norm_pure(x, mean, var, weight, None, 0.1, 1e-5)

@@ -285,19 +285,19 @@ def sync_batch_norm_pure(
             :func:`~batchnorm.functional.check_batch_norm_args` does), on one value per channel
             in the global batch (on every rank), or when a collective does not complete.
     """
-    if not isinstance(input, torch.Tensor) or input.dim() < 2:
-        shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
-        raise ValueError(f"input: expected a tensor of shape (N, C, *), got {shape}")
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(f"input: expected a tensor of shape (N, C, *), got {tuple(input.shape)}")
     batch, channels = input.shape[0], input.shape[1]
     # The local "one value per channel" rule does not apply here (the global one does), so the
     # remaining checks run on an empty probe of input's dtype, device and channel count.
     probe = input.new_empty((0, channels))  # (0, C), allocates nothing
     check_batch_norm_args(probe, running_mean, running_var, weight, bias, True, momentum, eps)
     x3 = input.reshape(batch, channels, math.prod(input.shape[2:]))  # (N, C, L), view if possible
-    y3, mean, invstd, var, count = SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
+    y3, mean, _invstd, var, count = SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
         x3, weight, bias, eps, process_group
     )
-    del invstd  # saved for backward inside the function
     has_values = count > 0  # ()  an empty global batch leaves the running statistics as they are
     new_mean, new_var = running_mean, running_var
     if running_mean is not None:
