@@ -31,7 +31,14 @@ from torch import nn
 
 import batchnorm.distributed as bnd
 from batchnorm.distributed import SyncBatchNorm, chan_merge, local_moments
-from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from batchnorm.modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormBase,
+)
 
 #: dtype → (atol, rtol) for the comparisons with torch.nn on the concatenated batch.
 TOLERANCE = {
@@ -349,6 +356,8 @@ def _check_hang(rank: int, world_size: int, store: Any) -> None:
 def _two_rank_worker(rank: int, world_size: int, store: Any) -> None:
     _check_equivalence(rank, world_size, _configs([(1, 1), (2, 5), (0, 3)]), [(1, 0), (0, 1)])
     _check_ddp(rank, world_size, [(3, 2), (4, 0), (1, 2)])
+    _check_act(rank, world_size, (3, 0))
+    _check_act(rank, world_size, (2, 3))
     _check_hang(rank, world_size, store)
 
 
@@ -643,3 +652,67 @@ def test_registered_counterpart_keeps_what_the_subclass_adds() -> None:
     assert type(reverted[0]) is ActBatchNorm2d
     assert reverted[0].negative_slope == 0.5
     assert not hasattr(reverted[0], "process_group")
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNormAct: conversion keeps the fused activation and residual
+# --------------------------------------------------------------------------------------------
+
+
+def _check_act(rank: int, world_size: int, splits: tuple[int, ...]) -> None:
+    """SyncBatchNormAct on slices = leaky_relu(torch BN(x) + z) on the whole batch, grads too."""
+    gen = torch.Generator().manual_seed(11)
+    shape = (sum(splits), 3, 2, 2)
+    x, z, dy = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3))
+    start = sum(splits[:rank])
+    stop = start + splits[rank]
+    local = BatchNormAct2d(3, "leaky_relu", dtype=torch.float64, negative_slope=0.2)
+    ours = SyncBatchNorm.convert_sync_batchnorm(local)
+    reference = nn.BatchNorm2d(3, dtype=torch.float64)
+    x_ref, z_ref = x.clone().requires_grad_(), z.clone().requires_grad_()
+    y_ref = nn.functional.leaky_relu(reference(x_ref) + z_ref, 0.2)
+    y_ref.backward(dy)
+    x_mine = x[start:stop].clone().requires_grad_()
+    z_mine = z[start:stop].clone().requires_grad_()
+    y_mine = ours(x_mine, residual=z_mine)
+    y_mine.backward(dy[start:stop])
+    _close(y_mine, y_ref[start:stop], torch.float64, f"rank {rank} act output")
+    _close(x_mine.grad, x_ref.grad[start:stop], torch.float64, f"rank {rank} act input grad")
+    _close(z_mine.grad, z_ref.grad[start:stop], torch.float64, f"rank {rank} act residual grad")
+    summed = torch.stack([ours.weight.grad, ours.bias.grad])
+    dist.all_reduce(summed)
+    expected_grads = torch.stack([reference.weight.grad, reference.bias.grad])
+    _close(summed, expected_grads, torch.float64, f"rank {rank} act weight/bias grads")
+
+
+def test_act_layers_convert_to_sync_and_back_keeping_the_activation() -> None:
+    local = BatchNormAct2d(4, "leaky_relu", negative_slope=0.2)
+    converted = SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(local))
+    assert type(converted[0]) is bnd.SyncBatchNormAct
+    assert (converted[0].activation, converted[0].negative_slope) == ("leaky_relu", 0.2)
+    x, z = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    expected = nn.functional.leaky_relu(
+        nn.functional.batch_norm(x, None, None, training=True) + z, 0.2
+    )
+    _close(converted[0](x, residual=z), expected, torch.float32, "outside a group")
+    reverted = SyncBatchNorm.revert_sync_batchnorm(converted)
+    assert type(reverted[0]) is BatchNormAct2d
+    assert reverted[0].negative_slope == 0.2
+
+
+def test_act_synchronized_path(world_of_one, monkeypatch) -> None:
+    monkeypatch.setattr(bnd, "_world_size", lambda group: 2)  # the collective path, 1 rank
+    ours = SyncBatchNorm.convert_sync_batchnorm(BatchNormAct1d(3, "silu"))
+    x = torch.randn(6, 3, 4, dtype=torch.float32, requires_grad=True)
+    z = torch.randn(6, 3, 4, requires_grad=True)
+    reference = nn.BatchNorm1d(3)
+    x_ref, z_ref = x.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()
+    nn.functional.silu(reference(x_ref) + z_ref).sum().backward()
+    ours(x, z).sum().backward()
+    _close(x.grad, x_ref.grad, torch.float32, "input grad")
+    _close(z.grad, z_ref.grad, torch.float32, "residual grad")
+    _check_buffers(ours, reference, torch.float32, "act buffers")
+    with pytest.raises(ValueError, match="residual"):
+        ours(x, torch.randn(2, 3, 4))
+    ours.eval()
+    _close(ours(x, z), nn.functional.silu(reference.eval()(x) + z), torch.float32, "eval")

@@ -53,13 +53,29 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from batchnorm.autograd import activate
 from batchnorm.backends import compute_dtype
-from batchnorm.functional import BatchNormOutput, check_batch_norm_args, running_update
-from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from batchnorm.functional import (
+    BatchNormOutput,
+    check_batch_norm_args,
+    check_fusion_args,
+    running_update,
+)
+from batchnorm.modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    BatchNormActBase,
+    BatchNormBase,
+)
 
 __all__ = [
     "Moments",
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "SyncBatchNormFunction",
     "chan_merge",
     "local_moments",
@@ -622,3 +638,34 @@ def _to_local(module: nn.Module) -> nn.Module:
         _share_tensors(module, local)
         return local
     return _move_state(module, local_class, skip=_SYNC_ONLY_ATTRIBUTES)
+
+
+class SyncBatchNormAct(SyncBatchNorm, BatchNormActBase):
+    """``act(bn(x) + z)`` with the statistics of the global batch (see :class:`SyncBatchNorm`).
+
+    The synchronized counterpart of ``BatchNormAct1d/2d/3d``: in training within a group of
+    ≥ 2 ranks the normalization is :class:`SyncBatchNormFunction`, and the residual add and the
+    activation follow as ordinary autograd operations (so ``dz`` is returned too); otherwise it
+    is exactly the local fused layer. Built by :meth:`SyncBatchNorm.convert_sync_batchnorm`,
+    which keeps ``activation`` and ``negative_slope``.
+    """
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns ``act(bn(input) + residual)`` with synchronized statistics in training.
+
+        Raises:
+            TypeError, ValueError, RuntimeError: as :class:`SyncBatchNorm` and on a bad
+                residual (checked before any collective).
+        """
+        if not self.training or _world_size(self.process_group) <= 1:
+            return BatchNormActBase.forward(self, input, residual)
+        self._check_input_dim(input)
+        check_fusion_args(input, self.activation, residual, self.negative_slope)
+        normalized = SyncBatchNorm.forward(self, input)  # (N, C, *)  global statistics
+        if residual is not None:
+            normalized = normalized + residual
+        return activate(normalized, self.activation, self.negative_slope)
+
+
+for _act_class in (BatchNormActBase, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d):
+    register_sync_counterpart(_act_class, SyncBatchNormAct)
