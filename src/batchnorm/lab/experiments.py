@@ -469,6 +469,7 @@ def small_batches(context: LabContext) -> ExperimentResult:
             seed,
             max(1, budget.small_batch_steps // 10),
             non_iid=non_iid,
+            test_batch_stats=True,
         )
         for _, norm, non_iid in configs
         for seed in seeds
@@ -476,22 +477,22 @@ def small_batches(context: LabContext) -> ExperimentResult:
     runs = context.runner.run(specs, "6 small batches")
     count = len(seeds)
     effect = []
-    for i, (label, _, non_iid) in enumerate(configs):
+    for i, (label, _, _) in enumerate(configs):
         group = runs[i * count : (i + 1) * count]
-        population = _mean([run["final_test_acc"] for run in group])
-        result.summary[f"population statistics, {label}"] = population
-        row = {"population statistics": population}
-        if non_iid:
-            for key, name in (
-                ("batch_stats_acc_one_class", "batch statistics, one-class test batches"),
-                ("batch_stats_acc_mixed", "batch statistics, mixed test batches"),
-            ):
-                value = _mean([run[key] for run in group])
-                result.summary[f"{name}, {label}"] = value
-                row[name] = value
+        row = {}
+        for key, name in (
+            ("final_test_acc", "population statistics"),
+            ("batch_stats_acc_one_class", "batch statistics, one-class test batches"),
+            ("batch_stats_acc_mixed", "batch statistics, mixed test batches"),
+        ):
+            row[name] = _mean([run[key] for run in group])
+            result.summary[f"{name}, {label}"] = row[name]
         result.curves[label] = row
-        effect.append(f"{label}: {population:.0%}")
-    result.effect = "test accuracy with population statistics: " + ", ".join(effect)
+        effect.append(
+            f"{label} {row['population statistics']:.0%} / "
+            f"{row['batch statistics, mixed test batches']:.0%}"
+        )
+    result.effect = "test accuracy, population / batch statistics: " + ", ".join(effect)
     return result
 
 

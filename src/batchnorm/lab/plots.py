@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
-from batchnorm.lab.experiments import ExperimentResult
+from batchnorm.lab.experiments import SMALL_BATCH_CONFIGS, ExperimentResult
 
 __all__ = ["PLOTTERS", "plot_experiment"]
 
@@ -52,19 +54,24 @@ def _convergence(result: ExperimentResult, figure: Figure, axes: list[Axes]) -> 
 
 
 def _distributions(result: ExperimentResult, figure: Figure, axes: list[Axes]) -> None:
+    styles: dict[str, Literal[":", "-", "--"]] = {"15th": ":", "50th": "-", "85th": "--"}
     for ax, (label, curve) in zip(axes, result.curves.items(), strict=True):
-        for index, (name, style) in enumerate((("15th", "--"), ("50th", "-"), ("85th", "--"))):
-            values = [p[index] for p in curve["percentiles"]]
-            ax.plot(
-                curve["steps"], values, style, color=COLORS.get(label), label=f"{name} percentile"
-            )
+        for index, style in enumerate(styles.values()):
+            values = [p[index] for p in curve["percentiles"]]  # one percentile over time
+            ax.plot(curve["steps"], values, style, color=COLORS.get(label))
         drift = result.summary[f"relative drift, {label}"]
         ax.set(
             xlabel="training step",
             ylabel="input to a last-layer sigmoid",
             title=f"{label} (relative drift {drift:.2f})",
         )
-        ax.legend(loc="best")
+    handles = [Line2D([], [], color="black", linestyle=s) for s in styles.values()]
+    figure.legend(
+        handles,
+        [f"{name} percentile over the test set" for name in styles],
+        loc="outside lower center",
+        ncols=3,
+    )
     figure.suptitle(
         "2. Distribution of one sigmoid's input over training (first seed)", fontsize=11
     )
@@ -99,9 +106,6 @@ def _learning_rates(result: ExperimentResult, figure: Figure, axes: list[Axes]) 
         ylim=(0, 1.1),
         title=f"final accuracy per learning rate (×1 = {result.summary['learning rate ×1']})",
     )
-    bars_ax.bar([], [], color="tab:red", label="no BN")
-    bars_ax.bar([], [], color="tab:blue", label="BN")
-    bars_ax.legend(loc="lower left")
     figure.suptitle("3. Learning rates: the same networks at ×0.1 … ×30 the base rate", fontsize=11)
 
 
@@ -143,7 +147,9 @@ def _cnn_rnn(result: ExperimentResult, figure: Figure, axes: list[Axes]) -> None
     ax.set(xlabel="training step", ylabel="test accuracy", ylim=(0, 1.02))
     if result.curves:
         ax.legend(loc="lower right")
-    figure.suptitle("5. CNN (BatchNorm2d) and RNN (BN-LSTM)\n" + result.effect, fontsize=10)
+    figure.suptitle(
+        "5. CNN (BatchNorm2d) and RNN (BN-LSTM)\n" + result.effect.replace("; ", "\n"), fontsize=10
+    )
 
 
 def _small_batches(result: ExperimentResult, figure: Figure, axes: list[Axes]) -> None:
@@ -176,9 +182,19 @@ def _small_batches(result: ExperimentResult, figure: Figure, axes: list[Axes]) -
     ax.set_xticks(range(len(labels)), labels)
     ax.set(ylabel="test accuracy", ylim=(0, 1.15), xlabel="training batches of 4")
     ax.legend(loc="upper right", fontsize=8)
-    notes = ("\n" + " ".join(result.notes)) if result.notes else ""
+    skipped = [label for label, _, _ in SMALL_BATCH_CONFIGS if label not in result.curves]
+    if skipped:
+        ax.text(
+            0.02,
+            0.97,
+            "not run (layer not available):\n" + "\n".join(skipped),
+            transform=ax.transAxes,
+            va="top",
+            fontsize=8,
+            color="tab:gray",
+        )
     figure.suptitle(
-        "6a. Small, non-iid batches: population vs batch statistics at test time" + notes[:160],
+        "6a. Training with batches of 4: population vs batch statistics at test time",
         fontsize=10,
     )
 

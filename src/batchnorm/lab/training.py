@@ -60,6 +60,8 @@ class RunSpec:
         optimizer: ``"sgd"`` or ``"adam"``.
         momentum: SGD momentum.
         non_iid: draw every batch from a single class (chosen at random each step).
+        test_batch_stats: also measure test accuracy with the statistics of test batches of
+            ``batch_size`` (see :func:`batch_stats_accuracy`).
         probe_every: run the loss-landscape probe every this many steps (0: never).
         probe_step_sizes: step sizes η of the probe, along the negative gradient.
     """
@@ -74,6 +76,7 @@ class RunSpec:
     optimizer: str = "sgd"
     momentum: float = 0.0
     non_iid: bool = False
+    test_batch_stats: bool = False
     probe_every: int = 0
     probe_step_sizes: tuple[float, ...] = ()
 
@@ -258,7 +261,7 @@ def train(
         A JSON-able dict: ``steps``, ``test_acc``, ``test_loss``, ``train_acc``, ``train_loss``
         (lists, one per evaluation), ``percentiles`` (list of ``[p15, p50, p85]``, MLP only),
         ``diverged``, ``steps_done``, ``final_test_acc``, ``final_train_acc``, ``probes`` (list
-        of :func:`landscape_probe` dicts with their ``step``), and for non-iid runs
+        of :func:`landscape_probe` dicts with their ``step``), and with ``test_batch_stats``
         ``batch_stats_acc_one_class`` and ``batch_stats_acc_mixed``.
     """
     model = build_model(spec, dataset)
@@ -325,7 +328,7 @@ def train(
     result["steps_done"] = step
     result["final_test_acc"] = result["test_acc"][-1]
     result["final_train_acc"] = result["train_acc"][-1]
-    if spec.non_iid:
+    if spec.test_batch_stats:
         for key, one_class in (
             ("batch_stats_acc_one_class", True),
             ("batch_stats_acc_mixed", False),
@@ -362,6 +365,12 @@ def _train_in_worker(spec: RunSpec) -> RunResult:
     """Pool task: :func:`train` on the worker's dataset."""
     assert _worker_dataset is not None, "worker used before _init_worker"
     return train(spec, _worker_dataset)
+
+
+def _estimated_cost(spec: RunSpec) -> float:
+    """Rough relative cost of a run, to start the longest ones first (results do not depend on
+    the order): a normalized or convolutional network costs ~3× the plain MLP per step."""
+    return spec.steps * (1.0 if spec.model == "mlp" and spec.norm is None else 3.0)
 
 
 class Runner:
@@ -420,8 +429,10 @@ class Runner:
                     for spec in todo:
                         self._cache[spec] = train(spec, self.dataset, bar.update)
             else:
+                costliest_first = sorted(todo, key=_estimated_cost, reverse=True)
                 futures: dict[Future[RunResult], RunSpec] = {
-                    self._executor().submit(_train_in_worker, spec): spec for spec in todo
+                    self._executor().submit(_train_in_worker, spec): spec
+                    for spec in costliest_first
                 }
                 for future in as_completed(futures):
                     self._cache[futures[future]] = future.result()
