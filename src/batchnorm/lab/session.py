@@ -91,6 +91,7 @@ def run_lab(
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"seeds: expected a positive int, got {seeds!r}")
     start = time.perf_counter()
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     runner = Runner(data, data_dir, jobs=jobs, progress=progress)
@@ -114,6 +115,9 @@ def run_lab(
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "CPUs": os.cpu_count(),
+        "worker processes": jobs,
+        "load average at start (1 min)": load_at_start,
     }
     write_json(folder / "results.json", results, meta)
     write_markdown(folder / "report.md", results, meta)
