@@ -38,6 +38,7 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--data {digits,mnist1d,mnist}" in out
     for name in EXPERIMENTS:
         assert name in out.replace("\n", "").replace(" ", "")
+    assert cli.build_parser().prog == "batchnorm"
     code, out, _ = run_cli(["--help"], capsys)
     assert code == 0
     assert "lab" in out

@@ -155,7 +155,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(claims_table(output.results))
     print(f"\nReport: {output.report.resolve()}  ({time.perf_counter() - start:.0f} s)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
