@@ -322,6 +322,15 @@ def test_missing_variants_are_skipped_with_a_note(quick_lab: tuple[Path, dict]) 
     assert "RNN part skipped" in (folder / "report.md").read_text()
 
 
+class StandInRenorm(BatchNorm1d):
+    """Stands in for BatchRenorm1d: takes its schedule, normalizes like BN."""
+
+    def __init__(self, num_features: int, **schedule: int) -> None:
+        super().__init__(num_features)
+        assert set(schedule) == {"warmup_steps", "d_max_steps", "r_max_steps"}
+        assert 1 <= schedule["warmup_steps"] < schedule["d_max_steps"] < schedule["r_max_steps"]
+
+
 class StandInGhost(BatchNorm1d):
     """Stands in for GhostBatchNorm1d: takes its extra argument, normalizes the whole batch."""
 
@@ -331,7 +340,11 @@ class StandInGhost(BatchNorm1d):
 
 
 class StandInBNLSTM(nn.LSTM):
-    """Stands in for the BN-LSTM: same call convention as ``nn.LSTM``."""
+    """Stands in for the BN-LSTM: same call convention as ``nn.LSTM``, plus ``max_steps``."""
+
+    def __init__(self, input_size: int, hidden_size: int, max_steps: int) -> None:
+        super().__init__(input_size, hidden_size)
+        assert max_steps == 64
 
 
 def test_variant_parts_run_when_available(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -339,12 +352,12 @@ def test_variant_parts_run_when_available(monkeypatch: pytest.MonkeyPatch) -> No
         models,
         "VARIANT_LAYERS",
         {
-            "renorm": ("batchnorm.modules", "BatchNorm1d"),
+            "renorm": (__name__, "StandInRenorm"),
             "ghost": (__name__, "StandInGhost"),
             "bnlstm": (__name__, "StandInBNLSTM"),
         },
     )
-    context = tiny_context(small_batch_steps=10, rnn_steps=4, cnn_steps=4)
+    context = tiny_context(small_batch_steps=40, rnn_steps=4, cnn_steps=4)
     small = experiments.small_batches(context)
     assert small.notes == []
     assert set(small.curves) == {label for label, _, _ in experiments.SMALL_BATCH_CONFIGS}

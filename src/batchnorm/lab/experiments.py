@@ -81,7 +81,7 @@ class Budget:
 
 BUDGETS = {
     "quick": Budget("quick", 1, 60, 20, 1, 20, 10, 40, 40, 20),
-    "default": Budget("default", 3, 2000, 50, 1, 300, 300, 800, 1000, 100),
+    "default": Budget("default", 3, 2000, 50, 1, 300, 120, 800, 1000, 100),
     "full": Budget("full", 5, 10000, 100, 5, 3000, 2000, 6000, 5000, 250),
 }
 
@@ -394,7 +394,7 @@ def cnn_rnn(context: LabContext) -> ExperimentResult:
                             budget.rnn_steps,
                             BATCH_SIZE,
                             seed,
-                            max(1, budget.rnn_steps // 15),
+                            max(1, budget.rnn_steps // 12),
                             optimizer="adam",
                         ),
                     )
@@ -402,11 +402,12 @@ def cnn_rnn(context: LabContext) -> ExperimentResult:
                 ],
             )
         )
+    specs = [spec for _, labelled in pairs for _, spec in labelled]
+    runs = iter(context.runner.run(specs, "5 CNN and RNN"))  # one call: the runs overlap
     effect = []
     for family, labelled in pairs:
-        runs = context.runner.run([spec for _, spec in labelled], f"5 {family}")
-        (plain_label, plain), (bn_label, normalized) = zip(
-            (label for label, _ in labelled), runs, strict=True
+        (plain_label, bn_label), (plain, normalized) = zip(
+            *((label, next(runs)) for label, _ in labelled), strict=True
         )
         target = max(plain["test_acc"])
         for label, run in ((plain_label, plain), (bn_label, normalized)):

@@ -24,7 +24,6 @@ from batchnorm.modules import BatchNorm1d, BatchNorm2d
 
 __all__ = [
     "NORMS",
-    "VARIANT_KWARGS",
     "VARIANT_LAYERS",
     "SequenceClassifier",
     "SmallCNN",
@@ -32,6 +31,7 @@ __all__ = [
     "load_variant",
     "mlp",
     "norm_1d",
+    "variant_kwargs",
 ]
 
 #: Normalizations :func:`mlp` accepts (``None`` is the plain network).
@@ -42,13 +42,6 @@ VARIANT_LAYERS: dict[str, tuple[str, str]] = {
     "renorm": ("batchnorm.variants", "BatchRenorm1d"),
     "ghost": ("batchnorm.variants", "GhostBatchNorm1d"),
     "bnlstm": ("batchnorm.variants", "BNLSTM"),
-}
-
-#: Variant name → keyword arguments its constructor gets besides the sizes.
-VARIANT_KWARGS: dict[str, dict[str, Any]] = {
-    "renorm": {},
-    "ghost": {"virtual_batch_size": 2},
-    "bnlstm": {},
 }
 
 
@@ -78,8 +71,37 @@ def load_variant(name: str) -> type[nn.Module]:
     return layer  # type: ignore[no-any-return]
 
 
-def norm_1d(norm: str | None, num_features: int) -> nn.Module:
+def variant_kwargs(name: str, total_steps: int) -> dict[str, Any]:
+    """Constructor keyword arguments of variant ``name`` in a run of ``total_steps`` steps.
+
+    Batch Renorm follows the schedule of Ioffe (2017), Sec. 4 (plain BN first, then ``r_max``
+    grows from 1 to 3 and ``d_max`` from 0 to 5), compressed to the run: plain BN for the first
+    5% of the steps, ``d_max`` reached at 25% and ``r_max`` at 40%. Ghost BN uses virtual
+    batches of 2 (half of the lab's small batches).
+
+    Args:
+        name: ``renorm`` or ``ghost``.
+        total_steps: training steps of the run.
+
+    Returns:
+        The keyword arguments.
+    """
+    if name == "renorm":
+        return {
+            "warmup_steps": max(1, total_steps // 20),
+            "d_max_steps": max(2, total_steps // 4),
+            "r_max_steps": max(2, 2 * total_steps // 5),
+        }
+    if name == "ghost":
+        return {"virtual_batch_size": 2}
+    return {}
+
+
+def norm_1d(norm: str | None, num_features: int, total_steps: int = 1) -> nn.Module:
     """The normalization layer ``norm`` over ``num_features`` features (``Identity`` for None).
+
+    ``total_steps`` (the run's length) sets the schedule of Batch Renorm (see
+    :func:`variant_kwargs`).
 
     Raises:
         ValueError: on an unknown ``norm``.
@@ -90,7 +112,7 @@ def norm_1d(norm: str | None, num_features: int) -> nn.Module:
     if norm == "bn":
         return BatchNorm1d(num_features)
     if norm in ("renorm", "ghost"):
-        return load_variant(norm)(num_features, **VARIANT_KWARGS[norm])
+        return load_variant(norm)(num_features, **variant_kwargs(norm, total_steps))
     raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
 
 
@@ -101,6 +123,7 @@ def mlp(
     hidden: int = 100,
     depth: int = 3,
     init_std: float = 0.1,
+    total_steps: int = 1,
 ) -> nn.Sequential:
     """The sigmoid network of Ioffe & Szegedy (2015), Sec. 4.1 (Fig. 1).
 
@@ -115,6 +138,7 @@ def mlp(
         hidden: units per hidden layer.
         depth: number of hidden layers.
         init_std: standard deviation of the Gaussian initial weights.
+        total_steps: training steps of the run (for Batch Renorm's schedule).
 
     Returns:
         The network; ``model[-2]`` is the last hidden layer's sigmoid.
@@ -123,7 +147,7 @@ def mlp(
     width = in_features
     for _ in range(depth):
         linear = nn.Linear(width, hidden, bias=norm is None)
-        layers += [linear, norm_1d(norm, hidden), nn.Sigmoid()]
+        layers += [linear, norm_1d(norm, hidden, total_steps), nn.Sigmoid()]
         width = hidden
     layers.append(nn.Linear(width, num_classes))
     for layer in layers:
@@ -176,7 +200,7 @@ class SequenceClassifier(nn.Module):
     The last hidden state goes to a linear classifier. The BN-LSTM (Cooijmans et al., "Recurrent
     Batch Normalization", ICLR 2017) comes from :mod:`batchnorm.variants` and is called like
     ``torch.nn.LSTM``: a ``(T, N, F)`` input, an ``(output, state)`` result with output
-    ``(T, N, hidden)``.
+    ``(T, N, hidden)``; it is built as ``BNLSTM(F, hidden, max_steps=T)`` (statistics per step).
 
     Args:
         sequence_shape: ``(T, F)``.
@@ -198,7 +222,8 @@ class SequenceClassifier(nn.Module):
         if cell == "lstm":
             self.rnn: nn.Module = nn.LSTM(features, hidden)
         elif cell == "bnlstm":
-            self.rnn = load_variant("bnlstm")(features, hidden, **VARIANT_KWARGS["bnlstm"])
+            steps = sequence_shape[0]
+            self.rnn = load_variant("bnlstm")(features, hidden, max_steps=steps)
         else:
             raise ValueError(f"cell: expected 'lstm' or 'bnlstm', got {cell!r}")
         self.classifier = nn.Linear(hidden, num_classes)

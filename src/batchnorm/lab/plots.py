@@ -179,7 +179,7 @@ def _small_batches(result: ExperimentResult, figure: Figure, axes: list[Axes]) -
                 va="bottom",
                 fontsize=8,
             )
-    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xticks(range(len(labels)), [label.replace(", ", "\n") for label in labels])
     ax.set(ylabel="test accuracy", ylim=(0, 1.15), xlabel="training batches of 4")
     ax.legend(loc="upper right", fontsize=8)
     skipped = [label for label, _, _ in SMALL_BATCH_CONFIGS if label not in result.curves]
