@@ -66,7 +66,7 @@ def load_variant(name: str) -> type[nn.Module]:
         layer = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as error:
         raise VariantUnavailable(
-            f"{module_name}.{class_name} is not available ({error}); the {name!r} part is skipped"
+            f"{module_name}.{class_name} is not available ({error})"
         ) from error
     return layer  # type: ignore[no-any-return]
 
