@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m batchnorm.demo
+	$(BIN)/batchnorm lab
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
