@@ -1,0 +1,156 @@
+"""Numba backend: fused, cache-aware CPU kernels (:mod:`batchnorm.kernels.cpu_numba`).
+
+The kernels cover float32 and float64 in the two dense layouts of the ``(N, C, L)`` view:
+contiguous ``(N, C, L)`` and channels innermost (``channels_last``, ``(N, C)``). Everything else
+is handed on: float16/bfloat16 (which Numba cannot compute in) and other strides to the ATen
+backend, and tensors under ``torch.func`` transforms (whose storage Numba cannot see) to the
+pure-torch backend, which those transforms differentiate and batch.
+
+The first call for each dtype and layout compiles its kernels (a few seconds; ``cache=True``
+keeps the machine code in ``__pycache__`` for later processes).
+
+Raises:
+    ImportError: on import, if Numba is not installed.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from batchnorm.backends.aten_backend import AtenBackend, channel_rows
+from batchnorm.backends.base import ForwardResult, compute_dtype
+from batchnorm.backends.torch_backend import TorchBackend
+from batchnorm.kernels import cpu_numba
+
+__all__ = ["NumbaBackend"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def _kernel_view(x: torch.Tensor) -> tuple[np.ndarray, bool] | None:
+    """The NumPy array the kernels read for ``x`` ``(N, C, L)``, and whether it is ``(M, C)``.
+
+    Returns:
+        ``(array, is_rows)``: the contiguous ``(N, C, L)`` array (``is_rows`` False) or the
+        ``(M, C)`` channels-innermost array (``is_rows`` True), sharing memory with ``x``; or
+        ``None`` when the kernels cannot take ``x`` (device, dtype or strides).
+    """
+    if x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES:
+        return None
+    if x.is_contiguous() and x.shape[2] > 1:
+        return x.detach().numpy(), False  # (N, C, L)
+    rows = channel_rows(x)  # (M, C) or None
+    if rows is None:
+        return None
+    return rows.detach().numpy(), True  # (M, C)
+
+
+def _is_transformed(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a ``torch.func`` wrapper (vmap/grad), whose storage Numba cannot read."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+def _per_channel_float64(values: torch.Tensor | None, channels: int, fill: float) -> np.ndarray:
+    """``values`` ``(C,)`` as a float64 array, or ``C`` copies of ``fill`` when None."""
+    if values is None:
+        return np.full(channels, fill)
+    return values.detach().to(torch.float64).numpy()
+
+
+def _use_torch_threads() -> None:
+    """Runs the kernels on as many threads as torch uses (``torch.set_num_threads``)."""
+    pool_size = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), pool_size)))
+
+
+class NumbaBackend:
+    """Batch normalization on Numba CPU kernels, ATen or pure torch otherwise (see above)."""
+
+    name = "numba"
+
+    def __init__(self) -> None:
+        self._aten = AtenBackend()
+        self._torch = TorchBackend()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+    ) -> ForwardResult:
+        """Training-mode forward on the ``(N, C, L)`` view; see :class:`Backend`."""
+        if _is_transformed(x):
+            return self._torch.forward(x, weight, bias, eps)
+        view = _kernel_view(x)
+        if view is None or x.shape[0] * x.shape[2] == 0:
+            return self._aten.forward(x, weight, bias, eps)
+        array, is_rows = view
+        channels = x.shape[1]
+        y = torch.empty_like(x)  # (N, C, L), strides of x (dense)
+        y_array = (channel_rows(y) if is_rows else y).numpy()  # type: ignore[union-attr]
+        mean, var, invstd = np.empty(channels), np.empty(channels), np.empty(channels)  # (C,)
+        kernel = cpu_numba.forward_mc if is_rows else cpu_numba.forward_ncl
+        _use_torch_threads()
+        kernel(
+            array,
+            _per_channel_float64(weight, channels, 1.0),
+            _per_channel_float64(bias, channels, 0.0),
+            float(eps),
+            y_array,
+            mean,
+            var,
+            invstd,
+        )
+        stats_dtype = compute_dtype(x.dtype)
+        return ForwardResult(
+            y,
+            torch.from_numpy(mean).to(stats_dtype),
+            torch.from_numpy(invstd).to(stats_dtype),
+            torch.from_numpy(var).to(stats_dtype),
+        )
+
+    def backward(
+        self,
+        dy: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        mean: torch.Tensor,
+        invstd: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Backward of :meth:`forward`; see :class:`Backend`."""
+        if _is_transformed(x) or _is_transformed(dy):
+            return self._torch.backward(dy, x, weight, mean, invstd)
+        view = _kernel_view(x)
+        if view is None or x.shape[0] * x.shape[2] == 0:
+            return self._aten.backward(dy, x, weight, mean, invstd)
+        array, is_rows = view
+        channels = x.shape[1]
+        dx = torch.empty_like(x)  # (N, C, L), strides of x (dense)
+        if is_rows:
+            dy_array = dy.detach().transpose(1, 2).contiguous().view(array.shape).numpy()  # (M, C)
+            dx_array = channel_rows(dx).numpy()  # type: ignore[union-attr]  # (M, C)
+        else:
+            dy_array = dy.detach().contiguous().numpy()  # (N, C, L)
+            dx_array = dx.numpy()  # (N, C, L)
+        dweight, dbias = np.empty(channels), np.empty(channels)  # (C,)
+        kernel = cpu_numba.backward_mc if is_rows else cpu_numba.backward_ncl
+        _use_torch_threads()
+        kernel(
+            dy_array.astype(array.dtype, copy=False),
+            array,
+            _per_channel_float64(weight, channels, 1.0),
+            _per_channel_float64(mean, channels, 0.0),
+            _per_channel_float64(invstd, channels, 1.0),
+            dx_array,
+            dweight,
+            dbias,
+        )
+        stats_dtype = compute_dtype(x.dtype)
+        return (
+            dx,
+            torch.from_numpy(dweight).to(stats_dtype),
+            torch.from_numpy(dbias).to(stats_dtype),
+        )
