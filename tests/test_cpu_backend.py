@@ -126,6 +126,53 @@ def test_backend_matches_reference(backend_name, dtype, shape, memory_format, af
 
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("shape", "memory_format"), CASES)
+def test_inference_matches_formula(backend_name, dtype, shape, memory_format) -> None:
+    """Evaluation forward: (x − μ)·γ/sqrt(var + ε) + β in float64 on the same values."""
+    backend = resolve_backend(backend_name, torch.device("cpu"))
+    channels = shape[1]
+    x = _make(shape, memory_format, dtype, offset=3.0)
+    gen = torch.Generator().manual_seed(5)
+    mean = 3.0 + torch.randn(channels, generator=gen)
+    var = 0.5 + torch.rand(channels, generator=gen)
+    weight, bias = torch.rand(channels, generator=gen) + 0.5, torch.randn(channels, generator=gen)
+    y = backend.inference(_channel_view(x), weight, bias, mean, var, EPS)
+    per_channel = [1, channels] + [1] * (len(shape) - 2)
+    expected = (x.double() - mean.double().view(per_channel)) / torch.sqrt(
+        var.double().view(per_channel) + EPS
+    ) * weight.double().view(per_channel) + bias.double().view(per_channel)
+    assert y.dtype == dtype
+    _close(y.reshape(shape), expected, TOLERANCES, dtype, "y")
+    y_plain = backend.inference(_channel_view(x), None, None, mean, var, EPS)
+    plain = (x.double() - mean.double().view(per_channel)) / torch.sqrt(
+        var.double().view(per_channel) + EPS
+    )
+    _close(y_plain.reshape(shape), plain, TOLERANCES, dtype, "y without γ, β")
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_gradients_in_evaluation_mode(backend_name, memory_format) -> None:
+    """Eval mode stays differentiable (frozen statistics): gradients as torch.nn's in float64."""
+    ours = BatchNorm2d(4, backend=backend_name).double().eval()
+    theirs = torch.nn.BatchNorm2d(4).double().eval()
+    with torch.no_grad():
+        for module in (ours, theirs):
+            module.running_mean.copy_(torch.linspace(-1.0, 1.0, 4))
+            module.running_var.copy_(torch.linspace(0.5, 2.0, 4))
+            module.weight.copy_(torch.linspace(0.5, 1.5, 4))
+    x = _make((3, 4, 5, 5), memory_format, torch.float64)
+    dy = _make((3, 4, 5, 5), memory_format, torch.float64, seed=2)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours(x_ours).backward(dy)
+    theirs(x_theirs).backward(dy)
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    torch.testing.assert_close(ours.bias.grad, theirs.bias.grad)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
 @pytest.mark.parametrize(
     ("module_class", "shape", "memory_format"),
     [
@@ -247,6 +294,14 @@ def test_numba_under_func_transforms_matches_autograd() -> None:
     _, _, dx_ref, dw_ref, _ = _reference(x, weight, None, dy)
     torch.testing.assert_close(dx, dx_ref)
     torch.testing.assert_close(dweight, dw_ref)
+    mean, var = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+
+    def eval_loss(xx):
+        out = batch_norm_pure(xx, mean, var, weight, None, False, 0.1, EPS, backend="numba").output
+        return (out * dy).sum()
+
+    expected = dy * (weight / torch.sqrt(var + EPS))[None, :, None]  # d/dx of the affine map
+    torch.testing.assert_close(torch.func.grad(eval_loss)(x), expected)
 
 
 @pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
@@ -259,6 +314,7 @@ def test_numba_uses_torch_thread_count() -> None:
         torch.set_num_threads(1)
         batch_norm(torch.randn(4, 3, 5), None, None, training=True, backend="numba")
         assert numba.get_num_threads() == 1
+        assert torch.get_num_threads() == 1  # starting Numba's OpenMP pool does not reset it
     finally:
         torch.set_num_threads(threads)
 

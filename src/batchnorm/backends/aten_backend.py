@@ -96,6 +96,40 @@ class AtenBackend:
         var = scratch_var * ((count - 1) / count)  # (C,)  unbiased → biased σ²
         return ForwardResult(y if rows is None else _from_rows(y, x), mean, invstd, var)
 
+    def inference(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
+        """Evaluation-mode forward on ``(N, C, L)``: ``y = (x − μ)·γ/sqrt(var + ε) + β``.
+
+        Args:
+            x: input view ``(N, C, L)``.
+            weight, bias: ``γ``, ``β`` ``(C,)`` or None.
+            running_mean, running_var: the population estimates ``μ``, ``var`` ``(C,)``.
+            eps: added to the variance inside the square root.
+
+        Returns:
+            ``y`` like ``x`` (ATen's inference kernel: one pass, ``x·a + b`` per channel).
+        """
+        stats_dtype = compute_dtype(x.dtype)
+        rows = channel_rows(x)  # (M, C) or None
+        y, _, _ = torch.ops.aten.native_batch_norm(
+            x.contiguous() if rows is None else rows,
+            _cast(weight, stats_dtype),
+            _cast(bias, stats_dtype),
+            running_mean.to(stats_dtype),
+            running_var.to(stats_dtype),
+            False,
+            0.0,
+            eps,
+        )
+        return y if rows is None else _from_rows(y, x)
+
     def backward(
         self,
         dy: torch.Tensor,

@@ -15,6 +15,9 @@ Raises:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numba
 import numpy as np
 import torch
@@ -52,6 +55,11 @@ def _is_transformed(x: torch.Tensor) -> bool:
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record an operation on these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _per_channel_float64(values: torch.Tensor | None, channels: int, fill: float) -> np.ndarray:
     """``values`` ``(C,)`` as a float64 array, or ``C`` copies of ``fill`` when None."""
     if values is None:
@@ -59,10 +67,18 @@ def _per_channel_float64(values: torch.Tensor | None, channels: int, fill: float
     return values.detach().to(torch.float64).numpy()
 
 
-def _use_torch_threads() -> None:
-    """Runs the kernels on as many threads as torch uses (``torch.set_num_threads``)."""
+def _launch(kernel: Callable[..., None], *args: Any) -> None:
+    """Runs ``kernel(*args)`` on as many threads as torch uses (``torch.set_num_threads``).
+
+    Numba's OpenMP layer shares the OpenMP runtime with torch, and starting its pool resets
+    the runtime's thread count; torch's setting is restored if that happened.
+    """
+    threads = torch.get_num_threads()
     pool_size = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), pool_size)))
+    numba.set_num_threads(max(1, min(threads, pool_size)))
+    kernel(*args)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 class NumbaBackend:
@@ -93,8 +109,8 @@ class NumbaBackend:
         y_array = (channel_rows(y) if is_rows else y).numpy()  # type: ignore[union-attr]
         mean, var, invstd = np.empty(channels), np.empty(channels), np.empty(channels)  # (C,)
         kernel = cpu_numba.forward_mc if is_rows else cpu_numba.forward_ncl
-        _use_torch_threads()
-        kernel(
+        _launch(
+            kernel,
             array,
             _per_channel_float64(weight, channels, 1.0),
             _per_channel_float64(bias, channels, 0.0),
@@ -111,6 +127,61 @@ class NumbaBackend:
             torch.from_numpy(invstd).to(stats_dtype),
             torch.from_numpy(var).to(stats_dtype),
         )
+
+    def inference(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
+        """Evaluation-mode forward on ``(N, C, L)``; see :meth:`AtenBackend.inference`.
+
+        The kernels compute ``(x − μ)·γr + β`` (no cancellation when ``|μ| ≫ σ``) in one pass;
+        when autograd needs the graph (gradients in evaluation mode) ATen's kernel runs instead.
+        """
+        if _is_transformed(x):
+            return self._torch_inference(x, weight, bias, running_mean, running_var, eps)
+        view = _kernel_view(x)
+        if view is None or x.numel() == 0 or _needs_grad(x, weight, bias):
+            # ATen's kernel is differentiable (gradients in evaluation mode); ours is not.
+            return self._aten.inference(x, weight, bias, running_mean, running_var, eps)
+        array, is_rows = view
+        channels = x.shape[1]
+        y = torch.empty_like(x)  # (N, C, L), strides of x (dense)
+        kernel = cpu_numba.inference_mc if is_rows else cpu_numba.inference_ncl
+        _launch(
+            kernel,
+            array,
+            _per_channel_float64(weight, channels, 1.0),
+            _per_channel_float64(bias, channels, 0.0),
+            _per_channel_float64(running_mean, channels, 0.0),
+            _per_channel_float64(running_var, channels, 1.0),
+            float(eps),
+            (channel_rows(y) if is_rows else y).numpy(),  # type: ignore[union-attr]
+        )
+        return y
+
+    @staticmethod
+    def _torch_inference(
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
+        """The evaluation forward in torch operations (for ``torch.func`` transforms)."""
+        dtype = compute_dtype(x.dtype)
+        scale = torch.rsqrt(running_var.to(dtype) + eps)  # (C,)  r
+        if weight is not None:
+            scale = scale * weight.to(dtype)  # (C,)  γ·r
+        y = (x.to(dtype) - running_mean.to(dtype)[None, :, None]) * scale[None, :, None]
+        if bias is not None:
+            y = y + bias.to(dtype)[None, :, None]  # (N, C, L)
+        return y.to(x.dtype)
 
     def backward(
         self,
@@ -137,8 +208,8 @@ class NumbaBackend:
             dx_array = dx.numpy()  # (N, C, L)
         dweight, dbias = np.empty(channels), np.empty(channels)  # (C,)
         kernel = cpu_numba.backward_mc if is_rows else cpu_numba.backward_ncl
-        _use_torch_threads()
-        kernel(
+        _launch(
+            kernel,
             dy_array.astype(array.dtype, copy=False),
             array,
             _per_channel_float64(weight, channels, 1.0),

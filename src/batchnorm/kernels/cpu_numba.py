@@ -1,6 +1,7 @@
 """CPU kernels for batch normalization, compiled by Numba (``parallel=True`` loops).
 
-Two memory layouts of the ``(N, C, L)`` view, each with a training forward and a backward:
+Two memory layouts of the ``(N, C, L)`` view, each with a training forward, a backward and an
+evaluation forward (one pass with given statistics):
 
 * ``ncl``: ``x`` C-contiguous as ``(N, C, L)``. One channel per parallel iteration; its slice
   (``N`` runs of ``L`` values) is read once from memory and re-read from the core's L2 cache by
@@ -205,3 +206,28 @@ def backward_mc(dy, x, weight, mean, invstd, dx, dweight, dbias):
     mean_term = (dbias / total_rows).astype(dtype)  # (C,)  dβ / M
     slope = (sum_dy_xmu * invstd * invstd / total_rows).astype(dtype)  # (C,)  r·dγ / M
     _grad_input_mc(dy, x, mean_x, gain, mean_term, slope, rows, dx)
+
+
+@njit(parallel=True, cache=True)
+def _affine_ncl(x, shift, scale, offset, out):
+    """``out[n, c, i] = (x[n, c, i] − shift[c])·scale[c] + offset[c]`` on ``(N, C, L)``."""
+    n_batch, channels = x.shape[0], x.shape[1]
+    for c in prange(channels):
+        for n in range(n_batch):
+            out[n, c, :] = (x[n, c, :] - shift[c]) * scale[c] + offset[c]
+
+
+def inference_ncl(x, weight, bias, mean, var, eps, y):
+    """Evaluation forward on ``(N, C, L)``: ``y = (x − μ)·γ/sqrt(var + ε) + β``, one pass."""
+    dtype = x.dtype
+    scale = (weight / np.sqrt(var + eps)).astype(dtype)  # (C,)  γ·r
+    _affine_ncl(x, mean.astype(dtype), scale, bias.astype(dtype), y)
+
+
+def inference_mc(x, weight, bias, mean, var, eps, y):
+    """Evaluation forward on ``(M, C)``: as :func:`inference_ncl`, one pass."""
+    total_rows, channels = x.shape
+    dtype = x.dtype
+    scale = (weight / np.sqrt(var + eps)).astype(dtype)  # (C,)  γ·r
+    rows = block_rows(total_rows, channels, x.itemsize)
+    _affine_mc(x, mean.astype(dtype), scale, bias.astype(dtype), rows, y)
