@@ -15,7 +15,8 @@ Training runs update fp32 running buffers; ``weight``/``bias`` are fp32 (bfloat1
 PyTorch's mixed-precision mode, like autocast). Every provider's output and gradients are first
 checked against ATen's. Printed per pass: milliseconds, the fraction of copy bandwidth at the
 minimal bytes (forward and inference ``2S``, backward ``3S``, forward+backward ``5S``; ``S`` =
-bytes of x), and speed ratios (``aten time / provider time``: above 1 is faster than ATen).
+bytes of x), and speed ratios (``aten time / provider time``: above 1 is faster than ATen); the
+results file also holds every round's times and the median of the per-round ratios.
 
 Usage::
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -100,6 +102,9 @@ class Case:
             "ours": self._functional(ours_batch_norm, channels),
         }
         if compile:
+            # A fresh compiled function per case: dynamo's recompile limit would otherwise send
+            # later shapes, dtypes and layouts back to eager mode.
+            torch._dynamo.reset()
             self.providers["compile"] = self._functional(
                 torch.compile(F.batch_norm, dynamic=False), channels
             )
@@ -211,7 +216,12 @@ def _summarize(case: Case, pass_name: str, times: dict[str, list[float]]) -> dic
             ),
         }
         if name in BASELINE:
-            entry["ratio_vs_" + BASELINE[name]] = medians[BASELINE[name]] / median
+            baseline = BASELINE[name]
+            entry["ratio_vs_" + baseline] = medians[baseline] / median
+            # Median of the per-round ratios: robust to load that drifts between rounds.
+            entry["paired_ratio_vs_" + baseline] = float(
+                statistics.median(b / t for b, t in zip(times[baseline], times[name], strict=True))
+            )
         providers[name] = entry
     return {
         "shape": list(case.shape),

@@ -1,9 +1,9 @@
 """Numba backend: fused, cache-aware CPU kernels (:mod:`batchnorm.kernels.cpu_numba`).
 
-The kernels cover float32 and float64 in the two dense layouts of the ``(N, C, L)`` view:
-contiguous ``(N, C, L)`` and channels innermost (``channels_last``, ``(N, C)``). Everything else
-is handed on: float16/bfloat16 (which Numba cannot compute in) and other strides to the ATen
-backend, and tensors under ``torch.func`` transforms (whose storage Numba cannot see) to the
+The kernels cover float32, float64 and bfloat16 (as its bit pattern, computed in float32) in the
+two dense layouts of the ``(N, C, L)`` view: contiguous ``(N, C, L)`` and channels innermost
+(``channels_last``, ``(N, C)``). Everything else is handed on: float16 and other strides to the
+ATen backend, and tensors under ``torch.func`` transforms (whose storage Numba cannot see) to the
 pure-torch backend, which those transforms differentiate and batch.
 
 The first call for each dtype and layout compiles its kernels (a few seconds; ``cache=True``
@@ -29,7 +29,15 @@ from batchnorm.kernels import cpu_numba
 
 __all__ = ["NumbaBackend"]
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _as_array(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of ``t``'s memory; bfloat16 as its ``uint16`` bit pattern."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
 
 
 def _kernel_view(x: torch.Tensor) -> tuple[np.ndarray, bool] | None:
@@ -43,11 +51,11 @@ def _kernel_view(x: torch.Tensor) -> tuple[np.ndarray, bool] | None:
     if x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES:
         return None
     if x.is_contiguous() and x.shape[2] > 1:
-        return x.detach().numpy(), False  # (N, C, L)
+        return _as_array(x), False  # (N, C, L)
     rows = channel_rows(x)  # (M, C) or None
     if rows is None:
         return None
-    return rows.detach().numpy(), True  # (M, C)
+    return _as_array(rows), True  # (M, C)
 
 
 def _is_transformed(x: torch.Tensor) -> bool:
@@ -106,7 +114,7 @@ class NumbaBackend:
         array, is_rows = view
         channels = x.shape[1]
         y = torch.empty_like(x)  # (N, C, L), strides of x (dense)
-        y_array = (channel_rows(y) if is_rows else y).numpy()  # type: ignore[union-attr]
+        y_array = _as_array(channel_rows(y) if is_rows else y)  # type: ignore[arg-type]
         mean, var, invstd = np.empty(channels), np.empty(channels), np.empty(channels)  # (C,)
         kernel = cpu_numba.forward_mc if is_rows else cpu_numba.forward_ncl
         _launch(
@@ -160,7 +168,7 @@ class NumbaBackend:
             _per_channel_float64(running_mean, channels, 0.0),
             _per_channel_float64(running_var, channels, 1.0),
             float(eps),
-            (channel_rows(y) if is_rows else y).numpy(),  # type: ignore[union-attr]
+            _as_array(channel_rows(y) if is_rows else y),  # type: ignore[arg-type]
         )
         return y
 
@@ -200,17 +208,18 @@ class NumbaBackend:
         array, is_rows = view
         channels = x.shape[1]
         dx = torch.empty_like(x)  # (N, C, L), strides of x (dense)
+        dy = dy.to(x.dtype)  # autograd hands dy in y's dtype, which is x's
         if is_rows:
-            dy_array = dy.detach().transpose(1, 2).contiguous().view(array.shape).numpy()  # (M, C)
-            dx_array = channel_rows(dx).numpy()  # type: ignore[union-attr]  # (M, C)
+            dy_array = _as_array(dy.transpose(1, 2).contiguous().view(array.shape))  # (M, C)
+            dx_array = _as_array(channel_rows(dx))  # type: ignore[arg-type]  # (M, C)
         else:
-            dy_array = dy.detach().contiguous().numpy()  # (N, C, L)
-            dx_array = dx.numpy()  # (N, C, L)
+            dy_array = _as_array(dy.contiguous())  # (N, C, L)
+            dx_array = _as_array(dx)  # (N, C, L)
         dweight, dbias = np.empty(channels), np.empty(channels)  # (C,)
         kernel = cpu_numba.backward_mc if is_rows else cpu_numba.backward_ncl
         _launch(
             kernel,
-            dy_array.astype(array.dtype, copy=False),
+            dy_array,
             array,
             _per_channel_float64(weight, channels, 1.0),
             _per_channel_float64(mean, channels, 0.0),

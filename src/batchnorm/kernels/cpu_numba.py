@@ -19,6 +19,11 @@ backward ``dβ = Σdy``, ``dγ = r·Σdy·(x − μ)``, ``dx = γr·(dy − dβ/
 References: Ioffe & Szegedy, "Batch Normalization" (2015); Chan, Golub & LeVeque, "Algorithms
 for computing the sample variance" (1983) for the merge of block statistics.
 
+Element types: float32 and float64 arrays compute in their own type; bfloat16 arrives as its
+``uint16`` bit pattern, is widened exactly to float32 (``bits << 16``) and rounded back to nearest
+even on store (:func:`load`, :func:`store`), so statistics and sums are float32/float64 for every
+input, as design.md §1 asks.
+
 Every kernel writes into arrays the caller allocates. ``weight``/``bias`` are float64 arrays of
 length ``C`` (ones/zeros when the caller has none); statistics are float64 arrays of length ``C``.
 Reductions are compiled with ``reassoc`` only (SIMD partial sums), not full fast-math, so NaN and
@@ -28,7 +33,8 @@ infinity propagate as in plain arithmetic.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 #: Input bytes per parallel block of the (M, C) kernels: a block stays in a core's L2 cache.
 _BLOCK_BYTES = 1 << 18
@@ -41,6 +47,52 @@ def block_rows(rows: int, channels: int, itemsize: int) -> int:
     return max(1, min(rows, _BLOCK_BYTES // max(1, channels * itemsize)))
 
 
+def compute_dtype(array: np.ndarray) -> type:
+    """The NumPy type elementwise math runs in for ``array``: float64 stays, else float32."""
+    return np.float64 if array.dtype == np.float64 else np.float32
+
+
+def load(array, value):
+    """An element of ``array`` as a float (bfloat16 bits widened to float32); Numba only."""
+
+
+def store(array, value):
+    """``value`` as an element of ``array`` (rounded to bfloat16 bits if needed); Numba only."""
+
+
+def compute(array, value):
+    """``value`` in the type elementwise math on ``array`` runs in; Numba only."""
+
+
+@overload(load, inline="always")
+def _load_impl(array, value):
+    if array.dtype == types.uint16:  # bfloat16 bits: the high half of a float32
+        return lambda array, value: np.uint32(np.uint32(value) << 16).view(np.float32)
+    return lambda array, value: value
+
+
+@overload(store, inline="always")
+def _store_impl(array, value):
+    if array.dtype == types.uint16:
+
+        def to_bfloat16(array, value):
+            bits = np.float32(value).view(np.uint32)
+            if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN stays a quiet NaN
+                return np.uint16((bits >> np.uint32(16)) | np.uint32(0x40))
+            rounding = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))  # to even
+            return np.uint16((bits + rounding) >> np.uint32(16))
+
+        return to_bfloat16
+    return lambda array, value: value
+
+
+@overload(compute, inline="always")
+def _compute_impl(array, value):
+    if array.dtype == types.float64:
+        return lambda array, value: np.float64(value)
+    return lambda array, value: np.float32(value)
+
+
 @njit(parallel=True, fastmath=_REDUCE_MATH, cache=True)
 def forward_ncl(x, weight, bias, eps, y, mean, var, invstd):
     """Training forward on ``x`` ``(N, C, L)``: fills ``y`` (like x), mean/var/invstd ``(C,)``."""
@@ -50,21 +102,21 @@ def forward_ncl(x, weight, bias, eps, y, mean, var, invstd):
         total = 0.0  # float64
         for n in range(n_batch):
             for i in range(length):
-                total += x[n, c, i]
+                total += load(x, x[n, c, i])
         mu = total / count  # μ
         squares = 0.0  # Σ (x − μ)², second read from L2
         for n in range(n_batch):
             for i in range(length):
-                d = x[n, c, i] - mu
+                d = load(x, x[n, c, i]) - mu
                 squares += d * d
         sigma2 = squares / count  # biased σ²
         r = 1.0 / np.sqrt(sigma2 + eps)  # invstd
-        mu_x = x.dtype.type(mu)  # μ in the input dtype: x − μ is exact near μ (Sterbenz)
-        scale_x = x.dtype.type(weight[c] * r)  # γ·r
-        bias_x = x.dtype.type(bias[c])  # β
+        mu_x = compute(x, mu)  # μ in the compute type: x − μ is exact near μ (Sterbenz)
+        scale_x = compute(x, weight[c] * r)  # γ·r
+        bias_x = compute(x, bias[c])  # β
         for n in range(n_batch):
             for i in range(length):
-                y[n, c, i] = (x[n, c, i] - mu_x) * scale_x + bias_x
+                y[n, c, i] = store(y, (load(x, x[n, c, i]) - mu_x) * scale_x + bias_x)
         mean[c] = mu
         var[c] = sigma2
         invstd[c] = r
@@ -76,24 +128,42 @@ def backward_ncl(dy, x, weight, mean, invstd, dx, dweight, dbias):
     n_batch, channels, length = x.shape
     count = n_batch * length  # M = N·L
     for c in prange(channels):
-        mu_x = x.dtype.type(mean[c])
+        mu_x = compute(x, mean[c])
         sum_dy = 0.0  # Σ dy
         sum_dy_xmu = 0.0  # Σ dy·(x − μ)
         for n in range(n_batch):
             for i in range(length):
-                g = dy[n, c, i]
+                g = load(dy, dy[n, c, i])
                 sum_dy += g
-                sum_dy_xmu += g * (x[n, c, i] - mu_x)
+                sum_dy_xmu += g * (load(x, x[n, c, i]) - mu_x)
         r = invstd[c]
-        gain = weight[c] * r  # γ·r
-        gain_x = x.dtype.type(gain)
-        mean_term_x = x.dtype.type(sum_dy / count)  # dβ / M
-        slope_x = x.dtype.type(sum_dy_xmu * r * r / count)  # r·dγ / M = r²·Σdy(x − μ) / M
+        gain_x = compute(x, weight[c] * r)  # γ·r
+        mean_term_x = compute(x, sum_dy / count)  # dβ / M
+        slope_x = compute(x, sum_dy_xmu * r * r / count)  # r·dγ / M = r²·Σdy(x − μ) / M
         for n in range(n_batch):
             for i in range(length):
-                dx[n, c, i] = gain_x * (dy[n, c, i] - mean_term_x - (x[n, c, i] - mu_x) * slope_x)
+                centered = load(x, x[n, c, i]) - mu_x  # x − μ
+                g = load(dy, dy[n, c, i])
+                dx[n, c, i] = store(dx, gain_x * (g - mean_term_x - centered * slope_x))
         dbias[c] = sum_dy
         dweight[c] = sum_dy_xmu * r
+
+
+@njit(parallel=True, cache=True)
+def _affine_ncl(x, shift, scale, offset, out):
+    """``out[n, c, i] = (x[n, c, i] − shift[c])·scale[c] + offset[c]`` on ``(N, C, L)``."""
+    n_batch, channels, length = x.shape
+    for c in prange(channels):
+        for n in range(n_batch):
+            for i in range(length):
+                out[n, c, i] = store(out, (load(x, x[n, c, i]) - shift[c]) * scale[c] + offset[c])
+
+
+def inference_ncl(x, weight, bias, mean, var, eps, y):
+    """Evaluation forward on ``(N, C, L)``: ``y = (x − μ)·γ/sqrt(var + ε) + β``, one pass."""
+    dtype = compute_dtype(x)
+    scale = (weight / np.sqrt(var + eps)).astype(dtype)  # (C,)  γ·r
+    _affine_ncl(x, mean.astype(dtype), scale, bias.astype(dtype), y)
 
 
 @njit(parallel=True, cache=True)
@@ -109,12 +179,12 @@ def _block_moments(x, rows):
         acc = np.zeros(channels)  # (C,) float64
         for i in range(start, stop):
             for c in range(channels):
-                acc[c] += x[i, c]
+                acc[c] += load(x, x[i, c])
         acc /= stop - start  # (C,) block mean
         m2 = np.zeros(channels)  # (C,)  second pass reads the block from L2
         for i in range(start, stop):
             for c in range(channels):
-                d = x[i, c] - acc[c]
+                d = load(x, x[i, c]) - acc[c]
                 m2[c] += d * d
         block_mean[b] = acc
         block_m2[b] = m2
@@ -142,12 +212,13 @@ def _merge_moments(block_mean, block_m2, rows, total_rows, mean, var):
 
 @njit(parallel=True, cache=True)
 def _affine_mc(x, shift, scale, offset, rows, out):
-    """``out[i, c] = (x[i, c] − shift[c])·scale[c] + offset[c]`` on ``(M, C)``, in x's dtype."""
-    total_rows = x.shape[0]
+    """``out[i, c] = (x[i, c] − shift[c])·scale[c] + offset[c]`` on ``(M, C)``."""
+    total_rows, channels = x.shape
     blocks = (total_rows + rows - 1) // rows
     for b in prange(blocks):
         for i in range(b * rows, min((b + 1) * rows, total_rows)):
-            out[i, :] = (x[i, :] - shift) * scale + offset
+            for c in range(channels):
+                out[i, c] = store(out, (load(x, x[i, c]) - shift[c]) * scale[c] + offset[c])
 
 
 def forward_mc(x, weight, bias, eps, y, mean, var, invstd):
@@ -157,8 +228,17 @@ def forward_mc(x, weight, bias, eps, y, mean, var, invstd):
     block_mean, block_m2 = _block_moments(x, rows)  # (B, C), (B, C)
     _merge_moments(block_mean, block_m2, rows, total_rows, mean, var)
     invstd[:] = 1.0 / np.sqrt(var + eps)  # (C,)
-    dtype = x.dtype
+    dtype = compute_dtype(x)
     scale = (weight * invstd).astype(dtype)  # (C,)  γ·r
+    _affine_mc(x, mean.astype(dtype), scale, bias.astype(dtype), rows, y)
+
+
+def inference_mc(x, weight, bias, mean, var, eps, y):
+    """Evaluation forward on ``(M, C)``: as :func:`inference_ncl`, one pass."""
+    total_rows, channels = x.shape
+    dtype = compute_dtype(x)
+    scale = (weight / np.sqrt(var + eps)).astype(dtype)  # (C,)  γ·r
+    rows = block_rows(total_rows, channels, x.itemsize)
     _affine_mc(x, mean.astype(dtype), scale, bias.astype(dtype), rows, y)
 
 
@@ -174,9 +254,9 @@ def _block_grad_sums(dy, x, mean_x, rows):
         acc_xmu = np.zeros(channels)  # (C,)
         for i in range(b * rows, min((b + 1) * rows, total_rows)):
             for c in range(channels):
-                g = dy[i, c]
+                g = load(dy, dy[i, c])
                 acc[c] += g
-                acc_xmu[c] += g * (x[i, c] - mean_x[c])
+                acc_xmu[c] += g * (load(x, x[i, c]) - mean_x[c])
         sum_dy[b] = acc
         sum_dy_xmu[b] = acc_xmu
     return sum_dy, sum_dy_xmu
@@ -184,19 +264,22 @@ def _block_grad_sums(dy, x, mean_x, rows):
 
 @njit(parallel=True, cache=True)
 def _grad_input_mc(dy, x, mean_x, gain, mean_term, slope, rows, dx):
-    """``dx = gain·(dy − mean_term − (x − μ)·slope)`` on ``(M, C)``, in x's dtype."""
-    total_rows = x.shape[0]
+    """``dx = gain·(dy − mean_term − (x − μ)·slope)`` on ``(M, C)``."""
+    total_rows, channels = x.shape
     blocks = (total_rows + rows - 1) // rows
     for b in prange(blocks):
         for i in range(b * rows, min((b + 1) * rows, total_rows)):
-            dx[i, :] = gain * (dy[i, :] - mean_term - (x[i, :] - mean_x) * slope)
+            for c in range(channels):
+                centered = load(x, x[i, c]) - mean_x[c]  # x − μ
+                g = load(dy, dy[i, c])
+                dx[i, c] = store(dx, gain[c] * (g - mean_term[c] - centered * slope[c]))
 
 
 def backward_mc(dy, x, weight, mean, invstd, dx, dweight, dbias):
     """Backward on ``(M, C)`` arrays; same outputs as backward_ncl."""
     total_rows, channels = x.shape
     rows = block_rows(total_rows, channels, x.itemsize)
-    dtype = x.dtype
+    dtype = compute_dtype(x)
     mean_x = mean.astype(dtype)  # (C,)
     block_dy, block_dy_xmu = _block_grad_sums(dy, x, mean_x, rows)  # (B, C), (B, C)
     dbias[:] = block_dy.sum(axis=0)  # (C,)  dβ
@@ -206,28 +289,3 @@ def backward_mc(dy, x, weight, mean, invstd, dx, dweight, dbias):
     mean_term = (dbias / total_rows).astype(dtype)  # (C,)  dβ / M
     slope = (sum_dy_xmu * invstd * invstd / total_rows).astype(dtype)  # (C,)  r·dγ / M
     _grad_input_mc(dy, x, mean_x, gain, mean_term, slope, rows, dx)
-
-
-@njit(parallel=True, cache=True)
-def _affine_ncl(x, shift, scale, offset, out):
-    """``out[n, c, i] = (x[n, c, i] − shift[c])·scale[c] + offset[c]`` on ``(N, C, L)``."""
-    n_batch, channels = x.shape[0], x.shape[1]
-    for c in prange(channels):
-        for n in range(n_batch):
-            out[n, c, :] = (x[n, c, :] - shift[c]) * scale[c] + offset[c]
-
-
-def inference_ncl(x, weight, bias, mean, var, eps, y):
-    """Evaluation forward on ``(N, C, L)``: ``y = (x − μ)·γ/sqrt(var + ε) + β``, one pass."""
-    dtype = x.dtype
-    scale = (weight / np.sqrt(var + eps)).astype(dtype)  # (C,)  γ·r
-    _affine_ncl(x, mean.astype(dtype), scale, bias.astype(dtype), y)
-
-
-def inference_mc(x, weight, bias, mean, var, eps, y):
-    """Evaluation forward on ``(M, C)``: as :func:`inference_ncl`, one pass."""
-    total_rows, channels = x.shape
-    dtype = x.dtype
-    scale = (weight / np.sqrt(var + eps)).astype(dtype)  # (C,)  γ·r
-    rows = block_rows(total_rows, channels, x.itemsize)
-    _affine_mc(x, mean.astype(dtype), scale, bias.astype(dtype), rows, y)
