@@ -306,15 +306,21 @@ def test_numba_under_func_transforms_matches_autograd() -> None:
 
 @pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
 def test_numba_uses_torch_thread_count() -> None:
-    """The kernels run on torch.get_num_threads() threads (capped by Numba's pool)."""
+    """The kernels run on torch.get_num_threads() threads (capped by Numba's pool and the work)."""
     import numba
 
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        batch_norm(torch.randn(4, 3, 5), None, None, training=True, backend="numba")
+        big = torch.randn(8, 4, 32768)  # enough work for any number of threads
+        batch_norm(big, None, None, training=True, backend="numba")
         assert numba.get_num_threads() == 1
         assert torch.get_num_threads() == 1  # starting Numba's OpenMP pool does not reset it
+        torch.set_num_threads(2)
+        batch_norm(big, None, None, training=True, backend="numba")
+        assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
+        batch_norm(torch.randn(4, 3, 5), None, None, training=True, backend="numba")
+        assert numba.get_num_threads() == 1  # a tiny tensor stays on the calling thread
     finally:
         torch.set_num_threads(threads)
 

@@ -30,6 +30,8 @@ from batchnorm.kernels import cpu_numba
 __all__ = ["NumbaBackend"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+#: Fewest elements worth a thread of their own (ATen's ``at::internal::GRAIN_SIZE``).
+_GRAIN = 32768
 
 
 def _as_array(t: torch.Tensor) -> np.ndarray:
@@ -75,15 +77,17 @@ def _per_channel_float64(values: torch.Tensor | None, channels: int, fill: float
     return values.detach().to(torch.float64).numpy()
 
 
-def _launch(kernel: Callable[..., None], *args: Any) -> None:
-    """Runs ``kernel(*args)`` on as many threads as torch uses (``torch.set_num_threads``).
+def _launch(kernel: Callable[..., None], work: int, *args: Any) -> None:
+    """Runs ``kernel(*args)`` on up to ``torch.get_num_threads()`` threads.
 
-    Numba's OpenMP layer shares the OpenMP runtime with torch, and starting its pool resets
-    the runtime's thread count; torch's setting is restored if that happened.
+    Each thread gets at least :data:`_GRAIN` elements of ``work``, like ATen's grain size: a
+    small tensor runs on the calling thread, without waking (or waiting for) the pool. Numba's
+    OpenMP layer shares the OpenMP runtime with torch, and starting its pool resets the
+    runtime's thread count; torch's setting is restored if that happened.
     """
     threads = torch.get_num_threads()
     pool_size = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
-    numba.set_num_threads(max(1, min(threads, pool_size)))
+    numba.set_num_threads(max(1, min(threads, pool_size, work // _GRAIN)))
     kernel(*args)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -119,6 +123,7 @@ class NumbaBackend:
         kernel = cpu_numba.forward_mc if is_rows else cpu_numba.forward_ncl
         _launch(
             kernel,
+            x.numel(),
             array,
             _per_channel_float64(weight, channels, 1.0),
             _per_channel_float64(bias, channels, 0.0),
@@ -162,6 +167,7 @@ class NumbaBackend:
         kernel = cpu_numba.inference_mc if is_rows else cpu_numba.inference_ncl
         _launch(
             kernel,
+            x.numel(),
             array,
             _per_channel_float64(weight, channels, 1.0),
             _per_channel_float64(bias, channels, 0.0),
@@ -219,6 +225,7 @@ class NumbaBackend:
         kernel = cpu_numba.backward_mc if is_rows else cpu_numba.backward_ncl
         _launch(
             kernel,
+            x.numel(),
             dy_array,
             array,
             _per_channel_float64(weight, channels, 1.0),
