@@ -20,10 +20,10 @@ from batchnorm.functional import batch_norm, batch_norm_pure
 from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
-CPU_BACKENDS = [
-    "aten",
-    pytest.param("numba", marks=pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")),
-]
+NEEDS_NUMBA = pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
+CPU_BACKENDS = ["aten", pytest.param("numba", marks=NEEDS_NUMBA)]
+# Backend objects for direct calls; "numba-all" runs the Numba kernels in every case they cover.
+BACKEND_VARIANTS = [*CPU_BACKENDS, pytest.param("numba-all", marks=NEEDS_NUMBA)]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 EPS = 1e-5
 
@@ -67,6 +67,15 @@ def _make(shape, memory_format, dtype, seed=0, offset=0.0):
     return x
 
 
+def _backend(name):
+    """The backend object for a name of :data:`BACKEND_VARIANTS`."""
+    if name == "numba-all":
+        from batchnorm.backends.numba_backend import ALL_KERNEL_CASES, NumbaBackend
+
+        return NumbaBackend(ALL_KERNEL_CASES)
+    return resolve_backend(name, torch.device("cpu"))
+
+
 def _channel_view(x):
     """``(N, C, *)`` → ``(N, C, L)``, the view backends receive."""
     return x.reshape(x.shape[0], x.shape[1], -1)
@@ -91,13 +100,13 @@ def _reference(x, weight, bias, dy):
     return as_torch(y), cache, as_torch(dx), as_torch(dw), as_torch(db)
 
 
-@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("backend_name", BACKEND_VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("shape", "memory_format"), CASES)
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 def test_backend_matches_reference(backend_name, dtype, shape, memory_format, affine) -> None:
     """Forward (y, mean, invstd, var) and backward (dx, dγ, dβ) against the float64 reference."""
-    backend = resolve_backend(backend_name, torch.device("cpu"))
+    backend = _backend(backend_name)
     x = _make(shape, memory_format, dtype, offset=0.5)
     dy = _make(shape, memory_format, dtype, seed=3)
     channels = shape[1]
@@ -125,12 +134,12 @@ def test_backend_matches_reference(backend_name, dtype, shape, memory_format, af
     _close(dbias, db_ref, low if dtype != torch.float64 else STATS_TOLERANCES, stats_dtype, "dβ")
 
 
-@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("backend_name", BACKEND_VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("shape", "memory_format"), CASES)
 def test_inference_matches_formula(backend_name, dtype, shape, memory_format) -> None:
     """Evaluation forward: (x − μ)·γ/sqrt(var + ε) + β in float64 on the same values."""
-    backend = resolve_backend(backend_name, torch.device("cpu"))
+    backend = _backend(backend_name)
     channels = shape[1]
     x = _make(shape, memory_format, dtype, offset=3.0)
     gen = torch.Generator().manual_seed(5)
@@ -223,29 +232,28 @@ def test_module_matches_torch_nn(backend_name, module_class, shape, memory_forma
     check(ours(x), theirs(x.double()))
 
 
-@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("backend_name", BACKEND_VARIANTS)
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
 def test_large_offset_keeps_variance_precision(backend_name, memory_format) -> None:
     """x = 1e4 + randn in float32: the batch variance within 1e-3 relative of float64's."""
     x = _make((16, 4, 8, 8), memory_format, torch.float32, offset=1e4)
-    result = resolve_backend(backend_name, torch.device("cpu")).forward(
-        _channel_view(x), None, None, EPS
-    )
+    result = _backend(backend_name).forward(_channel_view(x), None, None, EPS)
     var64 = x.double().var(dim=(0, 2, 3), correction=0)
     torch.testing.assert_close(result.var.double(), var64, rtol=1e-3, atol=0.0)
     running_var = torch.ones(4)
-    batch_norm(x, torch.zeros(4), running_var, training=True, momentum=1.0, backend=backend_name)
+    name = backend_name.removesuffix("-all")
+    batch_norm(x, torch.zeros(4), running_var, training=True, momentum=1.0, backend=name)
     torch.testing.assert_close(
         running_var.double(), x.double().var(dim=(0, 2, 3)), rtol=1e-3, atol=0
     )
 
 
-@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("backend_name", BACKEND_VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(0, 3, 4), (4, 3, 0), (0, 3)])
 def test_empty_batch(backend_name, dtype, shape) -> None:
     """An empty batch: empty output, zero gradients, running statistics left as they are."""
-    backend = resolve_backend(backend_name, torch.device("cpu"))
+    backend = _backend(backend_name)
     x3 = torch.zeros(shape[0], 3, 4 if len(shape) == 3 else 1, dtype=dtype)[..., : shape[-1]]
     result = backend.forward(x3, None, None, EPS)  # (N, C, L) with N·L = 0
     dx, dweight, dbias = backend.backward(x3, x3, None, result.mean, result.invstd)
@@ -256,7 +264,8 @@ def test_empty_batch(backend_name, dtype, shape) -> None:
         return  # functional.py cannot yet reshape N = 0 to (N, C, L) (reported)
     x = torch.zeros(shape, dtype=dtype, requires_grad=True)
     running_mean, running_var = torch.full((3,), 0.25), torch.full((3,), 2.0)
-    y = batch_norm(x, running_mean, running_var, training=True, backend=backend_name)
+    name = backend_name.removesuffix("-all")
+    y = batch_norm(x, running_mean, running_var, training=True, backend=name)
     assert (y.shape, y.dtype) == (x.shape, dtype)
     y.sum().backward()
     assert x.grad is not None

@@ -2,9 +2,11 @@
 
 The kernels cover float32, float64 and bfloat16 (as its bit pattern, computed in float32) in the
 two dense layouts of the ``(N, C, L)`` view: contiguous ``(N, C, L)`` and channels innermost
-(``channels_last``, ``(N, C)``). Everything else is handed on: float16 and other strides to the
-ATen backend, and tensors under ``torch.func`` transforms (whose storage Numba cannot see) to the
-pure-torch backend, which those transforms differentiate and batch.
+(``channels_last``, ``(N, C)``), for training forward, backward and evaluation. By default they
+run only where they measured faster than ATen (:data:`MEASURED_KERNEL_CASES`); every other case
+goes to the ATen backend (float16 and other strides always do), and tensors under ``torch.func``
+transforms (whose storage Numba cannot see) to the pure-torch backend, which those transforms
+differentiate and batch.
 
 The first call for each dtype and layout compiles its kernels (a few seconds; ``cache=True``
 keeps the machine code in ``__pycache__`` for later processes).
@@ -60,6 +62,22 @@ def _kernel_view(x: torch.Tensor) -> tuple[np.ndarray, bool] | None:
     return _as_array(rows), True  # (M, C)
 
 
+#: Every (pass, layout, dtype) the kernels implement: pass "forward", "backward" or
+#: "inference"; layout "ncl" (contiguous (N, C, L)) or "rows" (channels innermost, (M, C)).
+ALL_KERNEL_CASES = frozenset(
+    (pass_name, layout, dtype)
+    for pass_name in ("forward", "backward", "inference")
+    for layout in ("ncl", "rows")
+    for dtype in _KERNEL_DTYPES
+)
+#: Where the kernels measured faster than ATen's (benchmarks/cpu.py, 2-core Xeon, 2026-11-26):
+#: the training forward on contiguous (N, C, L) float32/float64, whose channel slice is re-read
+#: from L2 (1.4–2.0× ATen). Elsewhere ATen's kernels were as fast or faster, so they run there.
+MEASURED_KERNEL_CASES = frozenset(
+    {("forward", "ncl", torch.float32), ("forward", "ncl", torch.float64)}
+)
+
+
 def _is_transformed(x: torch.Tensor) -> bool:
     """Whether ``x`` is a ``torch.func`` wrapper (vmap/grad), whose storage Numba cannot read."""
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
@@ -98,9 +116,25 @@ class NumbaBackend:
 
     name = "numba"
 
-    def __init__(self) -> None:
+    def __init__(self, kernel_cases: frozenset[tuple[str, str, torch.dtype]] | None = None):
+        """Chooses where the kernels run.
+
+        Args:
+            kernel_cases: the ``(pass, layout, dtype)`` cases the Numba kernels run, the rest
+                going to ATen; default :data:`MEASURED_KERNEL_CASES`. :data:`ALL_KERNEL_CASES`
+                runs them wherever they can (the tests do, to check every kernel).
+        """
+        self.kernel_cases = MEASURED_KERNEL_CASES if kernel_cases is None else kernel_cases
         self._aten = AtenBackend()
         self._torch = TorchBackend()
+
+    def _kernel_input(self, pass_name: str, x: torch.Tensor) -> tuple[np.ndarray, bool] | None:
+        """:func:`_kernel_view` of ``x`` if the kernels run this case, else None."""
+        view = _kernel_view(x)
+        if view is None or x.numel() == 0:
+            return None
+        layout = "rows" if view[1] else "ncl"
+        return view if (pass_name, layout, x.dtype) in self.kernel_cases else None
 
     def forward(
         self,
@@ -112,8 +146,8 @@ class NumbaBackend:
         """Training-mode forward on the ``(N, C, L)`` view; see :class:`Backend`."""
         if _is_transformed(x):
             return self._torch.forward(x, weight, bias, eps)
-        view = _kernel_view(x)
-        if view is None or x.shape[0] * x.shape[2] == 0:
+        view = self._kernel_input("forward", x)
+        if view is None:
             return self._aten.forward(x, weight, bias, eps)
         array, is_rows = view
         channels = x.shape[1]
@@ -157,8 +191,8 @@ class NumbaBackend:
         """
         if _is_transformed(x):
             return self._torch_inference(x, weight, bias, running_mean, running_var, eps)
-        view = _kernel_view(x)
-        if view is None or x.numel() == 0 or _needs_grad(x, weight, bias):
+        view = self._kernel_input("inference", x)
+        if view is None or _needs_grad(x, weight, bias):
             # ATen's kernel is differentiable (gradients in evaluation mode); ours is not.
             return self._aten.inference(x, weight, bias, running_mean, running_var, eps)
         array, is_rows = view
@@ -208,8 +242,8 @@ class NumbaBackend:
         """Backward of :meth:`forward`; see :class:`Backend`."""
         if _is_transformed(x) or _is_transformed(dy):
             return self._torch.backward(dy, x, weight, mean, invstd)
-        view = _kernel_view(x)
-        if view is None or x.shape[0] * x.shape[2] == 0:
+        view = self._kernel_input("backward", x)
+        if view is None:
             return self._aten.backward(dy, x, weight, mean, invstd)
         array, is_rows = view
         channels = x.shape[1]
