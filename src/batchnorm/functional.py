@@ -30,6 +30,7 @@ __all__ = [
     "BatchNormOutput",
     "batch_norm",
     "batch_norm_pure",
+    "channel_view",
     "check_batch_norm_args",
     "running_update",
 ]
@@ -119,8 +120,11 @@ def check_batch_norm_args(
         isinstance(momentum, bool) or not isinstance(momentum, (int, float))
     ):
         raise TypeError(f"momentum: expected a float, got {type(momentum).__name__}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps):
-        raise TypeError(f"eps: expected a finite float, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
+    if not math.isfinite(eps) or eps < 0 or (training and eps == 0):
+        expected = "a positive float in training" if training else "a non-negative finite float"
+        raise ValueError(f"eps: expected {expected}, got {eps!r}")
     if training:
         values_per_channel = input.numel() // max(channels, 1)
         if values_per_channel == 1:
@@ -158,6 +162,16 @@ def running_update(
     return new.to(running.dtype)
 
 
+def channel_view(input: torch.Tensor) -> torch.Tensor:
+    """``input`` of shape ``(N, C, *)`` as ``(N, C, L)``, ``L`` the product of ``*`` (1 if none).
+
+    A view whenever the strides allow (contiguous and channels-last inputs); ``L`` is computed
+    explicitly so that empty batches (``N = 0``) reshape too.
+    """
+    spatial = math.prod(input.shape[2:])  # L
+    return input.reshape(input.shape[0], input.shape[1], spatial)
+
+
 def _normalize(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -170,7 +184,7 @@ def _normalize(
     backend: str | None,
 ) -> BatchNormOutput:
     """Shared body of :func:`batch_norm` and :func:`batch_norm_pure` (arguments checked)."""
-    x3 = input.reshape(input.shape[0], input.shape[1], -1)  # (N, C, L), a view when possible
+    x3 = channel_view(input)  # (N, C, L), a view when possible
     if not training:
         assert running_mean is not None  # checked by check_batch_norm_args
         assert running_var is not None
@@ -202,6 +216,26 @@ def _normalize(
     return BatchNormOutput(result.y.reshape(input.shape), new_mean, new_var)
 
 
+def _masked(
+    input: torch.Tensor,
+    mask: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> BatchNormOutput:
+    """Dispatches a masked call to :func:`batchnorm.variants.masked.masked_batch_norm_pure`."""
+    # Imported here: the variants package imports this module.
+    from batchnorm.variants.masked import masked_batch_norm_pure
+
+    return masked_batch_norm_pure(
+        input, mask, running_mean, running_var, weight, bias, training, momentum, eps
+    )
+
+
 def batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -213,6 +247,7 @@ def batch_norm(
     eps: float = 1e-5,
     *,
     backend: str | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batch normalization over dim 1 of ``input``, a drop-in for ``F.batch_norm``.
 
@@ -233,6 +268,10 @@ def batch_norm(
         eps: added to the variance inside the square root.
         backend: backend name (``"torch"``, ``"numpy"``, ``"auto"``), or ``None`` for the
             ``BATCHNORM_BACKEND`` environment variable, then ``auto``.
+        mask: optional ``torch.bool`` tensor of shape ``(N, *)`` (``input``'s shape without
+            dim 1), ``True`` = real value: statistics over the real positions only, padded
+            outputs and their gradients 0 (see :mod:`batchnorm.variants.masked`; runs on torch
+            operations whatever ``backend`` says).
 
     Returns:
         A tensor of the shape, dtype and memory format of ``input``.
@@ -248,11 +287,17 @@ def batch_norm(
         >>> y.shape
         torch.Size([8, 3, 4, 4])
     """
-    if momentum is None:
-        raise TypeError("momentum: expected a float; None is a module option, not a functional one")
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    result = _normalize(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, backend
+    result = batch_norm_pure(  # checks every argument; pure, so nothing changes on error
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        backend=backend,
+        mask=mask,
     )
     with torch.no_grad():
         if running_mean is not None and result.running_mean is not running_mean:
@@ -273,6 +318,7 @@ def batch_norm_pure(
     eps: float = 1e-5,
     *,
     backend: str | None = None,
+    mask: torch.Tensor | None = None,
 ) -> BatchNormOutput:
     """:func:`batch_norm` without side effects: returns the new running statistics.
 
@@ -280,8 +326,8 @@ def batch_norm_pure(
     ``torch.func.grad`` (with the ``torch`` backend) and inside ``functional_call``.
 
     Args:
-        input, running_mean, running_var, weight, bias, training, momentum, eps, backend: as
-            in :func:`batch_norm`.
+        input, running_mean, running_var, weight, bias, training, momentum, eps, backend, mask:
+            as in :func:`batch_norm`.
 
     Returns:
         A :class:`BatchNormOutput` ``(output, running_mean, running_var)``; the statistics are
@@ -299,6 +345,10 @@ def batch_norm_pure(
     if momentum is None:
         raise TypeError("momentum: expected a float; None is a module option, not a functional one")
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    if mask is not None:
+        return _masked(
+            input, mask, running_mean, running_var, weight, bias, training, momentum, eps
+        )
     return _normalize(
         input, running_mean, running_var, weight, bias, training, momentum, eps, backend
     )

@@ -7,6 +7,8 @@ the ``state_dict`` layout are those of ``torch.nn.BatchNorm*``, so checkpoints l
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Any
 
 import torch
@@ -14,7 +16,21 @@ from torch import nn
 
 from batchnorm.functional import BatchNormOutput, batch_norm_pure
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormBase"]
+__all__ = [
+    "NONFINITE_POLICIES",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormBase",
+    "NonFiniteBatchWarning",
+]
+
+#: What a module does with a batch whose input or statistics hold NaN or ±Inf (``nonfinite=``).
+NONFINITE_POLICIES = ("propagate", "skip", "raise")
+
+
+class NonFiniteBatchWarning(UserWarning):
+    """A batch-norm layer skipped a batch with NaN/Inf (``nonfinite="skip"``), once per layer."""
 
 
 class BatchNormBase(nn.Module):
@@ -49,6 +65,18 @@ class BatchNormBase(nn.Module):
         bias: with ``affine``, also learn ``bias`` (keyword only, as in PyTorch). Default: True.
         backend: backend name for the training pass (keyword only); ``None`` reads
             ``BATCHNORM_BACKEND``, then ``auto``.
+        freeze_stats: never update the running statistics (keyword only; also an attribute
+            to switch at any time), whatever ``train()``/``eval()`` say: training still
+            normalizes with batch statistics, but ``running_mean``, ``running_var`` and
+            ``num_batches_tracked`` stay as they are. Default: False.
+        nonfinite: what a call that would update the running statistics does when the input
+            (its real positions, with ``mask``) or the new statistics hold NaN or ±Inf
+            (keyword only; also an attribute). ``"propagate"`` (default, PyTorch's behaviour
+            and free of cost): update anyway, the buffers become non-finite. ``"skip"``: leave
+            the buffers (and ``num_batches_tracked``) bit-identical and warn once per layer
+            with :class:`NonFiniteBatchWarning`; the output is returned as computed.
+            ``"raise"``: raise RuntimeError naming the layer, buffers unchanged. The check
+            costs one pass over the input and a device synchronization per training call.
 
     Raises:
         TypeError, ValueError: on constructor arguments of the wrong type or range.
@@ -67,6 +95,8 @@ class BatchNormBase(nn.Module):
     _allowed_dims: tuple[int, ...] = ()
     _shape_text: str = "(N, C, *)"
 
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
     running_mean: torch.Tensor | None
     running_var: torch.Tensor | None
     num_batches_tracked: torch.Tensor | None
@@ -83,8 +113,17 @@ class BatchNormBase(nn.Module):
         *,
         bias: bool = True,
         backend: str | None = None,
+        freeze_stats: bool = False,
+        nonfinite: str = "propagate",
     ) -> None:
         super().__init__()
+        if not isinstance(freeze_stats, bool):
+            raise TypeError(f"freeze_stats: expected a bool, got {freeze_stats!r}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite: expected one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        self.freeze_stats = freeze_stats
+        self.nonfinite = nonfinite
+        self._warned_nonfinite = False
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
@@ -102,11 +141,10 @@ class BatchNormBase(nn.Module):
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory)) if bias else None
+            shift = nn.Parameter(torch.empty(num_features, **factory)) if bias else None
+            self.register_parameter("bias", shift)
         else:
             self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        if affine and not bias:
             self.register_parameter("bias", None)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
@@ -139,11 +177,16 @@ class BatchNormBase(nn.Module):
 
     def extra_repr(self) -> str:
         """The constructor arguments, formatted as ``torch.nn.BatchNorm*`` does."""
-        return (
+        text = (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
             f"affine={self.affine}, bias={self.bias is not None}, "
             f"track_running_stats={self.track_running_stats}"
         )
+        if self.freeze_stats:
+            text += ", freeze_stats=True"
+        if self.nonfinite != "propagate":
+            text += f", nonfinite={self.nonfinite!r}"
+        return text
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         """Rejects an input of the wrong rank or channel count for this module."""
@@ -183,15 +226,88 @@ class BatchNormBase(nn.Module):
             TypeError, ValueError, RuntimeError: on a wrong rank, channel count, dtype or
                 device, or one value per channel in training; buffers are left unchanged.
         """
+        return self._forward(input, None)
+
+    def _forward(self, input: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The policy of :meth:`forward`; ``mask`` (``(N, *)``, True = real) selects values."""
         self._check_input_dim(input)
         # Buffers are None without track_running_stats; then batch statistics serve both modes.
         use_batch_stats = self.training or self.running_mean is None
-        updates_stats = self.training and self.track_running_stats
+        updates_stats = self._updates_stats()
         momentum = self._momentum_for_this_step() if updates_stats else 0.0
-        result = self._normalize(input, use_batch_stats, momentum)
-        if updates_stats:
+        if mask is None:
+            result = self._normalize(input, use_batch_stats, momentum)
+        else:
+            result = self._normalize_masked(input, mask, use_batch_stats, momentum)
+        if updates_stats and self._passes_nonfinite_guard(input, mask, result):
             self._commit_running_stats(result)
         return result.output
+
+    def _updates_stats(self) -> bool:
+        """Whether a call now would update the running statistics (training, tracked, unfrozen)."""
+        return self.training and self.track_running_stats and not self.freeze_stats
+
+    def _passes_nonfinite_guard(
+        self, input: torch.Tensor, mask: torch.Tensor | None, result: BatchNormOutput
+    ) -> bool:
+        """Applies the ``nonfinite`` policy; returns whether the statistics may be committed.
+
+        Args:
+            input: the input of this call, ``(N, C, *)``.
+            mask: ``(N, *)`` real positions of ``input``, or ``None`` for all.
+            result: what :meth:`_normalize` returned, holding the new running statistics.
+
+        Returns:
+            ``True`` to commit: always with ``"propagate"``, else only if every real input
+            value and every new statistic is finite.
+
+        Raises:
+            RuntimeError: with ``nonfinite="raise"`` and a non-finite value, naming the layer.
+        """
+        if self.nonfinite == "propagate":
+            return True
+        with torch.no_grad():
+            values = input if mask is None else input.movedim(1, -1)[mask]  # real values
+            finite = bool(torch.isfinite(values).all())
+            for stat in (result.running_mean, result.running_var):
+                finite = finite and (stat is None or bool(torch.isfinite(stat).all()))
+        if finite:
+            return True
+        if self.nonfinite == "raise":
+            raise RuntimeError(
+                f"{self._layer_name()}: NaN or Inf in the input or the batch statistics "
+                "(nonfinite='raise'); running statistics left unchanged"
+            )
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                f"{self._layer_name()}: skipped a batch with NaN or Inf in the input or the "
+                "batch statistics (nonfinite='skip'); running statistics left unchanged. "
+                "Further skips of this layer are silent.",
+                NonFiniteBatchWarning,
+                stacklevel=4,
+            )
+        return False
+
+    def _layer_name(self) -> str:
+        """This layer's qualified name in the outermost module whose forward is running.
+
+        The callers' frames are searched for the modules being called (``self`` of each
+        ``forward``); the outermost one that contains this layer gives the dotted name, e.g.
+        ``'layer1.0.bn2 (BatchNorm2d)'``. Outside such a call, the layer's ``repr``.
+        """
+        root: nn.Module | None = None
+        frame = inspect.currentframe()
+        while frame is not None:
+            caller = frame.f_locals.get("self")
+            if isinstance(caller, nn.Module) and caller is not self:
+                root = caller  # keeps the outermost module found
+            frame = frame.f_back
+        if root is not None:
+            for name, module in root.named_modules():
+                if module is self:
+                    return f"{name} ({type(self).__name__})"
+        return repr(self)
 
     def _normalize(
         self, input: torch.Tensor, use_batch_stats: bool, momentum: float
@@ -221,6 +337,22 @@ class BatchNormBase(nn.Module):
             backend=self.backend,
         )
 
+    def _normalize_masked(
+        self, input: torch.Tensor, mask: torch.Tensor, use_batch_stats: bool, momentum: float
+    ) -> BatchNormOutput:
+        """:meth:`_normalize` over the real positions ``mask`` (``(N, *)``) of a padded batch."""
+        return batch_norm_pure(  # checks every argument; pure, so nothing changes on error
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+            mask=mask,
+        )
+
     def _commit_running_stats(self, result: BatchNormOutput) -> None:
         """Copies the new running statistics into the buffers and counts the batch."""
         with torch.no_grad():
@@ -241,14 +373,17 @@ class BatchNormBase(nn.Module):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        """Loads like ``torch.nn.BatchNorm*``; a missing ``num_batches_tracked`` becomes 0.
+        """Loads like ``torch.nn.BatchNorm*``; a missing ``num_batches_tracked`` is kept as is.
 
-        PyTorch fills the counter only for checkpoints older than version 2; we fill it for any
-        checkpoint that lacks it, since the counter only matters with ``momentum=None``.
+        As PyTorch does for checkpoints older than version 2 (which lack the counter), the
+        module keeps its current counter; unlike PyTorch, this holds for any checkpoint that
+        lacks the key, so a checkpoint with the counter removed still loads with ``strict=True``.
         """
         key = prefix + "num_batches_tracked"
         if self.track_running_stats and key not in state_dict:
-            state_dict[key] = torch.tensor(0, dtype=torch.long)
+            counter = self.num_batches_tracked
+            keep = counter is not None and counter.device.type != "meta"
+            state_dict[key] = counter if keep else torch.tensor(0, dtype=torch.long)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -265,6 +400,24 @@ class BatchNorm1d(BatchNormBase):
 
     _allowed_dims = (2, 3)
     _shape_text = "(N, C) or (N, C, L)"
+
+    def forward(self, input: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalizes ``input``; with ``mask``, over the real positions of a padded batch.
+
+        Args:
+            input: tensor of shape ``(N, C)`` or ``(N, C, L)``.
+            mask: optional ``torch.bool`` tensor ``(N,)`` or ``(N, L)``, ``True`` = real value:
+                statistics over real values only, padded outputs and gradients 0 (see
+                :mod:`batchnorm.variants.masked`).
+
+        Returns:
+            A tensor of the shape, dtype and memory format of ``input``.
+
+        Raises:
+            TypeError, ValueError, RuntimeError: as :meth:`BatchNormBase.forward`, or on a
+                mask of the wrong dtype, shape or device; buffers are left unchanged.
+        """
+        return self._forward(input, mask)
 
 
 class BatchNorm2d(BatchNormBase):

@@ -1,0 +1,8 @@
+"""Tools that work on whole models: fold, convert, recalibrate (PreciseBN), freeze, unfreeze."""
+
+from batchnorm.tools.convert import convert
+from batchnorm.tools.fold import fold
+from batchnorm.tools.freeze import freeze, unfreeze
+from batchnorm.tools.recalibrate import recalibrate
+
+__all__ = ["convert", "fold", "freeze", "recalibrate", "unfreeze"]
