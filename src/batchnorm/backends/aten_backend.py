@@ -25,7 +25,7 @@ import torch
 
 from batchnorm.backends.base import ForwardResult, compute_dtype
 
-__all__ = ["AtenBackend", "channel_rows"]
+__all__ = ["AtenBackend", "channel_rows", "torch_inference"]
 
 
 def channel_rows(x: torch.Tensor) -> torch.Tensor | None:
@@ -53,6 +53,28 @@ def _from_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _cast(values: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``values`` ``(C,)`` in ``dtype`` (ATen takes per-channel tensors of one dtype), or None."""
     return None if values is None else values.to(dtype)
+
+
+def torch_inference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """The evaluation forward ``(x − μ)·γ/sqrt(var + ε) + β`` in torch operations.
+
+    Differentiable by autograd and by ``torch.func`` transforms; used where a kernel cannot run.
+    """
+    dtype = compute_dtype(x.dtype)
+    scale = torch.rsqrt(running_var.to(dtype) + eps)  # (C,)  r
+    if weight is not None:
+        scale = scale * weight.to(dtype)  # (C,)  γ·r
+    y = (x.to(dtype) - running_mean.to(dtype)[None, :, None]) * scale[None, :, None]
+    if bias is not None:
+        y = y + bias.to(dtype)[None, :, None]  # (N, C, L)
+    return y.to(x.dtype)
 
 
 class AtenBackend:
@@ -116,6 +138,8 @@ class AtenBackend:
         Returns:
             ``y`` like ``x`` (ATen's inference kernel: one pass, ``x·a + b`` per channel).
         """
+        if x.numel() == 0:  # ATen's CPU kernel divides by zero on empty input
+            return torch_inference(x, weight, bias, running_mean, running_var, eps)
         stats_dtype = compute_dtype(x.dtype)
         rows = channel_rows(x)  # (M, C) or None
         y, _, _ = torch.ops.aten.native_batch_norm(

@@ -24,7 +24,7 @@ import numba
 import numpy as np
 import torch
 
-from batchnorm.backends.aten_backend import AtenBackend, channel_rows
+from batchnorm.backends.aten_backend import AtenBackend, channel_rows, torch_inference
 from batchnorm.backends.base import ForwardResult, compute_dtype
 from batchnorm.backends.torch_backend import TorchBackend
 from batchnorm.kernels import cpu_numba
@@ -190,7 +190,7 @@ class NumbaBackend:
         when autograd needs the graph (gradients in evaluation mode) ATen's kernel runs instead.
         """
         if _is_transformed(x):
-            return self._torch_inference(x, weight, bias, running_mean, running_var, eps)
+            return torch_inference(x, weight, bias, running_mean, running_var, eps)
         view = self._kernel_input("inference", x)
         if view is None or _needs_grad(x, weight, bias):
             # ATen's kernel is differentiable (gradients in evaluation mode); ours is not.
@@ -211,25 +211,6 @@ class NumbaBackend:
             _as_array(channel_rows(y) if is_rows else y),  # type: ignore[arg-type]
         )
         return y
-
-    @staticmethod
-    def _torch_inference(
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        running_mean: torch.Tensor,
-        running_var: torch.Tensor,
-        eps: float,
-    ) -> torch.Tensor:
-        """The evaluation forward in torch operations (for ``torch.func`` transforms)."""
-        dtype = compute_dtype(x.dtype)
-        scale = torch.rsqrt(running_var.to(dtype) + eps)  # (C,)  r
-        if weight is not None:
-            scale = scale * weight.to(dtype)  # (C,)  γ·r
-        y = (x.to(dtype) - running_mean.to(dtype)[None, :, None]) * scale[None, :, None]
-        if bias is not None:
-            y = y + bias.to(dtype)[None, :, None]  # (N, C, L)
-        return y.to(x.dtype)
 
     def backward(
         self,
