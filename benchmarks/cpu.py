@@ -5,6 +5,8 @@ passes are timed: training forward, backward alone, forward+backward, and infere
 Providers, timed round-robin in the same rounds (see ``harness.py``):
 
 * ``aten``: ``torch.nn.functional.batch_norm`` (PyTorch's native CPU kernels);
+* ``aten-control``: the same call timed again, an A/A control: its ratio to ``aten`` shows how
+  far the machine's noise alone moves a ratio;
 * ``compile``: ``torch.compile`` of that call (Inductor, C++ codegen);
 * ``ours``: :func:`batchnorm.functional.batch_norm` end to end (validation, autograd function,
   running update) on the ``auto`` backend;
@@ -54,7 +56,13 @@ MIN_BYTES = {"forward": 2, "backward": 3, "forward+backward": 5, "inference": 2}
 CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 MOMENTUM, EPS = 0.1, 1e-5
 #: Provider → the provider whose time it is compared with.
-BASELINE = {"compile": "aten", "ours": "aten", "ours-module": "torch-module"}
+#: "aten-control" times ATen a second time: its ratio to "aten" (ideally 1) shows the noise.
+BASELINE = {
+    "aten-control": "aten",
+    "compile": "aten",
+    "ours": "aten",
+    "ours-module": "torch-module",
+}
 
 Forward = Callable[[torch.Tensor, bool], torch.Tensor]
 
@@ -99,6 +107,7 @@ class Case:
         channels = shape[1]
         self.providers: dict[str, tuple[Forward, tuple[torch.Tensor, ...]]] = {
             "aten": self._functional(F.batch_norm, channels),
+            "aten-control": self._functional(F.batch_norm, channels),
             "ours": self._functional(ours_batch_norm, channels),
         }
         if compile:
