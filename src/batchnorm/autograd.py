@@ -1,20 +1,38 @@
-"""The autograd function that makes every backend differentiable with our own backward formula.
+"""The autograd functions that make every backend differentiable with our own backward formula.
 
 The function takes the ``(N, C, L)`` view and a backend (see :mod:`batchnorm.backends`), saves
 only ``x`` (kept by autograd anyway), ``weight``, ``mean`` and ``invstd`` for backward, and never
 touches running statistics. It follows the ``setup_context`` form with
 ``generate_vmap_rule = True``, so ``torch.func.vmap``/``grad`` work with the pure-torch backend.
+
+Fused activation and residual add, ``y = act(γ·x̂ + β + z)``: backends that implement
+:class:`~batchnorm.backends.base.FusedBackend` (Triton) do it in their kernels with their own
+autograd registration; for the others :class:`BatchNormActFunction` composes ``backend.forward``,
+the residual add and the activation in one autograd node whose backward is one pass:
+``du = dy·act'(u)``, ``dz = du``, ``(dx, dγ, dβ) = backend.backward(du, …)``. It takes the backend
+by name (a string), so ``torch.compile(fullgraph=True)`` traces it without graph breaks.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from batchnorm.backends import Backend, ForwardResult
+from batchnorm.backends import Backend, ForwardResult, compute_dtype, resolve_backend
+from batchnorm.backends.base import FusedForwardResult
 
-__all__ = ["BatchNormTrainFunction", "batch_norm_train"]
+__all__ = [
+    "BatchNormActFunction",
+    "BatchNormTrainFunction",
+    "activate",
+    "activation_derivative",
+    "batch_norm_act_train",
+    "batch_norm_train",
+    "fuses",
+]
 
 
 class BatchNormTrainFunction(torch.autograd.Function):
@@ -89,3 +107,164 @@ def batch_norm_train(
     """
     outputs = BatchNormTrainFunction.apply(x, weight, bias, eps, backend)  # type: ignore[no-untyped-call]
     return ForwardResult(*outputs)
+
+
+def activate(u: torch.Tensor, activation: str | None, negative_slope: float) -> torch.Tensor:
+    """``act(u)`` for an activation name (``None``: identity), with PyTorch's definitions."""
+    if activation is None:
+        return u
+    if activation == "relu":
+        return torch.relu(u)
+    if activation == "leaky_relu":
+        return F.leaky_relu(u, negative_slope)
+    if activation == "silu":
+        return F.silu(u)
+    return F.gelu(u)  # exact (erf) GELU
+
+
+def activation_derivative(
+    u: torch.Tensor, activation: str | None, negative_slope: float
+) -> torch.Tensor:
+    """``act'(u)`` elementwise, by PyTorch's conventions (ReLU' = [u > 0]).
+
+    SiLU' = σ(u)·(1 + u·(1 − σ(u))); GELU' = Φ(u) + u·φ(u) (Hendrycks & Gimpel, 2016).
+    """
+    if activation is None:
+        return torch.ones_like(u)
+    if activation == "relu":
+        return (u > 0).to(u.dtype)
+    if activation == "leaky_relu":
+        return torch.where(u > 0, 1.0, negative_slope).to(u.dtype)
+    if activation == "silu":
+        sig = torch.sigmoid(u)
+        return sig * (1 + u * (1 - sig))
+    cdf = 0.5 * (1 + torch.erf(u * (1 / math.sqrt(2))))  # Φ(u)
+    pdf = torch.exp(-0.5 * u * u) / math.sqrt(2 * math.pi)  # φ(u)
+    return cdf + u * pdf
+
+
+def _per_channel(values: torch.Tensor) -> torch.Tensor:
+    """``(C,)`` → ``(1, C, 1)``, to broadcast against ``(N, C, L)``."""
+    return values[None, :, None]
+
+
+class BatchNormActFunction(torch.autograd.Function):
+    """``y = act(bn(x) + z)`` on any backend, one autograd node; outputs ``(y, μ, r, σ²)``.
+
+    ``bn(x)`` comes from ``backend.forward`` (in the input dtype, as the unfused composition
+    would give), the residual add and the activation run in the compute dtype. Backward
+    recomputes ``u = bn(x) + z`` from ``x``, ``μ``, ``r`` (nothing else saved) and returns
+    ``dx``, ``dγ``, ``dβ`` and ``dz``.
+    """
+
+    @staticmethod
+    def forward(
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        eps: float,
+        activation: str | None,
+        negative_slope: float,
+        backend_name: str,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Runs the backend's forward, adds ``residual`` and applies ``activation``."""
+        result = resolve_backend(backend_name, x.device).forward(x, weight, bias, eps)
+        dtype = compute_dtype(x.dtype)
+        u = result.y.to(dtype)  # (N, C, L)
+        if residual is not None:
+            u = u + residual.to(dtype)
+        y = activate(u, activation, negative_slope).to(x.dtype)  # (N, C, L)
+        return y, result.mean, result.invstd, result.var
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
+        """Saves ``x``, ``γ``, ``β``, ``z``, ``μ`` and ``r`` for :meth:`backward`."""
+        x, weight, bias, residual, _eps, activation, negative_slope, backend_name = inputs
+        _y, mean, invstd, var = output
+        ctx.save_for_backward(x, weight, bias, residual, mean, invstd)
+        ctx.activation = activation
+        ctx.negative_slope = negative_slope
+        ctx.backend_name = backend_name
+        ctx.mark_non_differentiable(mean, invstd, var)
+
+    @staticmethod
+    def backward(
+        ctx: Any,
+        dy: torch.Tensor,
+        _dmean: torch.Tensor | None,
+        _dinvstd: torch.Tensor | None,
+        _dvar: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """``du = dy·act'(u)``, then ``backend.backward(du)``; ``dz = du``."""
+        x, weight, bias, residual, mean, invstd = ctx.saved_tensors
+        dtype = compute_dtype(x.dtype)
+        du = dy.to(dtype)  # (N, C, L)
+        if ctx.activation is not None:
+            scale = invstd if weight is None else invstd * weight.to(dtype)  # (C,)  γ·r
+            u = (x.to(dtype) - _per_channel(mean)) * _per_channel(scale)  # (N, C, L)
+            if bias is not None:
+                u = u + _per_channel(bias.to(dtype))
+            u = u.to(x.dtype).to(dtype)  # the forward's bn(x) was rounded to the input dtype
+            if residual is not None:
+                u = u + residual.to(dtype)
+            du = du * activation_derivative(u, ctx.activation, ctx.negative_slope)
+        backend = resolve_backend(ctx.backend_name, x.device)
+        dx, dweight, dbias = backend.backward(du, x, weight, mean, invstd)
+        needs_x, needs_weight, needs_bias, needs_residual = ctx.needs_input_grad[:4]
+        return (
+            dx if needs_x else None,
+            dweight.to(weight.dtype) if needs_weight else None,
+            dbias.to(bias.dtype) if needs_bias else None,
+            du.to(residual.dtype) if needs_residual else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def fuses(backend: Backend, x: torch.Tensor) -> bool:
+    """Whether ``backend`` fuses activation and residual itself for ``x`` (a FusedBackend)."""
+    supports = getattr(backend, "supports_fusion", None)
+    return supports is not None and bool(supports(x))
+
+
+def batch_norm_act_train(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+    negative_slope: float,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float,
+    backend: Backend,
+) -> FusedForwardResult:
+    """Differentiable training-mode ``act(bn(x) + z)`` on ``(N, C, L)`` views.
+
+    Args:
+        x: input view ``(N, C, L)``.
+        weight, bias: ``γ``, ``β`` of shape ``(C,)`` or ``None``.
+        residual: ``z`` like ``x``, or ``None``.
+        eps: added to the variance inside the square root.
+        activation: ``None`` or one of ``relu``, ``leaky_relu``, ``silu``, ``gelu``.
+        negative_slope: leaky ReLU's slope.
+        running_mean, running_var, momentum: the running buffers and factor; a fusing backend
+            returns the updated statistics, otherwise the result leaves them ``None``.
+        backend: the backend.
+
+    Returns:
+        A :class:`FusedForwardResult`; gradients flow to ``x``, ``γ``, ``β`` and ``z``.
+    """
+    if fuses(backend, x):
+        return backend.forward_act(  # type: ignore[attr-defined, no-any-return]
+            x, weight, bias, residual, eps, activation, negative_slope, running_mean,
+            running_var, momentum,
+        )  # fmt: skip
+    y, mean, invstd, var = BatchNormActFunction.apply(  # type: ignore[no-untyped-call]
+        x, weight, bias, residual, eps, activation, negative_slope, backend.name
+    )
+    return FusedForwardResult(y, mean, invstd, var, None, None)

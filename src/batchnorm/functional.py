@@ -23,8 +23,9 @@ from typing import NamedTuple
 
 import torch
 
-from batchnorm.autograd import batch_norm_train
+from batchnorm.autograd import activate, batch_norm_act_train, batch_norm_train, fuses
 from batchnorm.backends import compute_dtype, resolve_backend
+from batchnorm.backends.base import ACTIVATIONS
 
 __all__ = [
     "BatchNormOutput",
@@ -32,6 +33,7 @@ __all__ = [
     "batch_norm_pure",
     "channel_view",
     "check_batch_norm_args",
+    "check_fusion_args",
     "running_update",
 ]
 
@@ -182,8 +184,16 @@ def _normalize(
     momentum: float,
     eps: float,
     backend: str | None,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    negative_slope: float = 0.01,
 ) -> BatchNormOutput:
     """Shared body of :func:`batch_norm` and :func:`batch_norm_pure` (arguments checked)."""
+    if activation is not None or residual is not None or _fusing_backend(backend, input):
+        return _normalize_fused(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, backend,
+            activation, residual, negative_slope,
+        )  # fmt: skip
     x3 = channel_view(input)  # (N, C, L), a view when possible
     if not training:
         assert running_mean is not None  # checked by check_batch_norm_args
@@ -248,6 +258,9 @@ def batch_norm(
     *,
     backend: str | None = None,
     mask: torch.Tensor | None = None,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    negative_slope: float = 0.01,
 ) -> torch.Tensor:
     """Batch normalization over dim 1 of ``input``, a drop-in for ``F.batch_norm``.
 
@@ -266,12 +279,17 @@ def batch_norm(
         training: use batch statistics (and update the running buffers) when ``True``.
         momentum: factor of the running-average update.
         eps: added to the variance inside the square root.
-        backend: backend name (``"torch"``, ``"numpy"``, ``"auto"``), or ``None`` for the
-            ``BATCHNORM_BACKEND`` environment variable, then ``auto``.
+        backend: backend name (``"torch"``, ``"numpy"``, ``"triton"``, ``"auto"``), or ``None``
+            for the ``BATCHNORM_BACKEND`` environment variable, then ``auto``.
+        activation: fused activation applied last: ``None``, ``"relu"``, ``"leaky_relu"``,
+            ``"silu"`` or ``"gelu"`` (exact); the result is ``act(bn(x) + residual)``.
+        residual: tensor of the shape and dtype of ``input`` added before the activation (its
+            gradient is returned by autograd), or ``None``.
+        negative_slope: slope of ``leaky_relu`` for negative inputs.
         mask: optional ``torch.bool`` tensor of shape ``(N, *)`` (``input``'s shape without
             dim 1), ``True`` = real value: statistics over the real positions only, padded
             outputs and their gradients 0 (see :mod:`batchnorm.variants.masked`; runs on torch
-            operations whatever ``backend`` says).
+            operations whatever ``backend`` says; not combined with ``activation``/``residual``).
 
     Returns:
         A tensor of the shape, dtype and memory format of ``input``.
@@ -298,6 +316,9 @@ def batch_norm(
         eps,
         backend=backend,
         mask=mask,
+        activation=activation,
+        residual=residual,
+        negative_slope=negative_slope,
     )
     with torch.no_grad():
         if running_mean is not None and result.running_mean is not running_mean:
@@ -319,6 +340,9 @@ def batch_norm_pure(
     *,
     backend: str | None = None,
     mask: torch.Tensor | None = None,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+    negative_slope: float = 0.01,
 ) -> BatchNormOutput:
     """:func:`batch_norm` without side effects: returns the new running statistics.
 
@@ -326,8 +350,8 @@ def batch_norm_pure(
     ``torch.func.grad`` (with the ``torch`` backend) and inside ``functional_call``.
 
     Args:
-        input, running_mean, running_var, weight, bias, training, momentum, eps, backend, mask:
-            as in :func:`batch_norm`.
+        input, running_mean, running_var, weight, bias, training, momentum, eps, backend,
+            mask, activation, residual, negative_slope: as in :func:`batch_norm`.
 
     Returns:
         A :class:`BatchNormOutput` ``(output, running_mean, running_var)``; the statistics are
@@ -345,10 +369,133 @@ def batch_norm_pure(
     if momentum is None:
         raise TypeError("momentum: expected a float; None is a module option, not a functional one")
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    check_fusion_args(input, activation, residual, negative_slope)
     if mask is not None:
+        if activation is not None or residual is not None:
+            raise ValueError(
+                "mask: cannot be combined with activation or residual; apply them after the "
+                "masked batch norm"
+            )
         return _masked(
             input, mask, running_mean, running_var, weight, bias, training, momentum, eps
         )
     return _normalize(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, backend
-    )
+        input, running_mean, running_var, weight, bias, training, momentum, eps, backend,
+        activation, residual, negative_slope,
+    )  # fmt: skip
+
+
+# --- fused activation and residual add ---------------------------------------------------------
+
+
+def check_fusion_args(
+    input: torch.Tensor,
+    activation: str | None,
+    residual: torch.Tensor | None,
+    negative_slope: float,
+) -> None:
+    """Rejects fused-path arguments :func:`batch_norm` cannot use, before anything changes.
+
+    Args:
+        input: the (already checked) input.
+        activation, residual, negative_slope: as in :func:`batch_norm`.
+
+    Raises:
+        ValueError: if ``activation`` is not a known name or ``residual`` has another shape.
+        TypeError: if ``residual`` is not a tensor of ``input``'s dtype, or ``negative_slope``
+            is not a finite number.
+        RuntimeError: if ``residual`` is on another device than ``input``.
+    """
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation: expected None or one of {', '.join(ACTIVATIONS)}, got {activation!r}"
+        )
+    if (
+        isinstance(negative_slope, bool)
+        or not isinstance(negative_slope, (int, float))
+        or not math.isfinite(negative_slope)
+    ):
+        raise TypeError(f"negative_slope: expected a finite float, got {negative_slope!r}")
+    if residual is None:
+        return
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"residual: expected a torch.Tensor or None, got {type(residual).__name__}")
+    if residual.shape != input.shape:
+        raise ValueError(
+            f"residual: expected the shape of input {tuple(input.shape)}, "
+            f"got {tuple(residual.shape)}"
+        )
+    if residual.dtype != input.dtype:
+        raise TypeError(f"residual: expected dtype {input.dtype} (input's), got {residual.dtype}")
+    if residual.device != input.device:
+        raise RuntimeError(
+            f"residual: expected a tensor on {input.device} (the device of input), "
+            f"got one on {residual.device}"
+        )
+
+
+def _fusing_backend(backend: str | None, input: torch.Tensor) -> bool:
+    """Whether the backend for ``input`` fuses in its own kernels (then it handles every call)."""
+    return fuses(resolve_backend(backend, input.device), input)
+
+
+def _normalize_fused(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    backend: str | None,
+    activation: str | None,
+    residual: torch.Tensor | None,
+    negative_slope: float,
+) -> BatchNormOutput:
+    """``act(bn(x) + residual)`` with the running-statistics rules of :func:`_normalize`.
+
+    A fusing backend (Triton) runs it in its kernels, the running update included; for the
+    others one autograd node composes the backend's normalization, the add and the activation
+    (:class:`batchnorm.autograd.BatchNormActFunction`), and evaluation composes torch ops.
+    """
+    x3 = channel_view(input)  # (N, C, L), a view when possible
+    z3 = None if residual is None else channel_view(residual)  # (N, C, L)
+    impl = resolve_backend(backend, input.device)
+    if not training:
+        assert running_mean is not None  # checked by check_batch_norm_args
+        assert running_var is not None
+        if fuses(impl, x3):
+            y3 = impl.inference_act(  # type: ignore[attr-defined]
+                x3, running_mean, running_var, weight, bias, z3, eps, activation, negative_slope
+            )
+            return BatchNormOutput(y3.reshape(input.shape), running_mean, running_var)
+        dtype = compute_dtype(input.dtype)
+        scale = torch.rsqrt(running_var.to(dtype) + eps)  # (C,)  r from population estimates
+        if weight is not None:
+            scale = scale * weight.to(dtype)  # (C,)  γ·r
+        u3 = (x3.to(dtype) - running_mean.to(dtype)[None, :, None]) * scale[None, :, None]
+        if bias is not None:
+            u3 = u3 + bias.to(dtype)[None, :, None]  # (N, C, L)
+        if z3 is not None:
+            u3 = u3.to(input.dtype).to(dtype) + z3.to(dtype)  # bn(x) rounded as unfused
+        y3 = activate(u3, activation, negative_slope).to(input.dtype)
+        return BatchNormOutput(y3.reshape(input.shape), running_mean, running_var)
+
+    count = x3.shape[0] * x3.shape[2]  # M = N·L
+    result = batch_norm_act_train(
+        x3, weight, bias, z3, eps, activation, negative_slope, running_mean, running_var,
+        momentum, impl,
+    )  # fmt: skip
+    new_mean, new_var = running_mean, running_var
+    if count > 0:  # an empty batch leaves the running statistics as they are (as PyTorch does)
+        if running_mean is not None:
+            new_mean = result.running_mean
+            if new_mean is None:
+                new_mean = running_update(running_mean, result.mean, momentum)
+        if running_var is not None:
+            new_var = result.running_var
+            if new_var is None:
+                var_unbiased = result.var * (count / (count - 1))  # (C,)  Bessel's correction
+                new_var = running_update(running_var, var_unbiased, momentum)
+    return BatchNormOutput(result.y.reshape(input.shape), new_mean, new_var)

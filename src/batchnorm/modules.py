@@ -14,13 +14,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchnorm.functional import BatchNormOutput, batch_norm_pure
+from batchnorm.backends import resolve_backend
+from batchnorm.functional import BatchNormOutput, batch_norm_pure, check_fusion_args
 
 __all__ = [
     "NONFINITE_POLICIES",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "BatchNormActBase",
     "BatchNormBase",
     "NonFiniteBatchWarning",
 ]
@@ -94,6 +99,9 @@ class BatchNormBase(nn.Module):
     #: Input ranks the subclass accepts, and how it names them in errors.
     _allowed_dims: tuple[int, ...] = ()
     _shape_text: str = "(N, C, *)"
+    #: Fused activation of ``act(bn(x) + z)``; ``None`` for plain batch norm (see BatchNormAct*).
+    activation: str | None = None
+    negative_slope: float = 0.01
 
     weight: torch.Tensor | None
     bias: torch.Tensor | None
@@ -228,17 +236,30 @@ class BatchNormBase(nn.Module):
         """
         return self._forward(input, None)
 
-    def _forward(self, input: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The policy of :meth:`forward`; ``mask`` (``(N, *)``, True = real) selects values."""
+    def _forward(
+        self,
+        input: torch.Tensor,
+        mask: torch.Tensor | None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The policy of :meth:`forward`.
+
+        Args:
+            input: the input, ``(N, C, *)``.
+            mask: ``(N, *)``, True = real value, or ``None`` for all values.
+            residual: ``z`` of ``act(bn(x) + z)`` (fused modules), or ``None``.
+        """
         self._check_input_dim(input)
         # Buffers are None without track_running_stats; then batch statistics serve both modes.
         use_batch_stats = self.training or self.running_mean is None
         updates_stats = self._updates_stats()
         momentum = self._momentum_for_this_step() if updates_stats else 0.0
-        if mask is None:
-            result = self._normalize(input, use_batch_stats, momentum)
-        else:
+        if mask is not None:
             result = self._normalize_masked(input, mask, use_batch_stats, momentum)
+        elif residual is not None:
+            result = self._normalize_residual(input, residual, use_batch_stats, momentum)
+        else:
+            result = self._normalize(input, use_batch_stats, momentum)
         if updates_stats and self._passes_nonfinite_guard(input, mask, result):
             self._commit_running_stats(result)
         return result.output
@@ -335,6 +356,27 @@ class BatchNormBase(nn.Module):
             momentum,
             self.eps,
             backend=self.backend,
+            activation=self.activation,
+            negative_slope=self.negative_slope,
+        )
+
+    def _normalize_residual(
+        self, input: torch.Tensor, residual: torch.Tensor, use_batch_stats: bool, momentum: float
+    ) -> BatchNormOutput:
+        """:meth:`_normalize` with ``+ residual`` before the activation: ``act(bn(x) + z)``."""
+        return batch_norm_pure(  # checks every argument; pure, so nothing changes on error
+            input,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+            backend=self.backend,
+            activation=self.activation,
+            residual=residual,
+            negative_slope=self.negative_slope,
         )
 
     def _normalize_masked(
@@ -438,6 +480,126 @@ class BatchNorm3d(BatchNormBase):
 
     Examples:
         >>> bn = BatchNorm3d(8)
+        >>> bn(torch.randn(2, 8, 4, 4, 4)).shape
+        torch.Size([2, 8, 4, 4, 4])
+    """
+
+    _allowed_dims = (5,)
+    _shape_text = "(N, C, D, H, W)"
+
+
+class BatchNormActBase(BatchNormBase):
+    r"""Batch normalization fused with a residual add and an activation: ``act(bn(x) + z)``.
+
+    .. math::
+
+        y = \mathrm{act}\left(\gamma \cdot \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] +
+        \epsilon}} + \beta + z\right)
+
+    Same parameters, buffers, ``state_dict`` and statistics policy as :class:`BatchNormBase`
+    (a checkpoint of ``torch.nn.BatchNorm*`` loads as is); the activation and the residual ``z``
+    are applied in the same pass (one kernel pass on the Triton backend, one autograd node
+    elsewhere), and backward returns ``dz`` too. Evaluation mode fuses them as well.
+
+    Args:
+        num_features: ``C``, the number of channels.
+        activation: ``"relu"`` (default), ``"leaky_relu"``, ``"silu"``, ``"gelu"`` (exact) or
+            ``None`` (residual add only).
+        eps, momentum, affine, track_running_stats, device, dtype, bias, backend: as in
+            :class:`BatchNormBase`.
+        negative_slope: slope of ``leaky_relu`` for negative inputs (keyword only).
+
+    Raises:
+        ValueError: on an unknown activation, and as :class:`BatchNormBase`.
+        TypeError: on a non-finite or non-numeric ``negative_slope``.
+
+    References:
+        K. He, X. Zhang, S. Ren, J. Sun, "Deep Residual Learning for Image Recognition",
+        CVPR 2016 (the ``relu(bn(conv(x)) + shortcut)`` block this fuses).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        activation: str | None = "relu",
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+        backend: str | None = None,
+        negative_slope: float = 0.01,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            bias=bias, backend=backend,
+        )  # fmt: skip
+        probe = torch.empty(1, num_features, device="meta")
+        check_fusion_args(probe, activation, None, negative_slope)  # raises on bad arguments
+        if backend not in (None, "auto"):
+            # Import a named backend now: torch.compile cannot trace a first-time import.
+            resolve_backend(backend, probe.device)
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+
+    def extra_repr(self) -> str:
+        """The batch-norm arguments, then the activation (and its slope for leaky ReLU)."""
+        text = f"{super().extra_repr()}, activation={self.activation}"
+        if self.activation == "leaky_relu":
+            text += f", negative_slope={self.negative_slope}"
+        return text
+
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns ``act(bn(input) + residual)``; the mode rules are those of the base class.
+
+        Args:
+            input: tensor of shape ``(N, C, *)`` as the subclass states.
+            residual: tensor of the shape and dtype of ``input``, or ``None``.
+
+        Returns:
+            A tensor of the shape, dtype and memory format of ``input``.
+
+        Raises:
+            TypeError, ValueError, RuntimeError: on a bad input or residual; buffers unchanged.
+        """
+        return self._forward(input, None, residual)
+
+
+class BatchNormAct1d(BatchNormActBase):
+    """``act(bn(x) + z)`` for ``(N, C)`` or ``(N, C, L)`` input (see :class:`BatchNormActBase`).
+
+    Examples:
+        >>> bn = BatchNormAct1d(100, activation="silu")
+        >>> bn(torch.randn(20, 100)).shape
+        torch.Size([20, 100])
+    """
+
+    _allowed_dims = (2, 3)
+    _shape_text = "(N, C) or (N, C, L)"
+
+
+class BatchNormAct2d(BatchNormActBase):
+    """``act(bn(x) + z)`` for ``(N, C, H, W)`` input (see :class:`BatchNormActBase`).
+
+    Examples:
+        >>> bn = BatchNormAct2d(16)
+        >>> x = torch.randn(4, 16, 8, 8)
+        >>> bn(x, residual=torch.randn_like(x)).shape
+        torch.Size([4, 16, 8, 8])
+    """
+
+    _allowed_dims = (4,)
+    _shape_text = "(N, C, H, W)"
+
+
+class BatchNormAct3d(BatchNormActBase):
+    """``act(bn(x) + z)`` for ``(N, C, D, H, W)`` input (see :class:`BatchNormActBase`).
+
+    Examples:
+        >>> bn = BatchNormAct3d(8, activation="gelu")
         >>> bn(torch.randn(2, 8, 4, 4, 4)).shape
         torch.Size([2, 8, 4, 4, 4])
     """

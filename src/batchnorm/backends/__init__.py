@@ -36,6 +36,7 @@ BACKEND_ENV_VAR = "BATCHNORM_BACKEND"
 _REGISTRY: dict[str, tuple[str, str]] = {
     "torch": ("batchnorm.backends.torch_backend", "TorchBackend"),
     "numpy": ("batchnorm.backends.numpy_backend", "NumpyBackend"),
+    "triton": ("batchnorm.backends.triton_backend", "TritonBackend"),
     "aten": ("batchnorm.backends.aten_backend", "AtenBackend"),
     "numba": ("batchnorm.backends.numba_backend", "NumbaBackend"),
 }

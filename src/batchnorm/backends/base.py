@@ -7,11 +7,21 @@ whatever its strides, and never updates running statistics itself: that is a sep
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Backend", "ForwardResult", "compute_dtype"]
+__all__ = [
+    "ACTIVATIONS",
+    "Backend",
+    "ForwardResult",
+    "FusedBackend",
+    "FusedForwardResult",
+    "compute_dtype",
+]
+
+#: Activations the fused path applies after the normalization (and the residual add).
+ACTIVATIONS = ("relu", "leaky_relu", "silu", "gelu")
 
 
 class ForwardResult(NamedTuple):
@@ -65,6 +75,75 @@ class Backend(Protocol):
         invstd: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``(dx, dweight, dbias)``: ``dx`` like ``x``, the others ``(C,)`` float32/64."""
+        ...
+
+
+class FusedForwardResult(NamedTuple):
+    """Output of a fused training forward (:meth:`FusedBackend.forward_act`).
+
+    Attributes:
+        y: ``act(γ·x̂ + β + z)``, shape ``(N, C, L)``, dtype of the input.
+        mean, invstd, var: the batch statistics, as in :class:`ForwardResult`.
+        running_mean, running_var: the updated running statistics (new tensors, dtype of the
+            buffers), or ``None`` when the backend leaves the update to the caller (no buffers
+            given, or a backend that does not compute it).
+    """
+
+    y: torch.Tensor
+    mean: torch.Tensor
+    invstd: torch.Tensor
+    var: torch.Tensor
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+
+
+@runtime_checkable
+class FusedBackend(Backend, Protocol):
+    """A backend that also fuses activation and residual add: ``y = act(γ·x̂ + β + z)``.
+
+    Optional extension of :class:`Backend` (backwards compatible: the functional layer checks
+    for it and composes ``backend.forward`` + residual + activation in one autograd function
+    for backends that lack it). Backward, through autograd::
+
+        du = dy·act'(u),   dz = du,   (dx, dγ, dβ) = Backend.backward(du, …)
+
+    ``activation`` is ``None`` or one of :data:`ACTIVATIONS`; ``negative_slope`` is leaky
+    ReLU's slope.
+    """
+
+    def supports_fusion(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward_act`/:meth:`inference_act` take ``x`` (e.g. its dtype)."""
+        ...
+
+    def forward_act(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        eps: float,
+        activation: str | None,
+        negative_slope: float,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        momentum: float,
+    ) -> FusedForwardResult:
+        """Differentiable training forward on ``(N, C, L)`` views (``residual`` like ``x``)."""
+        ...
+
+    def inference_act(
+        self,
+        x: torch.Tensor,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        eps: float,
+        activation: str | None,
+        negative_slope: float,
+    ) -> torch.Tensor:
+        """Evaluation forward from the running statistics on ``(N, C, L)`` views."""
         ...
 
 

@@ -1,0 +1,105 @@
+"""The Triton backend's ``torch.library`` custom ops: registration, compile, dispatch, errors."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is first imported
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import triton_helpers as th
+from batchnorm import backends
+from batchnorm.backends import triton_backend as tb
+from batchnorm.modules import BatchNormAct2d
+
+
+def _leaf(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    return th.make(shape, seed=seed).requires_grad_()
+
+
+@pytest.mark.parametrize(
+    ("activation", "with_running", "with_affine"),
+    [("relu", True, True), ("gelu", False, False)],
+)
+def test_train_op_passes_opcheck(activation: str, with_running: bool, with_affine: bool) -> None:
+    """Schema, fake tensor, autograd registration and AOT dispatch of ``triton_train``."""
+    x, z = _leaf((2, 3, 5), 0), _leaf((2, 3, 5), 4)
+    weight, bias = (_leaf((3,), 1), _leaf((3,), 2)) if with_affine else (None, None)
+    running = (torch.zeros(3), torch.ones(3)) if with_running else (None, None)
+    args = (x, weight, bias, z, *running, 0.1, 1e-5, activation, 0.01)
+    torch.library.opcheck(tb.train_op, args)
+
+
+def test_backward_and_inference_ops_pass_opcheck() -> None:
+    """``triton_train_backward`` and ``triton_inference`` (with its autograd) pass opcheck."""
+    x, dy = th.make((2, 3, 5)), th.make((2, 3, 5), seed=3)
+    mask = (th.make((2, 3, 5), seed=4) > 0).to(torch.uint8)
+    mean, invstd = x.mean(dim=(0, 2)), torch.rsqrt(x.var(dim=(0, 2), correction=0) + 1e-5)
+    torch.library.opcheck(
+        tb.train_backward_op,
+        (dy, x, torch.ones(3), torch.zeros(3), None, mask, mean, invstd, "relu", 0.0, True),
+    )
+    torch.library.opcheck(
+        tb.inference_op,
+        (_leaf((2, 3, 5), 0), torch.zeros(3), torch.ones(3), _leaf((3,), 1), None,
+         _leaf((2, 3, 5), 4), 1e-5, "silu", 0.01),
+    )  # fmt: skip
+
+
+def test_inference_op_gradients_match_autograd() -> None:
+    """Eval-mode gradients (dx, dγ, dβ, dz) against torch autograd in float64."""
+    x, z, weight, bias = _leaf((2, 3, 5), 0), _leaf((2, 3, 5), 4), _leaf((3,), 1), _leaf((3,), 2)
+    running_mean, running_var = th.make((3,), seed=5), th.make((3,), seed=6).abs() + 0.5
+    dy = th.make((2, 3, 5), seed=3)
+    y = tb.inference_op(x, running_mean, running_var, weight, bias, z, 1e-5, "gelu", 0.01)
+    grads = torch.autograd.grad(y, (x, weight, bias, z), dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, weight, bias, z)]
+    u = torch.nn.functional.batch_norm(
+        leaves64[0], running_mean.double(), running_var.double(), leaves64[1], leaves64[2]
+    )
+    expected = torch.autograd.grad(torch.nn.functional.gelu(u + leaves64[3]), leaves64, dy.double())
+    for grad, reference, name in zip(grads, expected, ("dx", "dw", "db", "dz"), strict=True):
+        th.assert_close_to(grad, reference, torch.float32, name)
+
+
+@pytest.mark.slow
+def test_triton_backend_compiles_fullgraph() -> None:
+    """``torch.compile(fullgraph=True)`` traces the custom ops (training and evaluation)."""
+    eager = BatchNormAct2d(3, backend="triton")
+    compiled_module = BatchNormAct2d(3, backend="triton")
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    x = th.make((2, 3, 2, 2), "channels_last")
+    x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_eager, y_compiled = eager(x_eager), compiled(x_compiled)
+    torch.testing.assert_close(y_compiled, y_eager)
+    y_eager.sum().backward()
+    y_compiled.sum().backward()
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad)
+    torch.testing.assert_close(compiled_module.running_mean, eager.running_mean)
+    compiled_module.eval()
+    eager.eval()
+    torch.testing.assert_close(compiled(x), eager(x))
+
+
+def test_missing_triton_gives_a_clear_import_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asking for ``triton`` when it cannot import names the backend and the alternatives."""
+    monkeypatch.setitem(sys.modules, "batchnorm.backends.triton_backend", None)
+    monkeypatch.delitem(backends._INSTANCES, "triton", raising=False)
+    with pytest.raises(ImportError, match="the 'triton' backend cannot be used here"):
+        backends.resolve_backend("triton", torch.device("cpu"))
+    assert "triton" not in backends.available_backends()
+    assert backends.resolve_backend("auto", torch.device("cuda")).name == "torch"
+
+
+def test_no_cuda_and_no_interpreter_means_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a GPU and outside the interpreter the backend refuses to start, saying why."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ImportError, match="need a CUDA device, or TRITON_INTERPRET=1"):
+        tb.TritonBackend()
