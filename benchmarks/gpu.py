@@ -322,6 +322,10 @@ def _providers(kind: str, shape: Sequence[int], config: str) -> dict[str, Callab
 
     providers = {"ours": ours, "ours_persistent": ours_persistent, "eager": eager}
     if tuple(shape) in COMPILE_SHAPES and kind == "plain" and config != "fp32":
+        # The timing loop re-runs backward on one graph (retain_graph): no donated buffers.
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
         providers["compile"] = torch.compile(eager, fullgraph=True)
     return providers
 

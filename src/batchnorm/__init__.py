@@ -5,6 +5,7 @@ Public API:
 * modules :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d` (drop-in for
   ``torch.nn.BatchNorm*``) and the fused :class:`BatchNormAct2d` family (``act(bn(x) + z)``);
 * the family: Batch Renorm, Ghost BN, recurrent BN / BN-LSTM, frozen BN (:mod:`.variants`);
+* :class:`SyncBatchNorm` over ``torch.distributed`` (gloo, NCCL);
 * :mod:`batchnorm.functional` (``batch_norm`` like ``F.batch_norm``, ``batch_norm_pure``);
 * :mod:`batchnorm.tools` (fold, convert, recalibrate, freeze);
 * :mod:`batchnorm.reference`, the float64 NumPy reference.
@@ -12,6 +13,7 @@ Public API:
 
 from batchnorm import functional, reference, tools, variants
 from batchnorm.backends import available_backends
+from batchnorm.distributed import SyncBatchNorm, SyncBatchNormAct
 from batchnorm.modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -60,6 +62,8 @@ __all__ = [
     "GhostBatchNorm3d",
     "NonFiniteBatchWarning",
     "RecurrentBatchNorm1d",
+    "SyncBatchNorm",
+    "SyncBatchNormAct",
     "available_backends",
     "functional",
     "reference",

@@ -225,7 +225,8 @@ def _train_forward(
     )  # fmt: skip
     merge_block_c = min(triton.next_power_of_2(c), 128)
     batchnorm_fwd.merge_stats_kernel[(triton.cdiv(c, merge_block_c),)](
-        partial, x3, x3.stride(1), split.row_programs, c, eps, momentum, mean, invstd, var, old_mean, old_var,
+        partial, x3, x3.stride(1), split.row_programs, c, eps, momentum, mean, invstd, var,
+        old_mean, old_var,
         new_mean if update else mean, new_var if update else var, UPDATE_RUNNING=update,
         BLOCK_P=batchnorm_fwd.merge_block_p(split.row_programs), BLOCK_C=merge_block_c,
     )  # fmt: skip
