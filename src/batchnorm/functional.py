@@ -198,6 +198,12 @@ def _normalize(
     if not training:
         assert running_mean is not None  # checked by check_batch_norm_args
         assert running_var is not None
+        # --- CPU speed (issue 8): a backend with a one-pass evaluation kernel runs it. ---
+        inference = getattr(resolve_backend(backend, input.device), "inference", None)
+        if inference is not None:
+            y3 = inference(x3, weight, bias, running_mean, running_var, eps)  # (N, C, L)
+            return BatchNormOutput(y3.reshape(input.shape), running_mean, running_var)
+        # --- end CPU speed ---
         dtype = compute_dtype(input.dtype)
         scale = torch.rsqrt(running_var.to(dtype) + eps)  # (C,)  r from population estimates
         if weight is not None:

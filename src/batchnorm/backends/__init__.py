@@ -4,7 +4,9 @@ Selection, first match wins:
 
 1. the ``backend=`` argument of :func:`batchnorm.functional.batch_norm` or of a module;
 2. the environment variable ``BATCHNORM_BACKEND`` (a backend name or ``auto``);
-3. ``auto``: Triton for CUDA tensors when it imports, else the pure-torch backend.
+3. ``auto``: Triton for CUDA tensors when it imports; for CPU tensors the Numba kernels when
+   Numba imports, else ATen's native kernels (both measured at least as fast as
+   ``torch.nn.functional.batch_norm``: ``benchmarks/cpu.py``); else the pure-torch backend.
 
 Backends live in their own modules and are imported on first use, so a missing optional
 dependency (Triton) only matters to whoever asks for that backend.
@@ -35,6 +37,8 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "torch": ("batchnorm.backends.torch_backend", "TorchBackend"),
     "numpy": ("batchnorm.backends.numpy_backend", "NumpyBackend"),
     "triton": ("batchnorm.backends.triton_backend", "TritonBackend"),
+    "aten": ("batchnorm.backends.aten_backend", "AtenBackend"),
+    "numba": ("batchnorm.backends.numba_backend", "NumbaBackend"),
 }
 _INSTANCES: dict[str, Backend] = {}
 
@@ -68,6 +72,12 @@ def _auto(device: torch.device) -> str:
         except ImportError:
             return "torch"
         return "triton"
+    if device.type == "cpu":
+        try:
+            _instance("numba")
+        except ImportError:
+            return "aten"
+        return "numba"
     return "torch"
 
 

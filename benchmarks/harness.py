@@ -1,0 +1,143 @@
+"""Shared benchmark harness: interleaved timing, copy bandwidth, and a results file.
+
+Timing runs every provider of a case in turn within each repeat (A, B, C, A, B, C, ...), so a
+burst of load from other processes hits all of them alike; the figure reported is the median.
+Bandwidth is the copy bandwidth of the case's own tensor (``dst.copy_(src)`` moves ``2S`` bytes:
+one read, one write), timed in the same rounds, so "fraction of copy bandwidth at ``k·S``" is
+``(k·S / t) / (2S / t_copy) = k·t_copy / (2·t)``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "copy_step",
+    "environment",
+    "fraction_of_copy",
+    "median_ms",
+    "time_interleaved",
+    "untimed_setup",
+    "write_results",
+]
+
+
+#: One measured step: ``(setup, run)``; ``setup()`` is untimed and its result is passed to ``run``.
+Step = tuple[Callable[[], Any], Callable[[Any], Any]]
+
+
+def untimed_setup() -> None:
+    """The setup of a step that needs none."""
+
+
+def time_interleaved(steps: dict[str, Step], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Times each step ``repeats`` times, round-robin, after ``warmup`` untimed rounds.
+
+    Args:
+        steps: provider name → ``(setup, run)``; only ``run(setup())`` is timed.
+        repeats: timed rounds.
+        warmup: untimed rounds first (compilation, allocator, caches).
+
+    Returns:
+        Provider name → its ``repeats`` wall-clock times in milliseconds.
+    """
+    for _ in range(warmup):
+        for setup, run in steps.values():
+            run(setup())
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, (setup, run) in steps.items():
+            state = setup()
+            start = time.perf_counter()
+            run(state)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def median_ms(times: list[float]) -> float:
+    """The median of a list of times (ms)."""
+    return float(statistics.median(times))
+
+
+def copy_step(like: torch.Tensor) -> Step:
+    """A step copying a tensor shaped and strided like ``like`` (moves ``2S`` bytes)."""
+    src = torch.empty_like(like).normal_()
+    dst = torch.empty_like(like)
+    return untimed_setup, lambda _: dst.copy_(src)
+
+
+def fraction_of_copy(
+    bytes_moved: float, time_ms: float, copy_bytes: float, copy_ms: float
+) -> float:
+    """Achieved bandwidth at ``bytes_moved`` as a fraction of the copy bandwidth."""
+    return (bytes_moved / time_ms) / (copy_bytes / copy_ms)
+
+
+def _git_commit() -> str | None:
+    """The commit of the checkout the benchmark runs from (with ``+dirty``), if any."""
+    root = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def _cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo, else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def environment(threads: int) -> dict[str, Any]:
+    """Machine, library versions, thread count and commit, for the results file."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for module_name in ("numpy", "numba", "triton"):
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            continue
+        versions[module_name] = module.__version__
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": _cpu_model(),
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_at_start": os.getloadavg(),
+        },
+        "versions": versions,
+        "torch_num_threads": threads,
+        "git_commit": _git_commit(),
+    }
+
+
+def write_results(path: Path, payload: dict[str, Any]) -> None:
+    """Writes ``payload`` as indented JSON to ``path`` (folders created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")

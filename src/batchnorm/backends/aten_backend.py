@@ -1,0 +1,192 @@
+"""ATen backend: PyTorch's own native batch-norm kernels behind our backend contract.
+
+Forward calls ``aten::native_batch_norm`` and backward ``aten::native_batch_norm_backward``, the
+kernels ``torch.nn.functional.batch_norm`` runs, so on any device and dtype this backend is as
+fast as PyTorch itself while our code keeps validation, the running update and autograd.
+
+Two details keep our semantics:
+
+* the biased variance ``σ²`` is not among ATen's outputs (it returns ``invstd``, from which
+  ``σ²`` cannot be recovered when ``σ² ≪ ε``); it comes from a scratch running variance updated
+  with ``momentum = 1``, i.e. the unbiased variance ``σ²·M/(M − 1)`` ATen computes from its
+  own two-pass sums, rescaled by ``(M − 1)/M``;
+* an input whose channels are innermost (``channels_last``, or a ``(N, C)`` matrix viewed as
+  ``(N, C, 1)``) is handed over as its ``(M, C)`` matrix view, the layout ATen's channels-last
+  kernels take; the ``(N, C, L)`` view of such a tensor would fall to ATen's slow generic path;
+* ``weight``/``bias`` go in the statistics dtype, so ATen keeps statistics and sums in float32
+  for float16/bfloat16 input (its mixed-precision kernels) whatever the parameters' dtype;
+* any other strides are made contiguous first: ATen's generic path for strided input is slow and
+  sums ``dγ``, ``dβ`` of bfloat16 input in bfloat16.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from batchnorm.backends.base import ForwardResult, compute_dtype
+
+__all__ = ["AtenBackend", "channel_rows", "torch_inference"]
+
+
+def channel_rows(x: torch.Tensor) -> torch.Tensor | None:
+    """The ``(M, C)`` matrix view of ``x`` ``(N, C, L)`` when channels are innermost, else None.
+
+    Args:
+        x: a tensor of shape ``(N, C, L)``.
+
+    Returns:
+        ``x`` as ``(N·L, C)`` without a copy if its memory is ordered ``(N, L, C)`` (channels
+        innermost, dense); ``None`` otherwise.
+    """
+    transposed = x.transpose(1, 2)  # (N, L, C)
+    if not transposed.is_contiguous():
+        return None
+    return transposed.view(-1, x.shape[1])  # (M, C)
+
+
+def _from_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`channel_rows`: the ``(M, C)`` tensor back as ``like``'s ``(N, C, L)``."""
+    n_batch, channels, length = like.shape
+    return rows.view(n_batch, length, channels).transpose(1, 2)  # (N, C, L), strides of like
+
+
+def _cast(values: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``values`` ``(C,)`` in ``dtype`` (ATen takes per-channel tensors of one dtype), or None."""
+    return None if values is None else values.to(dtype)
+
+
+def torch_inference(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """The evaluation forward ``(x − μ)·γ/sqrt(var + ε) + β`` in torch operations.
+
+    Differentiable by autograd and by ``torch.func`` transforms; used where a kernel cannot run.
+    """
+    dtype = compute_dtype(x.dtype)
+    scale = torch.rsqrt(running_var.to(dtype) + eps)  # (C,)  r
+    if weight is not None:
+        scale = scale * weight.to(dtype)  # (C,)  γ·r
+    y = (x.to(dtype) - running_mean.to(dtype)[None, :, None]) * scale[None, :, None]
+    if bias is not None:
+        y = y + bias.to(dtype)[None, :, None]  # (N, C, L)
+    return y.to(x.dtype)
+
+
+class AtenBackend:
+    """Batch normalization on ATen's native kernels (see :class:`Backend`)."""
+
+    name = "aten"
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+    ) -> ForwardResult:
+        """Training-mode forward on the ``(N, C, L)`` view; see :class:`Backend`."""
+        channels = x.shape[1]
+        count = x.shape[0] * x.shape[2]  # M = N·L
+        stats_dtype = compute_dtype(x.dtype)
+        # Scratch running buffers in the statistics dtype (also makes ATen keep its statistics
+        # in float32 for float16/bfloat16 input); with momentum 1 the variance buffer receives
+        # the unbiased batch variance.
+        scratch_mean = torch.zeros(channels, dtype=stats_dtype, device=x.device)  # (C,)
+        scratch_var = torch.zeros(channels, dtype=stats_dtype, device=x.device)  # (C,)
+        if count == 0:
+            # Empty batch: nothing to normalize, statistics undefined (never used: no update).
+            return ForwardResult(
+                torch.empty_like(x), scratch_mean, torch.rsqrt(scratch_var + eps), scratch_var
+            )
+        rows = channel_rows(x)  # (M, C) or None
+        dense = x.contiguous() if rows is None else rows  # (N, C, L) or (M, C)
+        y, mean, invstd = torch.ops.aten.native_batch_norm(
+            dense,
+            _cast(weight, stats_dtype),
+            _cast(bias, stats_dtype),
+            scratch_mean,
+            scratch_var,
+            True,
+            1.0,
+            eps,
+        )
+        var = scratch_var * ((count - 1) / count)  # (C,)  unbiased → biased σ²
+        return ForwardResult(y if rows is None else _from_rows(y, x), mean, invstd, var)
+
+    def inference(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
+        """Evaluation-mode forward on ``(N, C, L)``: ``y = (x − μ)·γ/sqrt(var + ε) + β``.
+
+        Args:
+            x: input view ``(N, C, L)``.
+            weight, bias: ``γ``, ``β`` ``(C,)`` or None.
+            running_mean, running_var: the population estimates ``μ``, ``var`` ``(C,)``.
+            eps: added to the variance inside the square root.
+
+        Returns:
+            ``y`` like ``x`` (ATen's inference kernel: one pass, ``x·a + b`` per channel).
+        """
+        if x.numel() == 0:  # ATen's CPU kernel divides by zero on empty input
+            return torch_inference(x, weight, bias, running_mean, running_var, eps)
+        stats_dtype = compute_dtype(x.dtype)
+        rows = channel_rows(x)  # (M, C) or None
+        y, _, _ = torch.ops.aten.native_batch_norm(
+            x.contiguous() if rows is None else rows,
+            _cast(weight, stats_dtype),
+            _cast(bias, stats_dtype),
+            running_mean.to(stats_dtype),
+            running_var.to(stats_dtype),
+            False,
+            0.0,
+            eps,
+        )
+        return y if rows is None else _from_rows(y, x)
+
+    def backward(
+        self,
+        dy: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        mean: torch.Tensor,
+        invstd: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Backward of :meth:`forward`; see :class:`Backend`."""
+        stats_dtype = compute_dtype(x.dtype)
+        if x.shape[0] * x.shape[2] == 0:
+            zeros = torch.zeros(x.shape[1], dtype=stats_dtype, device=x.device)  # (C,)
+            return torch.zeros_like(x), zeros, zeros.clone()
+        rows = channel_rows(x)  # (M, C) or None
+        weight = _cast(weight, stats_dtype)
+        if rows is not None:
+            # dy in x's layout (no copy when autograd hands it over that way), as (M, C).
+            dy_rows = dy.transpose(1, 2).contiguous().view(rows.shape)  # (M, C)
+            dx_rows, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+                dy_rows, rows, weight, None, None, mean, invstd, True, 0.0, [True, True, True]
+            )
+            dx = _from_rows(dx_rows, x)  # (N, C, L)
+        else:
+            dx, dweight, dbias = torch.ops.aten.native_batch_norm_backward(
+                dy.contiguous(),
+                x.contiguous(),
+                weight,
+                None,
+                None,
+                mean,
+                invstd,
+                True,
+                0.0,
+                [True, True, True],
+            )
+        return dx, dweight.to(stats_dtype), dbias.to(stats_dtype)

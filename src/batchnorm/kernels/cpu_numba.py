@@ -1,0 +1,291 @@
+"""CPU kernels for batch normalization, compiled by Numba (``parallel=True`` loops).
+
+Two memory layouts of the ``(N, C, L)`` view, each with a training forward, a backward and an
+evaluation forward (one pass with given statistics):
+
+* ``ncl``: ``x`` C-contiguous as ``(N, C, L)``. One channel per parallel iteration; its slice
+  (``N`` runs of ``L`` values) is read once from memory and re-read from the core's L2 cache by
+  the later passes, so the kernel moves close to the minimal bytes: ``2S`` forward (read ``x``,
+  write ``y``), ``3S`` backward (read ``x``, ``dy``, write ``dx``).
+* ``mc``: channels innermost, the ``(M, C)`` matrix with ``M = N·L`` (channels_last and
+  ``(N, C)`` inputs). Row blocks small enough for L2 run in parallel; each block's mean and
+  ``M2 = Σ (x − mean)²`` come from two passes over the cached block and are merged with Chan's
+  formula, so the statistics cost one read of ``x`` from memory (``3S`` forward, ``5S``
+  backward, against ATen's ``4S`` and ``5S``).
+
+Math (design.md §2), per channel over ``M`` values: ``μ = Σx/M``, ``σ² = Σ(x − μ)²/M`` (exact
+two-pass in float64, never ``E[x²] − E[x]²``), ``r = 1/sqrt(σ² + ε)``, ``y = (x − μ)·γr + β``;
+backward ``dβ = Σdy``, ``dγ = r·Σdy·(x − μ)``, ``dx = γr·(dy − dβ/M − (x − μ)·r·dγ/M)``.
+References: Ioffe & Szegedy, "Batch Normalization" (2015); Chan, Golub & LeVeque, "Algorithms
+for computing the sample variance" (1983) for the merge of block statistics.
+
+Element types: float32 and float64 arrays compute in their own type; bfloat16 arrives as its
+``uint16`` bit pattern, is widened exactly to float32 (``bits << 16``) and rounded back to nearest
+even on store (:func:`load`, :func:`store`), so statistics and sums are float32/float64 for every
+input, as design.md §1 asks.
+
+Every kernel writes into arrays the caller allocates. ``weight``/``bias`` are float64 arrays of
+length ``C`` (ones/zeros when the caller has none); statistics are float64 arrays of length ``C``.
+Reductions are compiled with ``reassoc`` only (SIMD partial sums), not full fast-math, so NaN and
+infinity propagate as in plain arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+#: Input bytes per parallel block of the (M, C) kernels: a block stays in a core's L2 cache.
+_BLOCK_BYTES = 1 << 18
+#: Reassociation lets LLVM vectorize the float64 sums; no other fast-math assumptions.
+_REDUCE_MATH = {"reassoc"}
+
+
+def block_rows(rows: int, channels: int, itemsize: int) -> int:
+    """Rows per parallel block of the ``(M, C)`` kernels: about 256 KiB of input, ≥ 1 row."""
+    return max(1, min(rows, _BLOCK_BYTES // max(1, channels * itemsize)))
+
+
+def compute_dtype(array: np.ndarray) -> type:
+    """The NumPy type elementwise math runs in for ``array``: float64 stays, else float32."""
+    return np.float64 if array.dtype == np.float64 else np.float32
+
+
+def load(array, value):
+    """An element of ``array`` as a float (bfloat16 bits widened to float32); Numba only."""
+
+
+def store(array, value):
+    """``value`` as an element of ``array`` (rounded to bfloat16 bits if needed); Numba only."""
+
+
+def compute(array, value):
+    """``value`` in the type elementwise math on ``array`` runs in; Numba only."""
+
+
+@overload(load, inline="always")
+def _load_impl(array, value):
+    if array.dtype == types.uint16:  # bfloat16 bits: the high half of a float32
+        return lambda array, value: np.uint32(np.uint32(value) << 16).view(np.float32)
+    return lambda array, value: value
+
+
+@overload(store, inline="always")
+def _store_impl(array, value):
+    if array.dtype == types.uint16:
+
+        def to_bfloat16(array, value):
+            bits = np.float32(value).view(np.uint32)
+            if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN stays a quiet NaN
+                return np.uint16((bits >> np.uint32(16)) | np.uint32(0x40))
+            rounding = np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))  # to even
+            return np.uint16((bits + rounding) >> np.uint32(16))
+
+        return to_bfloat16
+    return lambda array, value: value
+
+
+@overload(compute, inline="always")
+def _compute_impl(array, value):
+    if array.dtype == types.float64:
+        return lambda array, value: np.float64(value)
+    return lambda array, value: np.float32(value)
+
+
+@njit(parallel=True, fastmath=_REDUCE_MATH, cache=True)
+def forward_ncl(x, weight, bias, eps, y, mean, var, invstd):
+    """Training forward on ``x`` ``(N, C, L)``: fills ``y`` (like x), mean/var/invstd ``(C,)``."""
+    n_batch, channels, length = x.shape
+    count = n_batch * length  # M = N·L
+    for c in prange(channels):
+        total = 0.0  # float64
+        for n in range(n_batch):
+            for i in range(length):
+                total += load(x, x[n, c, i])
+        mu = total / count  # μ
+        squares = 0.0  # Σ (x − μ)², second read from L2
+        for n in range(n_batch):
+            for i in range(length):
+                d = load(x, x[n, c, i]) - mu
+                squares += d * d
+        sigma2 = squares / count  # biased σ²
+        r = 1.0 / np.sqrt(sigma2 + eps)  # invstd
+        mu_x = compute(x, mu)  # μ in the compute type: x − μ is exact near μ (Sterbenz)
+        scale_x = compute(x, weight[c] * r)  # γ·r
+        bias_x = compute(x, bias[c])  # β
+        for n in range(n_batch):
+            for i in range(length):
+                y[n, c, i] = store(y, (load(x, x[n, c, i]) - mu_x) * scale_x + bias_x)
+        mean[c] = mu
+        var[c] = sigma2
+        invstd[c] = r
+
+
+@njit(parallel=True, fastmath=_REDUCE_MATH, cache=True)
+def backward_ncl(dy, x, weight, mean, invstd, dx, dweight, dbias):
+    """Backward on ``(N, C, L)`` arrays; fills ``dx`` (like x) and dweight/dbias ``(C,)``."""
+    n_batch, channels, length = x.shape
+    count = n_batch * length  # M = N·L
+    for c in prange(channels):
+        mu_x = compute(x, mean[c])
+        sum_dy = 0.0  # Σ dy
+        sum_dy_xmu = 0.0  # Σ dy·(x − μ)
+        for n in range(n_batch):
+            for i in range(length):
+                g = load(dy, dy[n, c, i])
+                sum_dy += g
+                sum_dy_xmu += g * (load(x, x[n, c, i]) - mu_x)
+        r = invstd[c]
+        gain_x = compute(x, weight[c] * r)  # γ·r
+        mean_term_x = compute(x, sum_dy / count)  # dβ / M
+        slope_x = compute(x, sum_dy_xmu * r * r / count)  # r·dγ / M = r²·Σdy(x − μ) / M
+        for n in range(n_batch):
+            for i in range(length):
+                centered = load(x, x[n, c, i]) - mu_x  # x − μ
+                g = load(dy, dy[n, c, i])
+                dx[n, c, i] = store(dx, gain_x * (g - mean_term_x - centered * slope_x))
+        dbias[c] = sum_dy
+        dweight[c] = sum_dy_xmu * r
+
+
+@njit(parallel=True, cache=True)
+def _affine_ncl(x, shift, scale, offset, out):
+    """``out[n, c, i] = (x[n, c, i] − shift[c])·scale[c] + offset[c]`` on ``(N, C, L)``."""
+    n_batch, channels, length = x.shape
+    for c in prange(channels):
+        for n in range(n_batch):
+            for i in range(length):
+                out[n, c, i] = store(out, (load(x, x[n, c, i]) - shift[c]) * scale[c] + offset[c])
+
+
+def inference_ncl(x, weight, bias, mean, var, eps, y):
+    """Evaluation forward on ``(N, C, L)``: ``y = (x − μ)·γ/sqrt(var + ε) + β``, one pass."""
+    dtype = compute_dtype(x)
+    scale = (weight / np.sqrt(var + eps)).astype(dtype)  # (C,)  γ·r
+    _affine_ncl(x, mean.astype(dtype), scale, bias.astype(dtype), y)
+
+
+@njit(parallel=True, cache=True)
+def _block_moments(x, rows):
+    """Per row block of ``x`` ``(M, C)``: its mean and ``M2 = Σ (x − mean)²``, ``(B, C)`` each."""
+    total_rows, channels = x.shape
+    blocks = (total_rows + rows - 1) // rows
+    block_mean = np.empty((blocks, channels))
+    block_m2 = np.empty((blocks, channels))
+    for b in prange(blocks):
+        start = b * rows
+        stop = min(start + rows, total_rows)
+        acc = np.zeros(channels)  # (C,) float64
+        for i in range(start, stop):
+            for c in range(channels):
+                acc[c] += load(x, x[i, c])
+        acc /= stop - start  # (C,) block mean
+        m2 = np.zeros(channels)  # (C,)  second pass reads the block from L2
+        for i in range(start, stop):
+            for c in range(channels):
+                d = load(x, x[i, c]) - acc[c]
+                m2[c] += d * d
+        block_mean[b] = acc
+        block_m2[b] = m2
+    return block_mean, block_m2
+
+
+@njit(cache=True)
+def _merge_moments(block_mean, block_m2, rows, total_rows, mean, var):
+    """Chan's merge of the blocks' (count, mean, M2); writes mean and biased var ``(C,)``."""
+    blocks, channels = block_mean.shape
+    count_a = 0.0
+    mean[:] = 0.0
+    m2 = np.zeros(channels)  # (C,)
+    for b in range(blocks):
+        count_b = float(min(rows, total_rows - b * rows))
+        count = count_a + count_b
+        for c in range(channels):
+            delta = block_mean[b, c] - mean[c]
+            mean[c] += delta * (count_b / count)
+            m2[c] += block_m2[b, c] + delta * delta * (count_a * count_b / count)
+        count_a = count
+    for c in range(channels):
+        var[c] = m2[c] / total_rows
+
+
+@njit(parallel=True, cache=True)
+def _affine_mc(x, shift, scale, offset, rows, out):
+    """``out[i, c] = (x[i, c] − shift[c])·scale[c] + offset[c]`` on ``(M, C)``."""
+    total_rows, channels = x.shape
+    blocks = (total_rows + rows - 1) // rows
+    for b in prange(blocks):
+        for i in range(b * rows, min((b + 1) * rows, total_rows)):
+            for c in range(channels):
+                out[i, c] = store(out, (load(x, x[i, c]) - shift[c]) * scale[c] + offset[c])
+
+
+def forward_mc(x, weight, bias, eps, y, mean, var, invstd):
+    """Training forward on ``x`` ``(M, C)`` (channels innermost); same outputs as forward_ncl."""
+    total_rows, channels = x.shape
+    rows = block_rows(total_rows, channels, x.itemsize)
+    block_mean, block_m2 = _block_moments(x, rows)  # (B, C), (B, C)
+    _merge_moments(block_mean, block_m2, rows, total_rows, mean, var)
+    invstd[:] = 1.0 / np.sqrt(var + eps)  # (C,)
+    dtype = compute_dtype(x)
+    scale = (weight * invstd).astype(dtype)  # (C,)  γ·r
+    _affine_mc(x, mean.astype(dtype), scale, bias.astype(dtype), rows, y)
+
+
+def inference_mc(x, weight, bias, mean, var, eps, y):
+    """Evaluation forward on ``(M, C)``: as :func:`inference_ncl`, one pass."""
+    total_rows, channels = x.shape
+    dtype = compute_dtype(x)
+    scale = (weight / np.sqrt(var + eps)).astype(dtype)  # (C,)  γ·r
+    rows = block_rows(total_rows, channels, x.itemsize)
+    _affine_mc(x, mean.astype(dtype), scale, bias.astype(dtype), rows, y)
+
+
+@njit(parallel=True, cache=True)
+def _block_grad_sums(dy, x, mean_x, rows):
+    """Per row block: ``Σ dy`` and ``Σ dy·(x − μ)`` per channel, ``(B, C)`` float64 each."""
+    total_rows, channels = x.shape
+    blocks = (total_rows + rows - 1) // rows
+    sum_dy = np.zeros((blocks, channels))
+    sum_dy_xmu = np.zeros((blocks, channels))
+    for b in prange(blocks):
+        acc = np.zeros(channels)  # (C,)
+        acc_xmu = np.zeros(channels)  # (C,)
+        for i in range(b * rows, min((b + 1) * rows, total_rows)):
+            for c in range(channels):
+                g = load(dy, dy[i, c])
+                acc[c] += g
+                acc_xmu[c] += g * (load(x, x[i, c]) - mean_x[c])
+        sum_dy[b] = acc
+        sum_dy_xmu[b] = acc_xmu
+    return sum_dy, sum_dy_xmu
+
+
+@njit(parallel=True, cache=True)
+def _grad_input_mc(dy, x, mean_x, gain, mean_term, slope, rows, dx):
+    """``dx = gain·(dy − mean_term − (x − μ)·slope)`` on ``(M, C)``."""
+    total_rows, channels = x.shape
+    blocks = (total_rows + rows - 1) // rows
+    for b in prange(blocks):
+        for i in range(b * rows, min((b + 1) * rows, total_rows)):
+            for c in range(channels):
+                centered = load(x, x[i, c]) - mean_x[c]  # x − μ
+                g = load(dy, dy[i, c])
+                dx[i, c] = store(dx, gain[c] * (g - mean_term[c] - centered * slope[c]))
+
+
+def backward_mc(dy, x, weight, mean, invstd, dx, dweight, dbias):
+    """Backward on ``(M, C)`` arrays; same outputs as backward_ncl."""
+    total_rows, channels = x.shape
+    rows = block_rows(total_rows, channels, x.itemsize)
+    dtype = compute_dtype(x)
+    mean_x = mean.astype(dtype)  # (C,)
+    block_dy, block_dy_xmu = _block_grad_sums(dy, x, mean_x, rows)  # (B, C), (B, C)
+    dbias[:] = block_dy.sum(axis=0)  # (C,)  dβ
+    sum_dy_xmu = block_dy_xmu.sum(axis=0)  # (C,)
+    dweight[:] = sum_dy_xmu * invstd  # (C,)  dγ
+    gain = (weight * invstd).astype(dtype)  # (C,)  γ·r
+    mean_term = (dbias / total_rows).astype(dtype)  # (C,)  dβ / M
+    slope = (sum_dy_xmu * invstd * invstd / total_rows).astype(dtype)  # (C,)  r·dγ / M
+    _grad_input_mc(dy, x, mean_x, gain, mean_term, slope, rows, dx)

@@ -1,0 +1,61 @@
+"""Smoke test of ``benchmarks/cpu.py``: it runs at tiny sizes and writes a well-formed results file.
+
+No timing is asserted (CI machines are shared); the script itself checks every provider's outputs
+and gradients against ATen's before timing, so a wrong result fails this test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_cpu_benchmark_tiny_run(tmp_path) -> None:
+    """``cpu.py --tiny`` exits 0 and records every (case, pass) with ATen and our providers."""
+    out = tmp_path / "cpu.json"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    completed = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "cpu.py"),
+            "--tiny",
+            "--threads",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["environment"]["torch_num_threads"] == 1
+    records = results["records"]
+    passes = {record["pass"] for record in records}
+    assert passes == {"forward", "backward", "forward+backward", "inference"}
+    # 3 tiny shapes: one 4D in two layouts, a 2D and a 3D one; two dtypes; four passes each.
+    assert len(records) == 4 * 2 * 4
+    for record in records:
+        providers = record["providers"]
+        assert {"aten", "ours", "torch-module", "ours-module"} <= set(providers)
+        assert providers["ours"]["ratio_vs_aten"] > 0
+        assert record["copy_ms"] > 0
+    assert "ours/aten" in completed.stdout
