@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PIN)
-	$(BIN)/pip install --quiet -e ".[dev,triton,lab]"
+	$(BIN)/pip install --quiet -e ".[dev,triton,lab,cpu]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -159,6 +159,8 @@ def running_update(
         The new running value, a new tensor of ``running``'s dtype; computed in at least
         float32.
     """
+    if running.dtype == batch_stat.dtype:  # the common case: one fused multiply-add, no casts
+        return torch.add(running * (1.0 - momentum), batch_stat, alpha=momentum)  # (C,)
     dtype = torch.promote_types(running.dtype, torch.float32)
     new = (1.0 - momentum) * running.to(dtype) + momentum * batch_stat.to(dtype)  # (C,)
     return new.to(running.dtype)
