@@ -346,24 +346,30 @@ class BatchNormBase(nn.Module):
         Returns:
             A :class:`BatchNormOutput`; its statistics are committed only if training.
         """
-        return batch_norm_pure(  # checks every argument; pure, so nothing changes on error
-            input,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-            backend=self.backend,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
-        )
+        return self._batch_norm_pure(input, use_batch_stats, momentum)
 
     def _normalize_residual(
         self, input: torch.Tensor, residual: torch.Tensor, use_batch_stats: bool, momentum: float
     ) -> BatchNormOutput:
         """:meth:`_normalize` with ``+ residual`` before the activation: ``act(bn(x) + z)``."""
+        return self._batch_norm_pure(input, use_batch_stats, momentum, residual=residual)
+
+    def _normalize_masked(
+        self, input: torch.Tensor, mask: torch.Tensor, use_batch_stats: bool, momentum: float
+    ) -> BatchNormOutput:
+        """:meth:`_normalize` over the real positions ``mask`` (``(N, *)``) of a padded batch."""
+        return self._batch_norm_pure(input, use_batch_stats, momentum, mask=mask)
+
+    def _batch_norm_pure(
+        self,
+        input: torch.Tensor,
+        use_batch_stats: bool,
+        momentum: float,
+        *,
+        residual: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> BatchNormOutput:
+        """:func:`batch_norm_pure` with this module's tensors and settings."""
         return batch_norm_pure(  # checks every argument; pure, so nothing changes on error
             input,
             self.running_mean,
@@ -374,25 +380,10 @@ class BatchNormBase(nn.Module):
             momentum,
             self.eps,
             backend=self.backend,
+            mask=mask,
             activation=self.activation,
             residual=residual,
             negative_slope=self.negative_slope,
-        )
-
-    def _normalize_masked(
-        self, input: torch.Tensor, mask: torch.Tensor, use_batch_stats: bool, momentum: float
-    ) -> BatchNormOutput:
-        """:meth:`_normalize` over the real positions ``mask`` (``(N, *)``) of a padded batch."""
-        return batch_norm_pure(  # checks every argument; pure, so nothing changes on error
-            input,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            self.eps,
-            mask=mask,
         )
 
     def _commit_running_stats(self, result: BatchNormOutput) -> None:
