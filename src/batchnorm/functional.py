@@ -241,15 +241,47 @@ def _normalize(
 
     impl = resolve_backend(backend, input.device)
     result = batch_norm_train(x3, weight, bias, eps, impl)
-    count = x3.shape[0] * x3.shape[2]  # M = N·L
-    new_mean, new_var = running_mean, running_var
-    if count > 0:  # an empty batch leaves the running statistics as they are (as PyTorch does)
-        if running_mean is not None:
-            new_mean = running_update(running_mean, result.mean, momentum)
-        if running_var is not None:
-            var_unbiased = result.var * (count / (count - 1))  # (C,)  Bessel's correction
-            new_var = running_update(running_var, var_unbiased, momentum)
+    new_mean, new_var = _new_running_stats(
+        running_mean, running_var, result.mean, result.var, x3, momentum
+    )
     return BatchNormOutput(result.y.reshape(input.shape), new_mean, new_var)
+
+
+def _new_running_stats(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    x3: torch.Tensor,
+    momentum: float,
+    computed: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The running statistics after a training batch ``x3`` of shape ``(N, C, L)``.
+
+    Args:
+        running_mean, running_var: the current buffers (``None`` when not tracked).
+        mean, var: the batch mean and biased variance, ``(C,)``.
+        x3: the batch, for ``M = N·L``.
+        momentum: the factor of this step.
+        computed: new statistics a backend already computed in its kernels (used as they are).
+
+    Returns:
+        ``(new_mean, new_var)``: the given buffers themselves for an empty batch (PyTorch
+        leaves them as they are), ``None`` where a buffer is ``None``.
+    """
+    count = x3.shape[0] * x3.shape[2]  # M = N·L
+    if count == 0:
+        return running_mean, running_var
+    new_mean, new_var = computed
+    if running_mean is not None and new_mean is None:
+        new_mean = running_update(running_mean, mean, momentum)
+    if running_var is not None and new_var is None:
+        var_unbiased = var * (count / (count - 1))  # (C,)  Bessel's correction
+        new_var = running_update(running_var, var_unbiased, momentum)
+    return (
+        None if running_mean is None else new_mean,
+        None if running_var is None else new_var,
+    )
 
 
 def _masked(
@@ -503,20 +535,12 @@ def _normalize_fused(
         y3 = activate(u3, activation, negative_slope).to(input.dtype)
         return BatchNormOutput(y3.reshape(input.shape), running_mean, running_var)
 
-    count = x3.shape[0] * x3.shape[2]  # M = N·L
     result = batch_norm_act_train(
         x3, weight, bias, z3, eps, activation, negative_slope, running_mean, running_var,
         momentum, impl,
     )  # fmt: skip
-    new_mean, new_var = running_mean, running_var
-    if count > 0:  # an empty batch leaves the running statistics as they are (as PyTorch does)
-        if running_mean is not None:
-            new_mean = result.running_mean
-            if new_mean is None:
-                new_mean = running_update(running_mean, result.mean, momentum)
-        if running_var is not None:
-            new_var = result.running_var
-            if new_var is None:
-                var_unbiased = result.var * (count / (count - 1))  # (C,)  Bessel's correction
-                new_var = running_update(running_var, var_unbiased, momentum)
+    new_mean, new_var = _new_running_stats(
+        running_mean, running_var, result.mean, result.var, x3, momentum,
+        computed=(result.running_mean, result.running_var),
+    )  # fmt: skip
     return BatchNormOutput(result.y.reshape(input.shape), new_mean, new_var)
