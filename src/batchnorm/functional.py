@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 
 from batchnorm.autograd import activate, batch_norm_act_train, batch_norm_train, fuses
-from batchnorm.backends import compute_dtype, resolve_backend
+from batchnorm.backends import normalize_with_running_stats, resolve_backend
 from batchnorm.backends.base import ACTIVATIONS
 
 __all__ = [
@@ -176,36 +176,6 @@ def channel_view(input: torch.Tensor) -> torch.Tensor:
     return input.reshape(input.shape[0], input.shape[1], spatial)
 
 
-def _normalize_with_running_stats(
-    x3: torch.Tensor,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-) -> torch.Tensor:
-    """Evaluation mode in torch ops: ``γ·(x − μ_run)·r + β``, ``r = 1 / sqrt(σ²_run + ε)``.
-
-    Args:
-        x3: the ``(N, C, L)`` view of the input.
-        running_mean, running_var: the population estimates, ``(C,)``.
-        weight, bias: ``γ``, ``β`` of shape ``(C,)``, or ``None``.
-        eps: added to the variance inside the square root.
-
-    Returns:
-        ``(N, C, L)`` in the compute dtype (float32, or float64 for float64 input); the caller
-        casts. Differentiable in every argument by autograd.
-    """
-    dtype = compute_dtype(x3.dtype)
-    scale = torch.rsqrt(running_var.to(dtype) + eps)  # (C,)  r from population estimates
-    if weight is not None:
-        scale = scale * weight.to(dtype)  # (C,)  γ·r
-    y3 = (x3.to(dtype) - running_mean.to(dtype)[None, :, None]) * scale[None, :, None]
-    if bias is not None:
-        y3 = y3 + bias.to(dtype)[None, :, None]  # (N, C, L)
-    return y3
-
-
 def _normalize(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -236,7 +206,7 @@ def _normalize(
             y3 = inference(x3, weight, bias, running_mean, running_var, eps)  # (N, C, L)
             return BatchNormOutput(y3.reshape(input.shape), running_mean, running_var)
         # --- end CPU speed ---
-        y3 = _normalize_with_running_stats(x3, running_mean, running_var, weight, bias, eps)
+        y3 = normalize_with_running_stats(x3, running_mean, running_var, weight, bias, eps)
         return BatchNormOutput(y3.to(input.dtype).reshape(input.shape), running_mean, running_var)
 
     impl = resolve_backend(backend, input.device)
@@ -528,7 +498,7 @@ def _normalize_fused(
                 x3, running_mean, running_var, weight, bias, z3, eps, activation, negative_slope
             )
             return BatchNormOutput(y3.reshape(input.shape), running_mean, running_var)
-        u3 = _normalize_with_running_stats(x3, running_mean, running_var, weight, bias, eps)
+        u3 = normalize_with_running_stats(x3, running_mean, running_var, weight, bias, eps)
         dtype = u3.dtype
         if z3 is not None:
             u3 = u3.to(input.dtype).to(dtype) + z3.to(dtype)  # bn(x) rounded as unfused

@@ -19,7 +19,12 @@ import os
 
 import torch
 
-from batchnorm.backends.base import Backend, ForwardResult, compute_dtype
+from batchnorm.backends.base import (
+    Backend,
+    ForwardResult,
+    compute_dtype,
+    normalize_with_running_stats,
+)
 
 __all__ = [
     "BACKEND_ENV_VAR",
@@ -27,6 +32,7 @@ __all__ = [
     "ForwardResult",
     "available_backends",
     "compute_dtype",
+    "normalize_with_running_stats",
     "resolve_backend",
 ]
 

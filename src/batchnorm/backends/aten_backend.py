@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from batchnorm.backends.base import ForwardResult, compute_dtype
+from batchnorm.backends.base import ForwardResult, compute_dtype, normalize_with_running_stats
 
 __all__ = ["AtenBackend", "channel_rows", "torch_inference"]
 
@@ -67,13 +67,7 @@ def torch_inference(
 
     Differentiable by autograd and by ``torch.func`` transforms; used where a kernel cannot run.
     """
-    dtype = compute_dtype(x.dtype)
-    scale = torch.rsqrt(running_var.to(dtype) + eps)  # (C,)  r
-    if weight is not None:
-        scale = scale * weight.to(dtype)  # (C,)  γ·r
-    y = (x.to(dtype) - running_mean.to(dtype)[None, :, None]) * scale[None, :, None]
-    if bias is not None:
-        y = y + bias.to(dtype)[None, :, None]  # (N, C, L)
+    y = normalize_with_running_stats(x, running_mean, running_var, weight, bias, eps)  # (N, C, L)
     return y.to(x.dtype)
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "FusedBackend",
     "FusedForwardResult",
     "compute_dtype",
+    "normalize_with_running_stats",
 ]
 
 #: Activations the fused path applies after the normalization (and the residual add).
@@ -150,3 +151,33 @@ class FusedBackend(Backend, Protocol):
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics and reductions use for an input dtype: float64 stays, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def normalize_with_running_stats(
+    x3: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """Evaluation mode in torch ops: ``γ·(x − μ_run)·r + β``, ``r = 1 / sqrt(σ²_run + ε)``.
+
+    Args:
+        x3: the ``(N, C, L)`` view of the input.
+        running_mean, running_var: the population estimates, ``(C,)``.
+        weight, bias: ``γ``, ``β`` of shape ``(C,)``, or ``None``.
+        eps: added to the variance inside the square root.
+
+    Returns:
+        ``(N, C, L)`` in the compute dtype (float32, or float64 for float64 input); the caller
+        casts. Differentiable in every argument by autograd.
+    """
+    dtype = compute_dtype(x3.dtype)
+    scale = torch.rsqrt(running_var.to(dtype) + eps)  # (C,)  r from population estimates
+    if weight is not None:
+        scale = scale * weight.to(dtype)  # (C,)  γ·r
+    y3 = (x3.to(dtype) - running_mean.to(dtype)[None, :, None]) * scale[None, :, None]
+    if bias is not None:
+        y3 = y3 + bias.to(dtype)[None, :, None]  # (N, C, L)
+    return y3
