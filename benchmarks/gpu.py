@@ -30,12 +30,15 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import harness  # the shared benchmark helpers, beside this file
 
 #: (N, C, H, W) of design.md §4; (N, C) is BatchNorm1d.
 SHAPES: tuple[tuple[int, ...], ...] = (
@@ -167,20 +170,6 @@ def format_table(rows: Sequence[Row]) -> str:
             f"{times('vs_compile')}"
         )
     return "\n".join(lines)
-
-
-def git_commit() -> str:
-    """The commit of this checkout, or ``unknown``."""
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -410,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record = {
         "card": card,
         "date": today.isoformat(),
-        "commit": git_commit(),
+        "commit": harness.git_commit() or "unknown",
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,

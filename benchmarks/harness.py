@@ -84,8 +84,17 @@ def fraction_of_copy(
     return (bytes_moved / time_ms) / (copy_bytes / copy_ms)
 
 
-def _git_commit() -> str | None:
-    """The commit of the checkout the benchmark runs from (with ``+dirty``), if any."""
+#: Set by whoever runs a benchmark from a copy without ``.git`` (the device tool's copy).
+COMMIT_ENV_VAR = "BATCHNORM_BENCHMARK_COMMIT"
+
+
+def git_commit() -> str | None:
+    """The commit the benchmark runs from (``+dirty`` with uncommitted changes), if known.
+
+    ``BATCHNORM_BENCHMARK_COMMIT`` wins when set, for copies of the tree that carry no ``.git``.
+    """
+    if os.environ.get(COMMIT_ENV_VAR):
+        return os.environ[COMMIT_ENV_VAR]
     root = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(
@@ -133,7 +142,7 @@ def environment(threads: int) -> dict[str, Any]:
         },
         "versions": versions,
         "torch_num_threads": threads,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
     }
 
 

@@ -24,6 +24,7 @@ def test_cpu_benchmark_tiny_run(tmp_path) -> None:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        "BATCHNORM_BENCHMARK_COMMIT": "abc123-from-env",  # a copy without .git names its commit
     }
     completed = subprocess.run(
         [
@@ -48,6 +49,7 @@ def test_cpu_benchmark_tiny_run(tmp_path) -> None:
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["environment"]["torch_num_threads"] == 1
+    assert results["environment"]["git_commit"] == "abc123-from-env"
     records = results["records"]
     passes = {record["pass"] for record in records}
     assert passes == {"forward", "backward", "forward+backward", "inference"}
