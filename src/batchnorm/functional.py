@@ -24,8 +24,8 @@ from typing import NamedTuple
 import torch
 
 from batchnorm.autograd import activate, batch_norm_act_train, batch_norm_train, fuses
-from batchnorm.backends import normalize_with_running_stats, resolve_backend
-from batchnorm.backends.base import ACTIVATIONS
+from batchnorm.backends import Backend, normalize_with_running_stats, resolve_backend
+from batchnorm.backends.base import ACTIVATIONS, channel_view
 
 __all__ = [
     "BatchNormOutput",
@@ -166,16 +166,6 @@ def running_update(
     return new.to(running.dtype)
 
 
-def channel_view(input: torch.Tensor) -> torch.Tensor:
-    """``input`` of shape ``(N, C, *)`` as ``(N, C, L)``, ``L`` the product of ``*`` (1 if none).
-
-    A view whenever the strides allow (contiguous and channels-last inputs); ``L`` is computed
-    explicitly so that empty batches (``N = 0``) reshape too.
-    """
-    spatial = math.prod(input.shape[2:])  # L
-    return input.reshape(input.shape[0], input.shape[1], spatial)
-
-
 def _normalize(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -190,26 +180,37 @@ def _normalize(
     residual: torch.Tensor | None = None,
     negative_slope: float = 0.01,
 ) -> BatchNormOutput:
-    """Shared body of :func:`batch_norm` and :func:`batch_norm_pure` (arguments checked)."""
-    if activation is not None or residual is not None or _fusing_backend(backend, input):
+    """Shared body of :func:`batch_norm` and :func:`batch_norm_pure` (arguments checked).
+
+    Backends may offer two shortcuts, taken when they accept the call: ``inference`` (one
+    kernel for evaluation mode, on the input as given) and ``forward_update`` (a whole
+    training call in one operation that autograd differentiates and that returns the new
+    running statistics; see :meth:`batchnorm.backends.aten_backend.AtenBackend.forward_update`).
+    Everything else runs the generic path: the backend's ``forward``/``backward`` contract on
+    the ``(N, C, L)`` view inside our autograd function, then :func:`running_update`.
+    """
+    impl = resolve_backend(backend, input.device)
+    if activation is not None or residual is not None or fuses(impl, input):
         return _normalize_fused(
-            input, running_mean, running_var, weight, bias, training, momentum, eps, backend,
+            input, running_mean, running_var, weight, bias, training, momentum, eps, impl,
             activation, residual, negative_slope,
         )  # fmt: skip
-    x3 = channel_view(input)  # (N, C, L), a view when possible
     if not training:
         assert running_mean is not None  # checked by check_batch_norm_args
         assert running_var is not None
-        # --- CPU speed (issue 8): a backend with a one-pass evaluation kernel runs it. ---
-        inference = getattr(resolve_backend(backend, input.device), "inference", None)
+        inference = getattr(impl, "inference", None)
         if inference is not None:
-            y3 = inference(x3, weight, bias, running_mean, running_var, eps)  # (N, C, L)
-            return BatchNormOutput(y3.reshape(input.shape), running_mean, running_var)
-        # --- end CPU speed ---
+            y = inference(input, weight, bias, running_mean, running_var, eps)  # (N, C, *)
+            return BatchNormOutput(y, running_mean, running_var)
+        x3 = channel_view(input)  # (N, C, L), a view when possible
         y3 = normalize_with_running_stats(x3, running_mean, running_var, weight, bias, eps)
         return BatchNormOutput(y3.to(input.dtype).reshape(input.shape), running_mean, running_var)
-
-    impl = resolve_backend(backend, input.device)
+    forward_update = getattr(impl, "forward_update", None)
+    if forward_update is not None:
+        done = forward_update(input, weight, bias, running_mean, running_var, momentum, eps)
+        if done is not None:
+            return BatchNormOutput(*done)
+    x3 = channel_view(input)  # (N, C, L), a view when possible
     result = batch_norm_train(x3, weight, bias, eps, impl)
     new_mean, new_var = _new_running_stats(
         running_mean, running_var, result.mean, result.var, x3, momentum
@@ -462,11 +463,6 @@ def check_fusion_args(
         )
 
 
-def _fusing_backend(backend: str | None, input: torch.Tensor) -> bool:
-    """Whether the backend for ``input`` fuses in its own kernels (then it handles every call)."""
-    return fuses(resolve_backend(backend, input.device), input)
-
-
 def _normalize_fused(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -476,7 +472,7 @@ def _normalize_fused(
     training: bool,
     momentum: float,
     eps: float,
-    backend: str | None,
+    impl: Backend,
     activation: str | None,
     residual: torch.Tensor | None,
     negative_slope: float,
@@ -489,7 +485,6 @@ def _normalize_fused(
     """
     x3 = channel_view(input)  # (N, C, L), a view when possible
     z3 = None if residual is None else channel_view(residual)  # (N, C, L)
-    impl = resolve_backend(backend, input.device)
     if not training:
         assert running_mean is not None  # checked by check_batch_norm_args
         assert running_var is not None

@@ -7,6 +7,7 @@ whatever its strides, and never updates running statistics itself: that is a sep
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -17,6 +18,7 @@ __all__ = [
     "ForwardResult",
     "FusedBackend",
     "FusedForwardResult",
+    "channel_view",
     "compute_dtype",
     "normalize_with_running_stats",
 ]
@@ -146,6 +148,16 @@ class FusedBackend(Backend, Protocol):
     ) -> torch.Tensor:
         """Evaluation forward from the running statistics on ``(N, C, L)`` views."""
         ...
+
+
+def channel_view(input: torch.Tensor) -> torch.Tensor:
+    """``input`` of shape ``(N, C, *)`` as ``(N, C, L)``, ``L`` the product of ``*`` (1 if none).
+
+    A view whenever the strides allow (contiguous and channels-last inputs); ``L`` is computed
+    explicitly so that empty batches (``N = 0``) reshape too.
+    """
+    spatial = math.prod(input.shape[2:])  # L
+    return input.reshape(input.shape[0], input.shape[1], spatial)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -3,7 +3,8 @@
 The kernels cover float32, float64 and bfloat16 (as its bit pattern, computed in float32) in the
 two dense layouts of the ``(N, C, L)`` view: contiguous ``(N, C, L)`` and channels innermost
 (``channels_last``, ``(N, C)``), for training forward, backward and evaluation. By default they
-run only where they measured faster than ATen (:data:`MEASURED_KERNEL_CASES`); every other case
+run only where they measured faster than ATen (:data:`MEASURED_KERNEL_CASES`), with outputs on
+huge pages (:mod:`batchnorm.backends.memory`); every other case
 goes to the ATen backend (float16 and other strides always do), and tensors under ``torch.func``
 transforms (whose storage Numba cannot see) to the pure-torch backend, which those transforms
 differentiate and batch.
@@ -17,7 +18,7 @@ Raises:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numba
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 
 from batchnorm.backends.aten_backend import AtenBackend, channel_rows, torch_inference
-from batchnorm.backends.base import ForwardResult, compute_dtype
+from batchnorm.backends.base import ForwardResult, channel_view, compute_dtype
+from batchnorm.backends.memory import empty_like
 from batchnorm.backends.torch_backend import TorchBackend
 from batchnorm.kernels import cpu_numba
 
@@ -62,20 +64,42 @@ def _kernel_view(x: torch.Tensor) -> tuple[np.ndarray, bool] | None:
     return _as_array(rows), True  # (M, C)
 
 
-#: Every (pass, layout, dtype) the kernels implement: pass "forward", "backward" or
-#: "inference"; layout "ncl" (contiguous (N, C, L)) or "rows" (channels innermost, (M, C)).
-ALL_KERNEL_CASES = frozenset(
-    (pass_name, layout, dtype)
+#: A case of the kernels: (pass, layout, dtype), pass "forward", "backward" or "inference",
+#: layout "ncl" (contiguous (N, C, L)) or "rows" (channels innermost, (M, C)).
+KernelCase = tuple[str, str, torch.dtype]
+#: Every case the kernels implement, each from the smallest input (1 byte).
+ALL_KERNEL_CASES: Mapping[KernelCase, int] = {
+    (pass_name, layout, dtype): 1
     for pass_name in ("forward", "backward", "inference")
     for layout in ("ncl", "rows")
     for dtype in _KERNEL_DTYPES
-)
-#: Where the kernels measured faster than ATen's (benchmarks/cpu.py, 2-core Xeon, 2026-11-26):
-#: the training forward on contiguous (N, C, L) float32/float64, whose channel slice is re-read
-#: from L2 (1.4–2.0× ATen). Elsewhere ATen's kernels were as fast or faster, so they run there.
-MEASURED_KERNEL_CASES = frozenset(
-    {("forward", "ncl", torch.float32), ("forward", "ncl", torch.float64)}
-)
+}
+#: Input bytes from which each output is a fresh ``mmap`` for glibc's allocator (its largest
+#: dynamic mmap threshold, 32 MiB on 64-bit Linux): ATen then pays a page fault per 4 KiB of
+#: output, the kernels' huge-page outputs one per 2 MiB (:mod:`batchnorm.backends.memory`).
+FRESH_MAPPING_BYTES = 32 << 20
+#: Where the kernels measured faster than ATen's (``benchmarks/cpu.py``, one thread of a 2-core
+#: Xeon, 2026-11-26), case → smallest input in bytes:
+#:
+#: * contiguous (N, C, L) float32/float64 training forward, whose channel slice is re-read from
+#:   L2: 1.6–2.6× ATen from 512 KiB (below, Numba's ~100 µs call overhead is more than it saves);
+#: * contiguous float32 backward from 512 KiB (1.0–1.1×) and bfloat16 backward from 2 MiB
+#:   (1.1–1.9×: ATen's bfloat16 backward of this layout is slow);
+#: * every float32 pass in both layouts once outputs are fresh mappings (64×64×56×56: 1.4–2.4×,
+#:   mostly page faults avoided).
+#:
+#: Elsewhere ATen's kernels were as fast or faster (the bfloat16 forward, the (M, C) layout of
+#: mid-sized inputs, inference below 32 MiB), so they run there.
+MEASURED_KERNEL_CASES: Mapping[KernelCase, int] = {
+    ("forward", "ncl", torch.float32): 1 << 19,
+    ("forward", "ncl", torch.float64): 1 << 19,
+    ("backward", "ncl", torch.float32): 1 << 19,
+    ("backward", "ncl", torch.bfloat16): 2 << 20,
+    ("forward", "rows", torch.float32): FRESH_MAPPING_BYTES,
+    ("backward", "rows", torch.float32): FRESH_MAPPING_BYTES,
+    ("inference", "ncl", torch.float32): FRESH_MAPPING_BYTES,
+    ("inference", "rows", torch.float32): FRESH_MAPPING_BYTES,
+}
 
 
 def _is_transformed(x: torch.Tensor) -> bool:
@@ -116,25 +140,43 @@ class NumbaBackend:
 
     name = "numba"
 
-    def __init__(self, kernel_cases: frozenset[tuple[str, str, torch.dtype]] | None = None):
+    def __init__(self, kernel_cases: Mapping[KernelCase, int] | None = None):
         """Chooses where the kernels run.
 
         Args:
-            kernel_cases: the ``(pass, layout, dtype)`` cases the Numba kernels run, the rest
-                going to ATen; default :data:`MEASURED_KERNEL_CASES`. :data:`ALL_KERNEL_CASES`
-                runs them wherever they can (the tests do, to check every kernel).
+            kernel_cases: ``(pass, layout, dtype)`` → the smallest input (bytes) the Numba
+                kernels take in that case, the rest going to ATen; default
+                :data:`MEASURED_KERNEL_CASES`. :data:`ALL_KERNEL_CASES` runs them wherever
+                they can (the tests do, to check every kernel).
         """
         self.kernel_cases = MEASURED_KERNEL_CASES if kernel_cases is None else kernel_cases
+        # (pass, dtype) → smallest input of any layout: one dict lookup turns most calls away.
+        self._smallest: dict[tuple[str, torch.dtype], int] = {}
+        for (pass_name, _layout, dtype), smallest in self.kernel_cases.items():
+            key = (pass_name, dtype)
+            self._smallest[key] = min(smallest, self._smallest.get(key, smallest))
         self._aten = AtenBackend()
         self._torch = TorchBackend()
 
+    def _may_run(self, pass_name: str, x: torch.Tensor) -> bool:
+        """Whether the kernels may take ``x`` in this pass by its dtype and size (layout aside)."""
+        smallest = self._smallest.get((pass_name, x.dtype))
+        return smallest is not None and 0 < x.numel() * x.element_size() >= smallest
+
     def _kernel_input(self, pass_name: str, x: torch.Tensor) -> tuple[np.ndarray, bool] | None:
         """:func:`_kernel_view` of ``x`` if the kernels run this case, else None."""
-        view = _kernel_view(x)
-        if view is None or x.numel() == 0:
+        nbytes = x.numel() * x.element_size()
+        layouts = [
+            layout
+            for layout in ("ncl", "rows")
+            if nbytes >= self.kernel_cases.get((pass_name, layout, x.dtype), nbytes + 1)
+        ]
+        if nbytes == 0 or not layouts:  # cheap checks first: most calls end here
             return None
-        layout = "rows" if view[1] else "ncl"
-        return view if (pass_name, layout, x.dtype) in self.kernel_cases else None
+        view = _kernel_view(x)
+        if view is None or ("rows" if view[1] else "ncl") not in layouts:
+            return None
+        return view
 
     def forward(
         self,
@@ -151,7 +193,7 @@ class NumbaBackend:
             return self._aten.forward(x, weight, bias, eps)
         array, is_rows = view
         channels = x.shape[1]
-        y = torch.empty_like(x)  # (N, C, L), strides of x (dense)
+        y = empty_like(x)  # (N, C, L), strides of x (dense), huge pages
         y_array = _as_array(channel_rows(y) if is_rows else y)  # type: ignore[arg-type]
         mean, var, invstd = np.empty(channels), np.empty(channels), np.empty(channels)  # (C,)
         kernel = cpu_numba.forward_mc if is_rows else cpu_numba.forward_ncl
@@ -175,6 +217,34 @@ class NumbaBackend:
             torch.from_numpy(var).to(stats_dtype),
         )
 
+    def forward_update(
+        self,
+        input: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        momentum: float,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+        """:meth:`AtenBackend.forward_update` where ATen runs the whole call, else ``None``.
+
+        Where a Numba kernel runs the forward, or the backward of a call autograd will
+        differentiate, ``None`` sends the call to the generic path (our autograd function,
+        :meth:`forward`, :meth:`backward`).
+        """
+        forward = self._may_run("forward", input)
+        backward = self._may_run("backward", input) and _needs_grad(input, weight, bias)
+        if (forward or backward) and not _is_transformed(input):
+            x3 = channel_view(input)  # (N, C, L), a view for the dense layouts the kernels take
+            if (forward and self._kernel_input("forward", x3)) or (
+                backward and self._kernel_input("backward", x3)
+            ):
+                return None
+        return self._aten.forward_update(
+            input, weight, bias, running_mean, running_var, momentum, eps
+        )
+
     def inference(
         self,
         x: torch.Tensor,
@@ -184,20 +254,24 @@ class NumbaBackend:
         running_var: torch.Tensor,
         eps: float,
     ) -> torch.Tensor:
-        """Evaluation-mode forward on ``(N, C, L)``; see :meth:`AtenBackend.inference`.
+        """Evaluation-mode forward on ``(N, C, *)``; see :meth:`AtenBackend.inference`.
 
         The kernels compute ``(x − μ)·γr + β`` (no cancellation when ``|μ| ≫ σ``) in one pass;
         when autograd needs the graph (gradients in evaluation mode) ATen's kernel runs instead.
         """
         if _is_transformed(x):
-            return torch_inference(x, weight, bias, running_mean, running_var, eps)
-        view = self._kernel_input("inference", x)
-        if view is None or _needs_grad(x, weight, bias):
-            # ATen's kernel is differentiable (gradients in evaluation mode); ours is not.
+            y3 = torch_inference(channel_view(x), weight, bias, running_mean, running_var, eps)
+            return y3.reshape(x.shape)
+        # ATen's kernel is differentiable (gradients in evaluation mode); ours is not.
+        if not self._may_run("inference", x) or _needs_grad(x, weight, bias):
+            return self._aten.inference(x, weight, bias, running_mean, running_var, eps)
+        x3 = channel_view(x)  # (N, C, L), a view for the dense layouts the kernels take
+        view = self._kernel_input("inference", x3)
+        if view is None:
             return self._aten.inference(x, weight, bias, running_mean, running_var, eps)
         array, is_rows = view
         channels = x.shape[1]
-        y = torch.empty_like(x)  # (N, C, L), strides of x (dense)
+        y3 = empty_like(x3)  # (N, C, L), strides of x3 (dense), huge pages
         kernel = cpu_numba.inference_mc if is_rows else cpu_numba.inference_ncl
         _launch(
             kernel,
@@ -208,9 +282,9 @@ class NumbaBackend:
             _per_channel_float64(running_mean, channels, 0.0),
             _per_channel_float64(running_var, channels, 1.0),
             float(eps),
-            _as_array(channel_rows(y) if is_rows else y),  # type: ignore[arg-type]
+            _as_array(channel_rows(y3) if is_rows else y3),  # type: ignore[arg-type]
         )
-        return y
+        return y3.reshape(x.shape)
 
     def backward(
         self,
@@ -228,7 +302,7 @@ class NumbaBackend:
             return self._aten.backward(dy, x, weight, mean, invstd)
         array, is_rows = view
         channels = x.shape[1]
-        dx = torch.empty_like(x)  # (N, C, L), strides of x (dense)
+        dx = empty_like(x)  # (N, C, L), strides of x (dense), huge pages
         dy = dy.to(x.dtype)  # autograd hands dy in y's dtype, which is x's
         if is_rows:
             dy_array = _as_array(dy.transpose(1, 2).contiguous().view(array.shape))  # (M, C)

@@ -94,6 +94,8 @@ class GhostBatchNormBase(BatchNormBase):
                 f"got a virtual batch of 1 sample of shape {tuple(input.shape[1:])} "
                 f"(batch of {batch}, virtual_batch_size={self.virtual_batch_size})"
             )
+        if batch <= self.virtual_batch_size:  # one virtual batch: plain batch norm, same path
+            return super()._normalize(input, use_batch_stats, momentum)
         check_batch_norm_args(
             input,
             self.running_mean,

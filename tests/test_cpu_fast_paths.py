@@ -1,0 +1,286 @@
+"""The CPU shortcuts of issue 8: ATen's whole-call path, kernel-size thresholds, huge pages.
+
+Each shortcut is checked against something independent of it: the generic path of the same
+backend (our autograd function and running update), ``torch.nn.functional.batch_norm``,
+finite differences (double backward), and the memory map the allocation advice must cover.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+from batchnorm.autograd import batch_norm_train
+from batchnorm.backends import memory
+from batchnorm.backends.aten_backend import AtenBackend, native_operand, rows_as_input
+from batchnorm.functional import _new_running_stats, batch_norm, batch_norm_pure, channel_view
+
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
+NEEDS_NUMBA = pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
+EPS = 1e-5
+
+
+def _channels_innermost(shape):
+    """A tensor of ``shape`` whose channels (dim 1) are innermost in memory, any rank."""
+    moved = torch.randn(shape[0], *shape[2:], shape[1])  # (N, *, C) contiguous
+    return moved.movedim(-1, 1)  # (N, C, *)
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (5, 4, 7), (3, 4, 5, 6), (2, 4, 3, 2, 5)])
+def test_native_operand_views(shape) -> None:
+    """Contiguous input goes as it is; channels-innermost input as its (M, C) view, no copy."""
+    x = torch.randn(shape)
+    operand, is_rows = native_operand(x)
+    assert operand is x
+    assert not is_rows
+    if len(shape) == 2:
+        return
+    x_last = _channels_innermost(shape)
+    operand, is_rows = native_operand(x_last)
+    assert is_rows
+    assert operand.shape == (x_last.numel() // shape[1], shape[1])
+    assert operand.data_ptr() == x_last.data_ptr()  # a view
+    back = rows_as_input(operand, x_last)
+    assert back.shape == x_last.shape
+    assert back.stride() == x_last.stride()
+    assert torch.equal(back, x_last)
+
+
+def test_native_operand_rejects() -> None:
+    """None for what ATen's fast kernels cannot take as it is."""
+    x = torch.randn(4, 3, 5)
+    f32, f64, bf16 = (
+        torch.ones(3, dtype=t) for t in (torch.float32, torch.float64, torch.bfloat16)
+    )
+    assert native_operand(torch.randn(4, 3, 10)[..., ::2]) is None  # strided
+    assert native_operand(torch.randn(0, 3, 5)) is None  # empty: ATen's CPU kernels divide by 0
+    assert native_operand(x, f64) is None  # float64 weight with float32 input
+    assert native_operand(x.bfloat16(), bf16) is None  # bfloat16 parameters: generic path
+    assert native_operand(x.bfloat16(), f32, f32) is not None  # mixed precision: ATen's own
+    assert native_operand(x.double(), f64) is not None
+    seen = []
+    torch.func.vmap(lambda row: seen.append(native_operand(row[None])) or row)(x)
+    assert seen == [None]  # under a torch.func transform
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "rows-3d"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_forward_update_matches_generic_path(layout, dtype) -> None:
+    """ATen's whole call = the generic path of the same backend: output, grads, statistics."""
+    shape = (5, 4, 3, 6) if layout != "rows-3d" else (5, 4, 7)
+    base = 1.5 + torch.randn(shape, dtype=torch.float64)
+    if layout == "channels_last":
+        base = base.contiguous(memory_format=torch.channels_last)
+    elif layout == "rows-3d":
+        base = base.transpose(1, 2).contiguous().transpose(1, 2)  # (N, C, L), C innermost
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = torch.linspace(0.5, 1.5, 4, dtype=stats_dtype)
+    bias = torch.linspace(-1.0, 1.0, 4, dtype=stats_dtype)
+    running_mean = torch.linspace(-0.2, 0.2, 4, dtype=stats_dtype)
+    running_var = torch.linspace(0.5, 2.0, 4, dtype=stats_dtype)
+    dy = torch.randn(shape, dtype=torch.float64).to(dtype)
+    backend = AtenBackend()
+
+    leaves_fast = [base.to(dtype).requires_grad_(), weight.clone().requires_grad_()]
+    before = (running_mean.clone(), running_var.clone())
+    done = backend.forward_update(
+        leaves_fast[0], leaves_fast[1], bias, running_mean, running_var, 0.3, EPS
+    )
+    assert done is not None
+    y_fast, mean_fast, var_fast = done
+    assert torch.equal(running_mean, before[0])
+    assert torch.equal(running_var, before[1])
+    grads_fast = torch.autograd.grad(y_fast, leaves_fast, dy)
+
+    leaves_generic = [base.to(dtype).requires_grad_(), weight.clone().requires_grad_()]
+    x3 = channel_view(leaves_generic[0])
+    result = batch_norm_train(x3, leaves_generic[1], bias, EPS, backend)
+    mean_generic, var_generic = _new_running_stats(
+        running_mean, running_var, result.mean, result.var, x3, 0.3
+    )
+    y_generic = result.y.reshape(shape)
+    grads_generic = torch.autograd.grad(y_generic, leaves_generic, dy)
+
+    assert y_fast.dtype == dtype
+    assert y_fast.stride() == leaves_fast[0].stride()
+    tolerance = {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {}
+    if dtype == torch.bfloat16:
+        tolerance = {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(y_fast, y_generic, **tolerance)
+    for fast, generic in zip(grads_fast, grads_generic, strict=True):
+        torch.testing.assert_close(fast, generic, **tolerance)
+    stats_tolerance = {"atol": 1e-12, "rtol": 1e-10} if dtype == torch.float64 else {}
+    torch.testing.assert_close(mean_fast, mean_generic, **stats_tolerance)
+    torch.testing.assert_close(var_fast, var_generic, **stats_tolerance)
+
+
+def test_forward_update_declines() -> None:
+    """None where the generic path must run: one buffer only, or no fast layout."""
+    backend = AtenBackend()
+    x, ones = torch.randn(4, 3, 5), torch.ones(3)
+    assert backend.forward_update(x, None, None, ones, None, 0.1, EPS) is None
+    assert backend.forward_update(x[..., ::2], None, None, ones, ones, 0.1, EPS) is None
+
+
+@pytest.mark.parametrize("backend", ["aten", pytest.param("numba", marks=NEEDS_NUMBA)])
+def test_double_backward_through_fast_path(backend) -> None:
+    """Second derivatives by finite differences (float64): the fast path keeps ATen's."""
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def normalized(xx, ww, bb):
+        return batch_norm(xx, None, None, ww, bb, training=True, backend=backend)
+
+    assert torch.autograd.gradgradcheck(normalized, (x, weight, bias))
+
+
+@pytest.mark.parametrize("backend", ["aten", pytest.param("numba", marks=NEEDS_NUMBA)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fast_path_equals_torch_bitwise(backend, training) -> None:
+    """Float32 contiguous and channels-last: the same ATen kernels, so the same bits."""
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(4, 3, 5, 6).contiguous(memory_format=memory_format)
+        ours_stats = (torch.zeros(3), torch.ones(3))
+        torch_stats = (torch.zeros(3), torch.ones(3))
+        y_ours = batch_norm(x, *ours_stats, training=training, backend=backend)
+        y_torch = TF.batch_norm(x, *torch_stats, training=training)
+        assert torch.equal(y_ours, y_torch)
+        assert y_ours.stride() == y_torch.stride()
+        assert torch.equal(ours_stats[0], torch_stats[0])
+        assert torch.equal(ours_stats[1], torch_stats[1])
+
+
+@NEEDS_NUMBA
+def test_numba_kernel_thresholds() -> None:
+    """By default the kernels take only the cases and sizes where they measured faster."""
+    from batchnorm.backends.numba_backend import (
+        ALL_KERNEL_CASES,
+        FRESH_MAPPING_BYTES,
+        MEASURED_KERNEL_CASES,
+        NumbaBackend,
+    )
+
+    default, everywhere = NumbaBackend(), NumbaBackend(ALL_KERNEL_CASES)
+    small = torch.randn(4, 3, 5)
+    assert default._kernel_input("forward", small) is None
+    assert everywhere._kernel_input("forward", small) is not None
+    smallest = MEASURED_KERNEL_CASES[("forward", "ncl", torch.float32)]
+    at_threshold = torch.empty(2, 4, smallest // 32)  # exactly `smallest` bytes of float32
+    assert default._kernel_input("forward", at_threshold) is not None
+    assert default._kernel_input("forward", at_threshold[..., 1:].contiguous()) is None
+    assert default._kernel_input("forward", at_threshold.bfloat16()) is None  # ATen's is faster
+    rows = at_threshold.transpose(1, 2).contiguous().transpose(1, 2)  # channels innermost
+    assert default._kernel_input("forward", rows) is None  # (M, C): ATen below fresh mappings
+    fresh_rows = torch.empty(2, FRESH_MAPPING_BYTES // 32, 4).transpose(1, 2)  # 32 MiB
+    assert default._kernel_input("forward", fresh_rows) is not None
+    assert default._kernel_input("inference", fresh_rows) is not None
+    assert default._kernel_input("inference", rows) is None
+
+
+@NEEDS_NUMBA
+@pytest.mark.parametrize("requires_grad", [True, False], ids=["grad", "no-grad"])
+def test_numba_routes_bfloat16_backward_to_its_kernel(monkeypatch, requires_grad) -> None:
+    """bfloat16 (N, C, L) from 2 MiB: the generic path when autograd will differentiate it (so
+    the Numba backward runs), ATen's whole call otherwise; both give torch's gradients."""
+    from batchnorm.backends import numba_backend
+
+    calls = []
+    kernel = numba_backend.cpu_numba.backward_ncl
+    monkeypatch.setattr(
+        numba_backend.cpu_numba, "backward_ncl", lambda *args: calls.append(1) or kernel(*args)
+    )
+    x = torch.randn(16, 8, 1 << 13).bfloat16().requires_grad_(requires_grad)  # 2 MiB
+    y = batch_norm(x, None, None, training=True, backend="numba")
+    expected = TF.batch_norm(x.detach().float(), None, None, training=True)
+    torch.testing.assert_close(y.float(), expected, atol=2e-2, rtol=2e-2)
+    if requires_grad:
+        dy = torch.randn_like(x)
+        (dx,) = torch.autograd.grad(y, x, dy)
+        x_ref = x.detach().float().requires_grad_()
+        (dx_ref,) = torch.autograd.grad(
+            TF.batch_norm(x_ref, None, None, training=True), x_ref, dy.float()
+        )
+        torch.testing.assert_close(dx.float(), dx_ref, atol=3e-2, rtol=3e-2)
+    assert calls == ([1] if requires_grad else [])
+
+
+def test_pure_fast_path_returns_new_statistics() -> None:
+    """batch_norm_pure on the fast path: buffers untouched, new statistics returned."""
+    x = 2.0 + torch.randn(8, 3, 4, 4)
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    out = batch_norm_pure(x, running_mean, running_var, None, None, True, 0.5, EPS, backend="aten")
+    assert torch.equal(running_mean, torch.zeros(3))
+    assert torch.equal(running_var, torch.ones(3))
+    expected_mean = 0.5 * x.mean(dim=(0, 2, 3))
+    expected_var = 0.5 + 0.5 * x.var(dim=(0, 2, 3))
+    torch.testing.assert_close(out.running_mean, expected_mean)
+    torch.testing.assert_close(out.running_var, expected_var)
+
+
+# --- huge-page outputs -----------------------------------------------------------------------
+
+
+def test_empty_like_is_empty_like(monkeypatch) -> None:
+    """Same shape, dtype, strides and device as torch.empty_like, any memory format."""
+    for x in (
+        torch.randn(3, 4, 5, 6),
+        torch.randn(3, 4, 5, 6).to(memory_format=torch.channels_last),
+    ):
+        out = memory.empty_like(x)
+        assert (out.shape, out.dtype, out.stride(), out.device) == (
+            x.shape,
+            x.dtype,
+            x.stride(),
+            x.device,
+        )
+        assert out.data_ptr() != x.data_ptr()
+
+
+def test_empty_like_advises_whole_huge_pages(monkeypatch) -> None:
+    """The advice covers exactly the 2 MiB-aligned pages inside the tensor's memory."""
+    calls = []
+    monkeypatch.setattr(
+        memory, "_MADVISE", lambda start, length, advice: calls.append((start, length, advice))
+    )
+    page = memory.HUGE_PAGE_BYTES
+    out = memory.empty_like(torch.empty(3 * page // 4))  # 3 MiB of float32
+    start, stop = out.data_ptr(), out.data_ptr() + 3 * page
+    assert len(calls) == 1
+    first, length, advice = calls[0]
+    assert advice == 14  # MADV_HUGEPAGE
+    assert first % page == 0
+    assert length % page == 0
+    assert length > 0
+    assert start <= first
+    assert first + length <= stop
+    assert first - start < page
+    assert stop - (first + length) < page
+    calls.clear()
+    memory.empty_like(torch.empty(1000))  # 4 KB: no whole huge page inside
+    assert calls == []
+
+
+def test_empty_like_without_huge_pages(monkeypatch) -> None:
+    """Where the system has no huge pages, plain torch.empty_like (nothing advised)."""
+    monkeypatch.setattr(memory, "_MADVISE", None)
+    assert not memory.huge_pages_advisable()
+    assert memory.empty_like(torch.empty(1 << 20)).shape == (1 << 20,)
+
+
+def test_load_madvise_respects_the_system(monkeypatch, tmp_path) -> None:
+    """No advice on other systems or with huge pages 'never'; libc's madvise otherwise."""
+    mode = tmp_path / "enabled"
+    monkeypatch.setattr(memory, "_THP_MODE_FILE", mode)
+    mode.write_text("always madvise [never]\n")
+    assert memory._load_madvise() is None
+    mode.write_text("always [madvise] never\n")
+    if memory.sys.platform.startswith("linux"):
+        assert memory._load_madvise() is not None
+    monkeypatch.setattr(memory, "_THP_MODE_FILE", tmp_path / "missing")
+    assert memory._load_madvise() is None
+    monkeypatch.setattr(memory.sys, "platform", "darwin")
+    assert memory._load_madvise() is None
