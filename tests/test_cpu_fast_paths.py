@@ -247,8 +247,9 @@ def test_empty_like_advises_whole_huge_pages(monkeypatch) -> None:
         memory, "_MADVISE", lambda start, length, advice: calls.append((start, length, advice))
     )
     page = memory.HUGE_PAGE_BYTES
-    out = memory.empty_like(torch.empty(3 * page // 4))  # 3 MiB of float32
-    start, stop = out.data_ptr(), out.data_ptr() + 3 * page
+    nbytes = memory.ADVISE_FROM_BYTES + page // 2  # not a whole number of huge pages
+    out = memory.empty_like(torch.empty(nbytes // 4))
+    start, stop = out.data_ptr(), out.data_ptr() + nbytes
     assert len(calls) == 1
     first, length, advice = calls[0]
     assert advice == 14  # MADV_HUGEPAGE
@@ -260,7 +261,7 @@ def test_empty_like_advises_whole_huge_pages(monkeypatch) -> None:
     assert first - start < page
     assert stop - (first + length) < page
     calls.clear()
-    memory.empty_like(torch.empty(1000))  # 4 KB: no whole huge page inside
+    memory.empty_like(torch.empty(memory.ADVISE_FROM_BYTES // 4 - 1))  # recycled heap memory
     assert calls == []
 
 

@@ -46,6 +46,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "aten": ("batchnorm.backends.aten_backend", "AtenBackend"),
     "numba": ("batchnorm.backends.numba_backend", "NumbaBackend"),
 }
+#: Backend name → its shared instance; also ``"auto:<device type>"`` → auto's choice there.
 _INSTANCES: dict[str, Backend] = {}
 
 
@@ -105,15 +106,23 @@ def resolve_backend(name: str | None, device: torch.device) -> Backend:
     if name is None:
         name = os.environ.get(BACKEND_ENV_VAR, "auto") or "auto"
         source = BACKEND_ENV_VAR
+    auto_key = ""
     if name == "auto":
+        auto_key = "auto:" + device.type
+        chosen = _INSTANCES.get(auto_key)  # auto's choice, made once per device type
+        if chosen is not None:
+            return chosen
         name = _auto(device)
     if name not in _REGISTRY:
         choices = ", ".join(("auto", *_REGISTRY))
         raise ValueError(f"{source}: expected one of {choices}, got {name!r}")
     try:
-        return _instance(name)
+        instance = _instance(name)
     except ImportError as error:
         raise ImportError(
             f"{source}: the {name!r} backend cannot be used here ({error}); "
             f"install what it needs or choose another of: {', '.join(available_backends())}"
         ) from error
+    if auto_key:
+        _INSTANCES[auto_key] = instance
+    return instance

@@ -10,6 +10,10 @@ mode (the common default) or ``always``; with the advice the same allocation and
 PyTorch's CPU allocator gives that advice only when ``THP_MEM_ALLOC_ENABLE=1`` is set before it
 starts, so the backends ask for their own outputs.
 
+Only allocations of :data:`ADVISE_FROM_BYTES` or more are advised. Smaller ones are recycled
+from glibc's heap, already mapped, where the advice cannot save faults and its system call
+(which also splits the heap's memory map) measured about 0.15 ms slower per 12 MB backward.
+
 The advice changes nothing but speed: the memory is an ordinary tensor from PyTorch's allocator,
 freed by it. Elsewhere (other systems, huge pages ``never``, GPU tensors) :func:`empty_like` is
 ``torch.empty_like``.
@@ -26,10 +30,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["HUGE_PAGE_BYTES", "empty_like", "huge_pages_advisable"]
+__all__ = ["ADVISE_FROM_BYTES", "HUGE_PAGE_BYTES", "empty_like", "huge_pages_advisable"]
 
 #: Size of a transparent huge page on x86-64 and arm64 (4 KiB base pages).
 HUGE_PAGE_BYTES = 1 << 21
+#: Smallest allocation advised: glibc's largest dynamic mmap threshold (64-bit Linux), from
+#: which every allocation is a fresh mapping whose pages are all faulted in on first write.
+ADVISE_FROM_BYTES = 32 << 20
 #: ``MADV_HUGEPAGE`` from ``<sys/mman.h>`` (the same value on every Linux architecture).
 _MADV_HUGEPAGE = 14
 _THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -69,14 +76,15 @@ def empty_like(x: torch.Tensor) -> torch.Tensor:
         x: the tensor to imitate.
 
     Returns:
-        An uninitialized tensor; on CPU, the 2 MiB-aligned part of its memory is advised
-        ``MADV_HUGEPAGE`` before anything touches it, when it spans a whole huge page.
+        An uninitialized tensor; on CPU and from :data:`ADVISE_FROM_BYTES`, the 2 MiB-aligned
+        part of its memory is advised ``MADV_HUGEPAGE`` before anything touches it.
     """
     out = torch.empty_like(x)
-    if _MADVISE is None or out.device.type != "cpu":
+    nbytes = out.untyped_storage().nbytes()
+    if _MADVISE is None or out.device.type != "cpu" or nbytes < ADVISE_FROM_BYTES:
         return out
     start = out.data_ptr()
-    stop = start + out.untyped_storage().nbytes()
+    stop = start + nbytes
     first = -(-start // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES  # first huge-page boundary ≥ start
     last = stop // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES  # last boundary ≤ stop
     if last > first:

@@ -27,7 +27,7 @@ import torch
 
 from batchnorm.backends.aten_backend import AtenBackend, channel_rows, torch_inference
 from batchnorm.backends.base import ForwardResult, channel_view, compute_dtype
-from batchnorm.backends.memory import empty_like
+from batchnorm.backends.memory import ADVISE_FROM_BYTES, empty_like
 from batchnorm.backends.torch_backend import TorchBackend
 from batchnorm.kernels import cpu_numba
 
@@ -77,7 +77,7 @@ ALL_KERNEL_CASES: Mapping[KernelCase, int] = {
 #: Input bytes from which each output is a fresh ``mmap`` for glibc's allocator (its largest
 #: dynamic mmap threshold, 32 MiB on 64-bit Linux): ATen then pays a page fault per 4 KiB of
 #: output, the kernels' huge-page outputs one per 2 MiB (:mod:`batchnorm.backends.memory`).
-FRESH_MAPPING_BYTES = 32 << 20
+FRESH_MAPPING_BYTES = ADVISE_FROM_BYTES
 #: Where the kernels measured faster than ATen's (``benchmarks/cpu.py``, one thread of a 2-core
 #: Xeon, 2026-11-26), case → smallest input in bytes:
 #:
