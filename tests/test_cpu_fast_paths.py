@@ -285,3 +285,15 @@ def test_load_madvise_respects_the_system(monkeypatch, tmp_path) -> None:
     assert memory._load_madvise() is None
     monkeypatch.setattr(memory.sys, "platform", "darwin")
     assert memory._load_madvise() is None
+
+
+@pytest.mark.parametrize("backend", ["aten", pytest.param("numba", marks=NEEDS_NUMBA)])
+def test_in_place_update_of_strided_buffers(backend) -> None:
+    """batch_norm moves strided buffer views in place, as F.batch_norm does, other values kept."""
+    x = 1.0 + torch.randn(6, 3, 4, 4)
+    ours = torch.arange(12.0).reshape(2, 6)  # running_mean = row 0 cols 0, 2, 4
+    theirs = ours.clone()
+    batch_norm(x, ours[0, ::2], ours[1, ::2], training=True, momentum=0.3, backend=backend)
+    TF.batch_norm(x, theirs[0, ::2], theirs[1, ::2], training=True, momentum=0.3)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours[:, 1::2], torch.arange(12.0).reshape(2, 6)[:, 1::2])

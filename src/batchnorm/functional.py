@@ -179,8 +179,13 @@ def _normalize(
     activation: str | None = None,
     residual: torch.Tensor | None = None,
     negative_slope: float = 0.01,
+    *,
+    update_in_place: bool = False,
 ) -> BatchNormOutput:
     """Shared body of :func:`batch_norm` and :func:`batch_norm_pure` (arguments checked).
+
+    With ``update_in_place`` (:func:`batch_norm` only) a ``forward_update`` backend may move
+    the given running buffers in its kernel and return them; otherwise nothing is mutated.
 
     Backends may offer two shortcuts, taken when they accept the call: ``inference`` (one
     kernel for evaluation mode, on the input as given) and ``forward_update`` (a whole
@@ -207,7 +212,9 @@ def _normalize(
         return BatchNormOutput(y3.to(input.dtype).reshape(input.shape), running_mean, running_var)
     forward_update = getattr(impl, "forward_update", None)
     if forward_update is not None:
-        done = forward_update(input, weight, bias, running_mean, running_var, momentum, eps)
+        done = forward_update(
+            input, weight, bias, running_mean, running_var, momentum, eps, update_in_place
+        )
         if done is not None:
             return BatchNormOutput(*done)
     x3 = channel_view(input)  # (N, C, L), a view when possible
@@ -334,21 +341,12 @@ def batch_norm(
         >>> y.shape
         torch.Size([8, 3, 4, 4])
     """
-    result = batch_norm_pure(  # checks every argument; pure, so nothing changes on error
-        input,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        training,
-        momentum,
-        eps,
-        backend=backend,
-        mask=mask,
-        activation=activation,
-        residual=residual,
-        negative_slope=negative_slope,
-    )
+    # Every argument is checked before anything runs, so nothing changes on error; a backend
+    # may update the buffers in its kernel (after the checks), else they are copied below.
+    result = _checked_normalize(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, backend,
+        mask, activation, residual, negative_slope, update_in_place=True,
+    )  # fmt: skip
     with torch.no_grad():
         if running_mean is not None and result.running_mean is not running_mean:
             running_mean.copy_(result.running_mean)  # type: ignore[arg-type]
@@ -395,6 +393,30 @@ def batch_norm_pure(
         >>> mean.shape
         torch.Size([3])
     """
+    return _checked_normalize(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, backend,
+        mask, activation, residual, negative_slope, update_in_place=False,
+    )  # fmt: skip
+
+
+def _checked_normalize(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    backend: str | None,
+    mask: torch.Tensor | None,
+    activation: str | None,
+    residual: torch.Tensor | None,
+    negative_slope: float,
+    *,
+    update_in_place: bool,
+) -> BatchNormOutput:
+    """Checks every argument, then normalizes (see :func:`_normalize` for ``update_in_place``)."""
     if momentum is None:
         raise TypeError("momentum: expected a float; None is a module option, not a functional one")
     check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -410,7 +432,7 @@ def batch_norm_pure(
         )
     return _normalize(
         input, running_mean, running_var, weight, bias, training, momentum, eps, backend,
-        activation, residual, negative_slope,
+        activation, residual, negative_slope, update_in_place=update_in_place,
     )  # fmt: skip
 
 

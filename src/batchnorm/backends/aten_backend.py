@@ -174,12 +174,13 @@ class AtenBackend:
         running_var: torch.Tensor | None,
         momentum: float,
         eps: float,
+        in_place: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
         """A whole training call in one ATen operation, or ``None`` where it cannot run.
 
         ``y = γ·(x − μ)·r + β`` with the batch statistics, differentiable by autograd
         (ATen's ``native_batch_norm_backward``, double backward included); ATen moves copies
-        of the running buffers, so the given ones are left as they are.
+        of the running buffers, so the given ones are left as they are, unless ``in_place``.
 
         Args:
             input: the checked input ``(N, C, *)`` as the caller has it (not the 3D view).
@@ -187,10 +188,13 @@ class AtenBackend:
             running_mean, running_var: the buffers ``(C,)``, both or neither.
             momentum: the running-average factor of this step.
             eps: added to the variance inside the square root.
+            in_place: let ATen move the given buffers themselves (the caller has checked every
+                argument, so the kernel cannot fail half-way) instead of copies.
 
         Returns:
             ``(y, new_running_mean, new_running_var)``, ``y`` like ``input``, the statistics
-            new tensors (``None`` where no buffer was given); or ``None`` when
+            new tensors (the given ones with ``in_place``; ``None`` where no buffer was given);
+            or ``None`` when
             :func:`native_call` rejects the tensors or only one buffer is given (the caller
             then runs the generic path).
         """
@@ -200,8 +204,10 @@ class AtenBackend:
         if native is None:
             return None
         operand, is_rows = native  # input, or its (M, C) view
-        new_mean = None if running_mean is None else running_mean.detach().clone()  # (C,)
-        new_var = None if running_var is None else running_var.detach().clone()  # (C,)
+        new_mean, new_var = running_mean, running_var
+        if not in_place and running_mean is not None and running_var is not None:
+            new_mean = running_mean.detach().clone()  # (C,)
+            new_var = running_var.detach().clone()  # (C,)
         y = torch.batch_norm(operand, weight, bias, new_mean, new_var, True, momentum, eps, False)
         return (rows_as_input(y, input) if is_rows else y), new_mean, new_var
 

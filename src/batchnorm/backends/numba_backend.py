@@ -226,6 +226,7 @@ class NumbaBackend:
         running_var: torch.Tensor | None,
         momentum: float,
         eps: float,
+        in_place: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
         """:meth:`AtenBackend.forward_update` where ATen runs the whole call, else ``None``.
 
@@ -242,7 +243,7 @@ class NumbaBackend:
             ):
                 return None
         return self._aten.forward_update(
-            input, weight, bias, running_mean, running_var, momentum, eps
+            input, weight, bias, running_mean, running_var, momentum, eps, in_place
         )
 
     def inference(
