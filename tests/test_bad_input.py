@@ -317,3 +317,15 @@ def test_training_rejects_non_positive_eps_and_keeps_buffers(eps) -> None:
         module(make_input((5, 3), seed=3))
     for key, value in module.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_mask_with_fused_arguments_is_rejected() -> None:
+    """mask with activation or residual: a ValueError naming mask, buffers unchanged."""
+    x = torch.randn(4, 3, 5)
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    running_mean, running_var = torch.zeros(3), torch.ones(3)
+    for extra in ({"activation": "relu"}, {"residual": torch.randn(4, 3, 5)}):
+        with pytest.raises(ValueError, match="mask: cannot be combined"):
+            batch_norm(x, running_mean, running_var, training=True, mask=mask, **extra)
+    assert torch.equal(running_mean, torch.zeros(3))
+    assert torch.equal(running_var, torch.ones(3))

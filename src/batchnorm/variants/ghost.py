@@ -106,8 +106,6 @@ class GhostBatchNormBase(BatchNormBase):
             momentum,
             self.eps,
         )
-        if batch == 0:  # an empty batch leaves the running statistics as they are
-            return BatchNormOutput(torch.empty_like(input), self.running_mean, self.running_var)
         impl = resolve_backend(self.backend, input.device)
         x3 = input.reshape(batch, channels, length)  # (N, C, L)
         outputs, means, variances, sizes = [], [], [], []
