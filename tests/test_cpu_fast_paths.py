@@ -297,3 +297,25 @@ def test_in_place_update_of_strided_buffers(backend) -> None:
     TF.batch_norm(x, theirs[0, ::2], theirs[1, ::2], training=True, momentum=0.3)
     assert torch.equal(ours, theirs)
     assert torch.equal(ours[:, 1::2], torch.arange(12.0).reshape(2, 6)[:, 1::2])
+
+
+@pytest.mark.parametrize("backend", ["aten", pytest.param("numba", marks=NEEDS_NUMBA)])
+def test_in_place_with_buffers_that_require_grad(backend) -> None:
+    """Buffers that require grad are moved through copies (ATen refuses them in place)."""
+    x = torch.randn(6, 3, 5)
+    running_mean = torch.zeros(3, requires_grad=True)
+    running_var = torch.ones(3, requires_grad=True)
+    batch_norm(x, running_mean, running_var, training=True, momentum=0.5, backend=backend)
+    torch.testing.assert_close(running_mean.detach(), 0.5 * x.mean(dim=(0, 2)))
+    torch.testing.assert_close(running_var.detach(), 0.5 + 0.5 * x.var(dim=(0, 2)))
+
+
+@NEEDS_NUMBA
+def test_numba_variance_precision_with_long_rows() -> None:
+    """One long row per channel (L = 2^22): the variance within 1e-6 of float64's."""
+    from batchnorm.backends.numba_backend import ALL_KERNEL_CASES, NumbaBackend
+
+    x = 5.0 + 2.0 * torch.randn(1, 2, 1 << 22, dtype=torch.float64)
+    result = NumbaBackend(ALL_KERNEL_CASES).forward(x.float(), None, None, EPS)
+    expected = x.float().double().var(dim=(0, 2), correction=0)
+    torch.testing.assert_close(result.var.double(), expected, rtol=1e-6, atol=0.0)

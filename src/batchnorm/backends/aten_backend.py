@@ -21,9 +21,10 @@ Two details keep our semantics:
 Besides the contract, :meth:`AtenBackend.forward_update` runs a whole training call the way
 ``torch.nn.functional.batch_norm`` does: one ``torch.batch_norm`` on the input as given,
 differentiated by ATen's own autograd formula (the one :meth:`AtenBackend.backward` calls) and
-updating copies of the running buffers in its kernel. It skips the per-call work of the generic
-path (an autograd function in Python, scratch buffers, a separate running update), about 60 µs
-a call, which is 5–10% of a 1 ms batch norm.
+updating the running buffers in its kernel (copies of them, except for the in-place
+:func:`batch_norm`, whose checked buffers ATen moves itself, as ``F.batch_norm`` does). It
+skips the per-call work of the generic path (an autograd function in Python, scratch buffers, a
+separate running update), about 60 µs a call, which is 5–10% of a 1 ms batch norm.
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ def rows_as_input(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`native_operand`'s ``(M, C)`` view: ``rows`` laid out like ``like``."""
     spatial = like.shape[2:]
     return rows.view(like.shape[0], *spatial, like.shape[1]).movedim(-1, 1)  # (N, C, *)
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether any of these tensors requires grad."""
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def torch_inference(
@@ -195,7 +201,7 @@ class AtenBackend:
             ``(y, new_running_mean, new_running_var)``, ``y`` like ``input``, the statistics
             new tensors (the given ones with ``in_place``; ``None`` where no buffer was given);
             or ``None`` when
-            :func:`native_call` rejects the tensors or only one buffer is given (the caller
+            :func:`native_operand` rejects the tensors or only one buffer is given (the caller
             then runs the generic path).
         """
         if (running_mean is None) != (running_var is None):
@@ -205,7 +211,9 @@ class AtenBackend:
             return None
         operand, is_rows = native  # input, or its (M, C) view
         new_mean, new_var = running_mean, running_var
-        if not in_place and running_mean is not None and running_var is not None:
+        buffers_need_grad = _needs_grad(running_mean, running_var)  # ATen would refuse them
+        if (buffers_need_grad or not in_place) and running_mean is not None:
+            assert running_var is not None  # both or neither, checked above
             new_mean = running_mean.detach().clone()  # (C,)
             new_var = running_var.detach().clone()  # (C,)
         y = torch.batch_norm(operand, weight, bias, new_mean, new_var, True, momentum, eps, False)

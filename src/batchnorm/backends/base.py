@@ -1,8 +1,14 @@
 """The contract every batch-norm backend implements, so tests and benchmarks loop over backends.
 
-A backend works on the ``(N, C, L)`` view of the input (``L`` = product of the spatial sizes),
-whatever its strides, and never updates running statistics itself: that is a separate, pure step
-(:func:`batchnorm.functional.running_update`).
+The contract: ``forward``/``backward`` on the ``(N, C, L)`` view of the input (``L`` = product
+of the spatial sizes), whatever its strides, never touching running statistics (their update is
+a separate, pure step: :func:`batchnorm.functional.running_update`).
+
+Optional extras a backend may add, taken by the functional when present: ``inference`` (one
+evaluation pass on the input as the caller has it, ``(N, C, *)``), ``forward_update`` (a whole
+training call on ``(N, C, *)`` that autograd differentiates and that returns the new running
+statistics, or ``None`` to decline; see ``AtenBackend.forward_update``) and
+:class:`FusedBackend`.
 """
 
 from __future__ import annotations
