@@ -61,3 +61,22 @@ def test_cpu_benchmark_tiny_run(tmp_path) -> None:
         assert providers["ours"]["ratio_vs_aten"] > 0
         assert record["copy_ms"] > 0
     assert "ours/aten" in completed.stdout
+
+
+def test_cpu_overhead_runs() -> None:
+    """``cpu_overhead.py`` exits 0 and prints a row per measured call."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cpu_overhead.py"), "--rounds", "3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    rows = [line.split()[0] for line in completed.stdout.splitlines()[2:]]
+    assert rows == ["inference", "training", "module"]
