@@ -12,6 +12,8 @@ import importlib.util
 import pytest
 import torch
 import torch.nn.functional as TF
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batchnorm.autograd import batch_norm_train
 from batchnorm.backends import memory
@@ -39,7 +41,12 @@ def test_native_operand_views(shape) -> None:
     if len(shape) == 2:
         return
     x_last = _channels_innermost(shape)
-    operand, is_rows = native_operand(x_last)
+    if len(shape) in (4, 5):  # float32 channels_last: ATen's own kernels for that format
+        operand, is_rows = native_operand(x_last)
+        assert operand is x_last
+        assert not is_rows
+        x_last = x_last.bfloat16()  # reduced precision: the (M, C) view (fp32 gradient sums)
+    operand, is_rows = native_operand(x_last, torch.ones(shape[1]))
     assert is_rows
     assert operand.shape == (x_last.numel() // shape[1], shape[1])
     assert operand.data_ptr() == x_last.data_ptr()  # a view
@@ -166,19 +173,54 @@ def test_numba_kernel_thresholds() -> None:
 
     default, everywhere = NumbaBackend(), NumbaBackend(ALL_KERNEL_CASES)
     small = torch.randn(4, 3, 5)
-    assert default._kernel_input("forward", small) is None
-    assert everywhere._kernel_input("forward", small) is not None
+    assert default._kernel_layout("forward", small) is None
+    assert everywhere._kernel_layout("forward", small) == "ncl"
     smallest = MEASURED_KERNEL_CASES[("forward", "ncl", torch.float32)]
     at_threshold = torch.empty(2, 4, smallest // 32)  # exactly `smallest` bytes of float32
-    assert default._kernel_input("forward", at_threshold) is not None
-    assert default._kernel_input("forward", at_threshold[..., 1:].contiguous()) is None
-    assert default._kernel_input("forward", at_threshold.bfloat16()) is None  # ATen's is faster
+    assert default._kernel_layout("forward", at_threshold) == "ncl"
+    assert default._kernel_layout("forward", at_threshold[..., 1:].contiguous()) is None
+    assert default._kernel_layout("forward", at_threshold.bfloat16()) is None  # ATen's is faster
     rows = at_threshold.transpose(1, 2).contiguous().transpose(1, 2)  # channels innermost
-    assert default._kernel_input("forward", rows) is None  # (M, C): ATen below fresh mappings
+    assert default._kernel_layout("forward", rows) is None  # (M, C): ATen below fresh mappings
     fresh_rows = torch.empty(2, FRESH_MAPPING_BYTES // 32, 4).transpose(1, 2)  # 32 MiB
-    assert default._kernel_input("forward", fresh_rows) is not None
-    assert default._kernel_input("inference", fresh_rows) is not None
-    assert default._kernel_input("inference", rows) is None
+    assert default._kernel_layout("forward", fresh_rows) == "rows"
+    assert default._kernel_layout("inference", fresh_rows) == "rows"
+    assert default._kernel_layout("inference", rows) is None
+
+
+@NEEDS_NUMBA
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=2, max_size=5),
+    order_seed=st.randoms(use_true_random=False),
+    sliced=st.booleans(),
+)
+def test_kernel_layout_matches_views(shape, order_seed, sliced) -> None:
+    """``kernel_layout`` (strides only) agrees with the views the kernels read: "ncl" iff the
+    tensor is contiguous with L > 1, "rows" iff its channels-innermost view is contiguous."""
+    from batchnorm.backends.numba_backend import kernel_layout
+
+    order = list(range(len(shape)))
+    order_seed.shuffle(order)
+    base = torch.randn([shape[d] * (2 if sliced and d == order[0] else 1) for d in order])
+    x = base.permute([order.index(d) for d in range(len(shape))])  # (N, C, *), any strides
+    if sliced:
+        x = x.narrow(order[0], 0, shape[order[0]])
+    length = x[0, 0].numel()
+    if x.is_contiguous() and length > 1:
+        expected = "ncl"
+    elif x.movedim(1, -1).is_contiguous():
+        expected = "rows"
+    else:
+        expected = None
+    assert kernel_layout(x) == expected
+    if expected is not None:  # the array the kernels read is the view, without a copy
+        from batchnorm.backends.numba_backend import _kernel_array
+
+        array = _kernel_array(channel_view(x), expected)
+        assert array.ctypes.data == x.data_ptr()
+    assert kernel_layout(x.half()) is None  # float16: ATen's
+    assert kernel_layout(x.to(torch.int32)) is None
 
 
 @NEEDS_NUMBA
@@ -206,6 +248,83 @@ def test_numba_routes_bfloat16_backward_to_its_kernel(monkeypatch, requires_grad
         )
         torch.testing.assert_close(dx.float(), dx_ref, atol=3e-2, rtol=3e-2)
     assert calls == ([1] if requires_grad else [])
+
+
+@NEEDS_NUMBA
+@pytest.mark.parametrize("pure", [False, True], ids=["in-place", "pure"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("buffers", ["plain", "grad", "none"])
+def test_native_forward_path_matches_torch(monkeypatch, pure, affine, buffers) -> None:
+    """ATen's forward with the running update inside, Numba's backward: F.batch_norm's output
+    and statistics bit for bit (same kernel), its gradients to bfloat16 accuracy; the given
+    buffers move only in the in-place form, and never when they require grad."""
+    from batchnorm.backends import numba_backend
+
+    backend = numba_backend.NumbaBackend({("backward", "ncl", torch.bfloat16): 1})
+    monkeypatch.setattr("batchnorm.backends._INSTANCES", {"numba": backend})
+    calls = []
+    kernel = numba_backend.cpu_numba.backward_ncl
+    monkeypatch.setattr(
+        numba_backend.cpu_numba, "backward_ncl", lambda *args: calls.append(1) or kernel(*args)
+    )
+    channels = 5
+    x = (3.0 + 2.0 * torch.randn(6, channels, 7, 3)).bfloat16().requires_grad_()
+    weight = torch.linspace(0.5, 1.5, channels).requires_grad_() if affine else None
+    bias = torch.linspace(-1.0, 1.0, channels).requires_grad_() if affine else None
+    mean, var = torch.rand(channels), torch.rand(channels) + 0.5
+    if buffers == "none":
+        mean = var = None
+    if buffers == "grad":
+        mean.requires_grad_()
+        var.requires_grad_()
+    assert backend.native_forward(x, weight, bias, mean, var)
+    ref_mean = None if mean is None else mean.detach().clone()
+    ref_var = None if var is None else var.detach().clone()
+    given = None if mean is None else (mean.detach().clone(), var.detach().clone())
+    expected = TF.batch_norm(x, ref_mean, ref_var, weight, bias, True, 0.3, EPS)
+    if pure:
+        out = batch_norm_pure(x, mean, var, weight, bias, True, 0.3, EPS, backend="numba")
+        y, new_mean, new_var = out
+    else:
+        y = batch_norm(x, mean, var, weight, bias, True, 0.3, EPS, backend="numba")
+        new_mean, new_var = mean, var
+    assert torch.equal(y, expected)
+    if mean is not None:
+        assert torch.equal(new_mean.detach(), ref_mean)
+        assert torch.equal(new_var.detach(), ref_var)
+        moved = not pure  # buffers requiring grad: moved as copies, copied back
+        assert torch.equal(mean.detach(), ref_mean if moved else given[0])
+        assert torch.equal(var.detach(), ref_var if moved else given[1])
+    leaves = [x] + ([weight, bias] if affine else [])
+    dy = torch.randn_like(x)
+    grads = torch.autograd.grad(y, leaves, dy)
+    assert calls == [1]
+    leaves_ref = [t.detach().double().requires_grad_() for t in leaves]
+    weight_ref, bias_ref = leaves_ref[1:] if affine else (None, None)
+    y_ref = TF.batch_norm(leaves_ref[0], None, None, weight_ref, bias_ref, True, 0.3, EPS)
+    grads_ref = torch.autograd.grad(y_ref, leaves_ref, dy.double())
+    for grad, leaf, grad_ref in zip(grads, leaves, grads_ref, strict=True):
+        assert grad.dtype == leaf.dtype
+        torch.testing.assert_close(grad.double(), grad_ref, atol=3e-2, rtol=3e-2)
+
+
+@NEEDS_NUMBA
+def test_native_forward_declines() -> None:
+    """Only bfloat16 (N, C, L) the backward kernel takes, with ATen's dtypes, under autograd."""
+    from batchnorm.backends.numba_backend import NumbaBackend
+
+    backend = NumbaBackend({("backward", "ncl", torch.bfloat16): 1})
+    x = torch.randn(4, 3, 5).bfloat16().requires_grad_()
+    f32, bf16 = torch.ones(3), torch.ones(3, dtype=torch.bfloat16)
+    assert backend.native_forward(x, f32, f32, None, None)
+    assert not backend.native_forward(x.detach(), f32, f32, None, None)  # no backward to run
+    assert not backend.native_forward(x, bf16, bf16, None, None)  # dtypes ATen does not mix
+    assert not backend.native_forward(x, None, None, f32, None)  # one buffer only
+    assert not backend.native_forward(x.float(), None, None, None, None)  # no fp32 kernel case
+    rows = x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    assert not backend.native_forward(rows, None, None, None, None)  # (M, C): not this kernel
+    with torch.no_grad():
+        assert not backend.native_forward(x, None, None, None, None)
 
 
 def test_pure_fast_path_returns_new_statistics() -> None:

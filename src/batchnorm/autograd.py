@@ -32,6 +32,7 @@ __all__ = [
     "batch_norm_act_train",
     "batch_norm_train",
     "fuses",
+    "native_forward_train",
 ]
 
 
@@ -137,6 +138,88 @@ def batch_norm_train(
     )
     outputs = function.apply(x, weight, bias, eps, backend)  # type: ignore[no-untyped-call]
     return ForwardResult(*outputs)
+
+
+class _NativeForwardFunction(torch.autograd.Function):
+    """ATen's training forward, which also moves the running buffers; a backend's backward.
+
+    Forward is one ``aten::native_batch_norm`` (``F.batch_norm``'s kernel: statistics, output
+    and the running update ``running ← (1 − momentum)·running + momentum·batch``, unbiased
+    variance, in one call); backward is ``backend.backward`` from the saved ``μ`` and ``r``.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        momentum: float,
+        eps: float,
+        backend: Backend,
+    ) -> torch.Tensor:
+        """Normalizes ``x`` ``(N, C, L)`` with its batch statistics; moves the buffers."""
+        y, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )  # (N, C, L), (C,), (C,)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.backend = backend
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y  # type: ignore[no-any-return]
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Returns ``(dx, dweight, dbias)`` from ``backend.backward``, None for the rest."""
+        x, weight, mean, invstd = ctx.saved_tensors
+        dx, dweight, dbias = ctx.backend.backward(dy, x, weight, mean, invstd)
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        return (
+            dx if needs_x else None,
+            dweight.to(weight.dtype) if needs_weight else None,
+            dbias.to(ctx.bias_dtype) if needs_bias else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def native_forward_train(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    momentum: float,
+    eps: float,
+    backend: Backend,
+) -> torch.Tensor:
+    """Differentiable training forward on ATen's kernel, differentiated by ``backend``.
+
+    For a backend whose backward kernel beats ATen's where ATen's forward is the fastest
+    (:meth:`batchnorm.backends.numba_backend.NumbaBackend.native_forward`): the forward costs
+    what ``F.batch_norm``'s does, one kernel with the running update inside, where the
+    generic path (:func:`batch_norm_train`) adds scratch buffers and a separate update.
+
+    Args:
+        x: the contiguous input view ``(N, C, L)``.
+        weight, bias: ``γ``, ``β`` ``(C,)`` or ``None``, float32 for float16/bfloat16 ``x``,
+            else ``x``'s dtype (the combinations ATen's kernels take).
+        running_mean, running_var: buffers ``(C,)`` the kernel moves in place (both or
+            neither; not requiring grad), of ``weight``'s dtype rules.
+        momentum: the running-average factor.
+        eps: added to the variance inside the square root.
+        backend: the backend whose ``backward`` computes ``(dx, dγ, dβ)``.
+
+    Returns:
+        ``y`` ``(N, C, L)``, differentiable with respect to ``x``, ``weight`` and ``bias``.
+    """
+    return _NativeForwardFunction.apply(  # type: ignore[no-any-return, no-untyped-call]
+        x, weight, bias, running_mean, running_var, momentum, eps, backend
+    )
 
 
 def activate(u: torch.Tensor, activation: str | None, negative_slope: float) -> torch.Tensor:

@@ -23,8 +23,15 @@ from typing import NamedTuple
 
 import torch
 
-from batchnorm.autograd import activate, batch_norm_act_train, batch_norm_train, fuses
+from batchnorm.autograd import (
+    activate,
+    batch_norm_act_train,
+    batch_norm_train,
+    fuses,
+    native_forward_train,
+)
 from batchnorm.backends import Backend, normalize_with_running_stats, resolve_backend
+from batchnorm.backends.aten_backend import kernel_buffers
 from batchnorm.backends.base import ACTIVATIONS, channel_view
 
 __all__ = [
@@ -187,12 +194,14 @@ def _normalize(
     With ``update_in_place`` (:func:`batch_norm` only) a ``forward_update`` backend may move
     the given running buffers in its kernel and return them; otherwise nothing is mutated.
 
-    Backends may offer two shortcuts, taken when they accept the call: ``inference`` (one
-    kernel for evaluation mode, on the input as given) and ``forward_update`` (a whole
+    Backends may offer three shortcuts, taken when they accept the call: ``inference`` (one
+    kernel for evaluation mode, on the input as given), ``forward_update`` (a whole
     training call in one operation that autograd differentiates and that returns the new
-    running statistics; see :meth:`batchnorm.backends.aten_backend.AtenBackend.forward_update`).
-    Everything else runs the generic path: the backend's ``forward``/``backward`` contract on
-    the ``(N, C, L)`` view inside our autograd function, then :func:`running_update`.
+    running statistics; see :meth:`batchnorm.backends.aten_backend.AtenBackend.forward_update`)
+    and ``native_forward`` (ATen's forward kernel with the running update inside, the
+    backend's own backward: :func:`batchnorm.autograd.native_forward_train`). Everything else
+    runs the generic path: the backend's ``forward``/``backward`` contract on the ``(N, C, L)``
+    view inside our autograd function, then :func:`running_update`.
     """
     impl = resolve_backend(backend, input.device)
     if activation is not None or residual is not None or fuses(impl, input):
@@ -218,6 +227,13 @@ def _normalize(
         if done is not None:
             return BatchNormOutput(*done)
     x3 = channel_view(input)  # (N, C, L), a view when possible
+    native_forward = getattr(impl, "native_forward", None)
+    if native_forward is not None and native_forward(
+        input, weight, bias, running_mean, running_var
+    ):
+        new_mean, new_var = kernel_buffers(running_mean, running_var, update_in_place)
+        y3 = native_forward_train(x3, weight, bias, new_mean, new_var, momentum, eps, impl)
+        return BatchNormOutput(y3.reshape(input.shape), new_mean, new_var)
     result = batch_norm_train(x3, weight, bias, eps, impl)
     new_mean, new_var = _new_running_stats(
         running_mean, running_var, result.mean, result.var, x3, momentum

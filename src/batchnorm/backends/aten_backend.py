@@ -38,9 +38,18 @@ from batchnorm.backends.base import (
     normalize_with_running_stats,
 )
 
-__all__ = ["AtenBackend", "channel_rows", "native_operand", "rows_as_input", "torch_inference"]
+__all__ = [
+    "AtenBackend",
+    "channel_rows",
+    "kernel_buffers",
+    "native_operand",
+    "rows_as_input",
+    "torch_inference",
+]
 
 _REDUCED_FLOATS = (torch.float16, torch.bfloat16)
+#: Rank → the channels-last memory format ATen's kernels take as it is.
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def channel_rows(x: torch.Tensor) -> torch.Tensor | None:
@@ -80,8 +89,10 @@ def native_operand(
         per_channel: weight, bias and running buffers ``(C,)``, ``None`` where absent.
 
     Returns:
-        ``(operand, is_rows)``: ``input`` itself when it is contiguous (``is_rows`` False), or
-        its ``(M, C)`` matrix view when its channels are innermost (channels-last of any rank,
+        ``(operand, is_rows)``: ``input`` itself when it is contiguous, or a float32/float64
+        ``channels_last`` 4D/5D tensor (``is_rows`` False: ATen's own kernels for that format,
+        as fast as its 2D ones and what ``F.batch_norm`` runs); its ``(M, C)`` matrix view when
+        its channels are otherwise innermost (float16/bfloat16 channels-last, or any rank;
         ``is_rows`` True: ATen's 2D kernels sum the gradients of float16/bfloat16 input in
         float32, its channels-last 4D ones do not); ``None`` when the input is empty (ATen's
         CPU kernels divide by the count), has other strides, a ``torch.func`` transform is
@@ -97,6 +108,13 @@ def native_operand(
         return None
     if input.is_contiguous():
         return input, False
+    memory_format = _CHANNELS_LAST.get(input.dim())
+    if (
+        memory_format is not None
+        and input.dtype not in _REDUCED_FLOATS
+        and input.is_contiguous(memory_format=memory_format)
+    ):
+        return input, False  # ATen's channels-last kernels, as F.batch_norm runs them
     innermost = input.movedim(1, -1)  # (N, *, C)
     if not innermost.is_contiguous():
         return None
@@ -112,6 +130,26 @@ def rows_as_input(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether any of these tensors requires grad."""
     return any(t is not None and t.requires_grad for t in tensors)
+
+
+def kernel_buffers(
+    running_mean: torch.Tensor | None, running_var: torch.Tensor | None, in_place: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The running buffers an ATen training kernel may move: the given ones or copies.
+
+    Args:
+        running_mean, running_var: the checked buffers ``(C,)``, both or neither.
+        in_place: whether the caller lets the kernel move the given buffers themselves.
+
+    Returns:
+        The given buffers with ``in_place``, else (and always for buffers that require grad,
+        which ATen refuses to modify) detached copies; ``None`` where none is given.
+    """
+    if running_mean is None or running_var is None:
+        return running_mean, running_var
+    if in_place and not _needs_grad(running_mean, running_var):
+        return running_mean, running_var
+    return running_mean.detach().clone(), running_var.detach().clone()  # (C,), (C,)
 
 
 def torch_inference(
@@ -210,12 +248,7 @@ class AtenBackend:
         if native is None:
             return None
         operand, is_rows = native  # input, or its (M, C) view
-        new_mean, new_var = running_mean, running_var
-        buffers_need_grad = _needs_grad(running_mean, running_var)  # ATen would refuse them
-        if (buffers_need_grad or not in_place) and running_mean is not None:
-            assert running_var is not None  # both or neither, checked above
-            new_mean = running_mean.detach().clone()  # (C,)
-            new_var = running_var.detach().clone()  # (C,)
+        new_mean, new_var = kernel_buffers(running_mean, running_var, in_place)
         y = torch.batch_norm(operand, weight, bias, new_mean, new_var, True, momentum, eps, False)
         return (rows_as_input(y, input) if is_rows else y), new_mean, new_var
 

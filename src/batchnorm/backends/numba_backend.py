@@ -25,7 +25,12 @@ import numba
 import numpy as np
 import torch
 
-from batchnorm.backends.aten_backend import AtenBackend, channel_rows, torch_inference
+from batchnorm.backends.aten_backend import (
+    AtenBackend,
+    channel_rows,
+    native_operand,
+    torch_inference,
+)
 from batchnorm.backends.base import ForwardResult, channel_view, compute_dtype
 from batchnorm.backends.memory import ADVISE_FROM_BYTES, empty_like
 from batchnorm.backends.torch_backend import TorchBackend
@@ -46,22 +51,43 @@ def _as_array(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _kernel_view(x: torch.Tensor) -> tuple[np.ndarray, bool] | None:
-    """The NumPy array the kernels read for ``x`` ``(N, C, L)``, and whether it is ``(M, C)``.
+def kernel_layout(x: torch.Tensor) -> str | None:
+    """The layout the kernels would read ``x`` ``(N, C, *)`` in, from its strides alone.
+
+    No view or array is made (this runs on every call, where a cold ``numpy()`` conversion
+    costs more than the decision is worth).
 
     Returns:
-        ``(array, is_rows)``: the contiguous ``(N, C, L)`` array (``is_rows`` False) or the
-        ``(M, C)`` channels-innermost array (``is_rows`` True), sharing memory with ``x``; or
-        ``None`` when the kernels cannot take ``x`` (device, dtype or strides).
+        ``"ncl"`` when ``x`` is contiguous with more than one value per (sample, channel), so its
+        ``(N, C, L)`` view is dense; ``"rows"`` when its channels are innermost and the rest is
+        dense (channels_last of any rank, ``(N, C)``), so it is an ``(M, C)`` matrix; ``None``
+        when the kernels cannot take it (device, dtype or other strides).
     """
     if x.device.type != "cpu" or x.dtype not in _KERNEL_DTYPES:
         return None
-    if x.is_contiguous() and x.shape[2] > 1:
-        return _as_array(x), False  # (N, C, L)
-    rows = channel_rows(x)  # (M, C) or None
-    if rows is None:
-        return None
-    return _as_array(rows), True  # (M, C)
+    sizes, strides = x.shape, x.stride()
+    length = 1
+    for size in sizes[2:]:
+        length *= size
+    if x.is_contiguous() and length > 1:
+        return "ncl"
+    expected = sizes[1]  # channels innermost: the last spatial dim steps over C values
+    for dim in (*range(len(sizes) - 1, 1, -1), 0):
+        if sizes[dim] != 1 and strides[dim] != expected:
+            return None
+        expected *= sizes[dim]
+    return "rows" if sizes[1] == 1 or strides[1] == 1 else None
+
+
+def _kernel_array(x: torch.Tensor, layout: str) -> np.ndarray:
+    """The NumPy array the kernels read for ``x`` ``(N, C, L)`` in ``layout`` (shared memory).
+
+    Returns:
+        ``x`` itself as ``(N, C, L)`` for ``"ncl"``, its ``(M, C)`` matrix for ``"rows"``.
+    """
+    if layout == "ncl":
+        return _as_array(x)  # (N, C, L)
+    return _as_array(channel_rows(x))  # type: ignore[arg-type]  # (M, C)
 
 
 #: A case of the kernels: (pass, layout, dtype), pass "forward", "backward" or "inference",
@@ -163,20 +189,31 @@ class NumbaBackend:
         smallest = self._smallest.get((pass_name, x.dtype))
         return smallest is not None and 0 < x.numel() * x.element_size() >= smallest
 
-    def _kernel_input(self, pass_name: str, x: torch.Tensor) -> tuple[np.ndarray, bool] | None:
-        """:func:`_kernel_view` of ``x`` if the kernels run this case, else None."""
-        nbytes = x.numel() * x.element_size()
-        layouts = [
-            layout
-            for layout in ("ncl", "rows")
-            if nbytes >= self.kernel_cases.get((pass_name, layout, x.dtype), nbytes + 1)
-        ]
-        if nbytes == 0 or not layouts:  # cheap checks first: most calls end here
+    def _kernel_layout(self, pass_name: str, x: torch.Tensor) -> str | None:
+        """:func:`kernel_layout` of ``x`` ``(N, C, *)`` if the kernels run this case, else None."""
+        if not self._may_run(pass_name, x):  # one dict lookup: most calls end here
             return None
-        view = _kernel_view(x)
-        if view is None or ("rows" if view[1] else "ncl") not in layouts:
+        layout = kernel_layout(x)
+        if layout is None:
             return None
-        return view
+        smallest = self.kernel_cases.get((pass_name, layout, x.dtype))
+        return layout if smallest is not None and x.numel() * x.element_size() >= smallest else None
+
+    def _runs_kernels(
+        self, input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> bool:
+        """Whether a training call on ``input`` ``(N, C, *)`` runs a Numba kernel.
+
+        True when the forward kernel takes ``input``, or the backward kernel does and autograd
+        will differentiate the call; False under ``torch.func`` transforms (pure torch there).
+        """
+        if _is_transformed(input):
+            return False
+        if self._kernel_layout("forward", input) is not None:
+            return True
+        return self._kernel_layout("backward", input) is not None and _needs_grad(
+            input, weight, bias
+        )
 
     def forward(
         self,
@@ -188,10 +225,11 @@ class NumbaBackend:
         """Training-mode forward on the ``(N, C, L)`` view; see :class:`Backend`."""
         if _is_transformed(x):
             return self._torch.forward(x, weight, bias, eps)
-        view = self._kernel_input("forward", x)
-        if view is None:
+        layout = self._kernel_layout("forward", x)
+        if layout is None:
             return self._aten.forward(x, weight, bias, eps)
-        array, is_rows = view
+        is_rows = layout == "rows"
+        array = _kernel_array(x, layout)  # (N, C, L) or (M, C)
         channels = x.shape[1]
         y = empty_like(x)  # (N, C, L), strides of x (dense), huge pages
         y_array = _as_array(channel_rows(y) if is_rows else y)  # type: ignore[arg-type]
@@ -234,17 +272,40 @@ class NumbaBackend:
         differentiate, ``None`` sends the call to the generic path (our autograd function,
         :meth:`forward`, :meth:`backward`).
         """
-        forward = self._may_run("forward", input)
-        backward = self._may_run("backward", input) and _needs_grad(input, weight, bias)
-        if (forward or backward) and not _is_transformed(input):
-            x3 = channel_view(input)  # (N, C, L), a view for the dense layouts the kernels take
-            if (forward and self._kernel_input("forward", x3)) or (
-                backward and self._kernel_input("backward", x3)
-            ):
-                return None
+        if self._runs_kernels(input, weight, bias):
+            return None
         return self._aten.forward_update(
             input, weight, bias, running_mean, running_var, momentum, eps, in_place
         )
+
+    def native_forward(
+        self,
+        input: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+    ) -> bool:
+        """Whether a training call should run ATen's forward kernel and this backend's backward.
+
+        That is the case where only the backward kernel takes ``input`` (bfloat16 ``(N, C, L)``
+        from 2 MiB: ATen's own backward of that layout is slow, its forward is not) and ATen's
+        kernel takes the tensors as they are. The caller then runs
+        :func:`batchnorm.autograd.native_forward_train`: one ATen forward that also moves the
+        running buffers, instead of the generic path's separate statistics and update.
+
+        Args:
+            input: the checked input ``(N, C, *)``.
+            weight, bias, running_mean, running_var: the checked per-channel tensors or None.
+        """
+        if (running_mean is None) != (running_var is None) or _is_transformed(input):
+            return False
+        if self._kernel_layout("forward", input) is not None:
+            return False
+        if self._kernel_layout("backward", input) != "ncl" or not _needs_grad(input, weight, bias):
+            return False
+        native = native_operand(input, weight, bias, running_mean, running_var)
+        return native is not None and not native[1]
 
     def inference(
         self,
@@ -264,13 +325,12 @@ class NumbaBackend:
             y3 = torch_inference(channel_view(x), weight, bias, running_mean, running_var, eps)
             return y3.reshape(x.shape)
         # ATen's kernel is differentiable (gradients in evaluation mode); ours is not.
-        if not self._may_run("inference", x) or _needs_grad(x, weight, bias):
+        layout = None if _needs_grad(x, weight, bias) else self._kernel_layout("inference", x)
+        if layout is None:
             return self._aten.inference(x, weight, bias, running_mean, running_var, eps)
+        is_rows = layout == "rows"
         x3 = channel_view(x)  # (N, C, L), a view for the dense layouts the kernels take
-        view = self._kernel_input("inference", x3)
-        if view is None:
-            return self._aten.inference(x, weight, bias, running_mean, running_var, eps)
-        array, is_rows = view
+        array = _kernel_array(x3, layout)  # (N, C, L) or (M, C)
         channels = x.shape[1]
         y3 = empty_like(x3)  # (N, C, L), strides of x3 (dense), huge pages
         kernel = cpu_numba.inference_mc if is_rows else cpu_numba.inference_ncl
@@ -298,10 +358,11 @@ class NumbaBackend:
         """Backward of :meth:`forward`; see :class:`Backend`."""
         if _is_transformed(x) or _is_transformed(dy):
             return self._torch.backward(dy, x, weight, mean, invstd)
-        view = self._kernel_input("backward", x)
-        if view is None:
+        layout = self._kernel_layout("backward", x)
+        if layout is None:
             return self._aten.backward(dy, x, weight, mean, invstd)
-        array, is_rows = view
+        is_rows = layout == "rows"
+        array = _kernel_array(x, layout)  # (N, C, L) or (M, C)
         channels = x.shape[1]
         dx = empty_like(x)  # (N, C, L), strides of x (dense), huge pages
         dy = dy.to(x.dtype)  # autograd hands dy in y's dtype, which is x's
