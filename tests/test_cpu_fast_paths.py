@@ -438,3 +438,24 @@ def test_numba_variance_precision_with_long_rows() -> None:
     result = NumbaBackend(ALL_KERNEL_CASES).forward(x.float(), None, None, EPS)
     expected = x.float().double().var(dim=(0, 2), correction=0)
     torch.testing.assert_close(result.var.double(), expected, rtol=1e-6, atol=0.0)
+
+
+@NEEDS_NUMBA
+def test_numba_gradient_sums_precision_with_long_rows() -> None:
+    """One long row per channel (L = 2^22): dβ = Σdy within 2e-7 relative of float64's, and
+    dγ within 1e-7 of its scale Σ|dy·(x − μ)|·r (whole-row float32 sums drift to ~1e-6)."""
+    from batchnorm.backends.numba_backend import ALL_KERNEL_CASES, NumbaBackend
+
+    gen = torch.Generator().manual_seed(0)
+    x = (5.0 + 2.0 * torch.randn(1, 2, 1 << 22, generator=gen)).float()
+    dy = (0.3 + torch.randn(1, 2, 1 << 22, generator=gen)).float()
+    backend = NumbaBackend(ALL_KERNEL_CASES)
+    stats = backend.forward(x, None, None, EPS)
+    _dx, dweight, dbias = backend.backward(dy, x, None, stats.mean, stats.invstd)
+    x64, dy64 = x.double(), dy.double()
+    centered = x64 - stats.mean.double()[None, :, None]  # (1, 2, L)
+    dbias64 = dy64.sum(dim=(0, 2))
+    terms = dy64 * centered * stats.invstd.double()[None, :, None]  # (1, 2, L)
+    torch.testing.assert_close(dbias.double(), dbias64, rtol=2e-7, atol=0.0)
+    scale = terms.abs().sum(dim=(0, 2))
+    assert ((dweight.double() - terms.sum(dim=(0, 2))).abs() / scale).max() < 1e-7
