@@ -46,8 +46,9 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "aten": ("batchnorm.backends.aten_backend", "AtenBackend"),
     "numba": ("batchnorm.backends.numba_backend", "NumbaBackend"),
 }
-#: Backend name → its shared instance; also ``"auto:<device type>"`` → auto's choice there.
-_INSTANCES: dict[str, Backend] = {}
+#: Backend name → its shared instance; also a device → auto's choice there (looked up by the
+#: device itself: reading its type costs more than the lookup).
+_INSTANCES: dict[str | torch.device, Backend] = {}
 
 
 def available_backends() -> tuple[str, ...]:
@@ -88,6 +89,20 @@ def _auto(device: torch.device) -> str:
     return "torch"
 
 
+#: ``os.environ``'s own mapping and key encoding (CPython's ``os._Environ``), read directly:
+#: ``os.environ.get`` runs four Python-level calls, ~10 µs per batch norm when caches are cold.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_ENVIRON_KEY = os.environ.encodekey(BACKEND_ENV_VAR) if hasattr(os.environ, "encodekey") else None
+
+
+def _environment_value() -> str | None:
+    """The current value of ``BATCHNORM_BACKEND`` (None when unset), as ``os.environ`` has it."""
+    if _ENVIRON_DATA is None or _ENVIRON_KEY is None:
+        return os.environ.get(BACKEND_ENV_VAR)
+    raw = _ENVIRON_DATA.get(_ENVIRON_KEY)
+    return None if raw is None else os.environ.decodevalue(raw)
+
+
 def resolve_backend(name: str | None, device: torch.device) -> Backend:
     """Returns the backend to run on ``device``.
 
@@ -104,12 +119,11 @@ def resolve_backend(name: str | None, device: torch.device) -> Backend:
     """
     source = "backend"
     if name is None:
-        name = os.environ.get(BACKEND_ENV_VAR, "auto") or "auto"
+        name = _environment_value() or "auto"
         source = BACKEND_ENV_VAR
-    auto_key = ""
-    if name == "auto":
-        auto_key = "auto:" + device.type
-        chosen = _INSTANCES.get(auto_key)  # auto's choice, made once per device type
+    is_auto = name == "auto"
+    if is_auto:
+        chosen = _INSTANCES.get(device)  # auto's choice for this device, made once
         if chosen is not None:
             return chosen
         name = _auto(device)
@@ -123,6 +137,6 @@ def resolve_backend(name: str | None, device: torch.device) -> Backend:
             f"{source}: the {name!r} backend cannot be used here ({error}); "
             f"install what it needs or choose another of: {', '.join(available_backends())}"
         ) from error
-    if auto_key:
-        _INSTANCES[auto_key] = instance
+    if is_auto:
+        _INSTANCES[device] = instance
     return instance

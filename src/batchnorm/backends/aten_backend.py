@@ -40,6 +40,7 @@ from batchnorm.backends.base import (
 
 __all__ = [
     "AtenBackend",
+    "any_requires_grad",
     "channel_rows",
     "kernel_buffers",
     "native_operand",
@@ -102,10 +103,10 @@ def native_operand(
     """
     if input.numel() == 0 or torch._C._are_functorch_transforms_active():
         return None
-    dtypes = {t.dtype for t in per_channel if t is not None}
     expected = torch.float32 if input.dtype in _REDUCED_FLOATS else input.dtype
-    if not dtypes <= {expected}:
-        return None
+    for tensor in per_channel:  # a plain loop: this runs on every call
+        if tensor is not None and tensor.dtype != expected:
+            return None
     if input.is_contiguous():
         return input, False
     memory_format = _CHANNELS_LAST.get(input.dim())
@@ -127,9 +128,12 @@ def rows_as_input(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return rows.view(like.shape[0], *spatial, like.shape[1]).movedim(-1, 1)  # (N, C, *)
 
 
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    """Whether any of these tensors requires grad."""
-    return any(t is not None and t.requires_grad for t in tensors)
+def any_requires_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether any of these tensors (None allowed) requires grad."""
+    for tensor in tensors:  # noqa: SIM110  (any() over a generator costs a frame per call)
+        if tensor is not None and tensor.requires_grad:
+            return True
+    return False
 
 
 def kernel_buffers(
@@ -147,7 +151,7 @@ def kernel_buffers(
     """
     if running_mean is None or running_var is None:
         return running_mean, running_var
-    if in_place and not _needs_grad(running_mean, running_var):
+    if in_place and not any_requires_grad(running_mean, running_var):
         return running_mean, running_var
     return running_mean.detach().clone(), running_var.detach().clone()  # (C,), (C,)
 

@@ -27,6 +27,7 @@ import torch
 
 from batchnorm.backends.aten_backend import (
     AtenBackend,
+    any_requires_grad,
     channel_rows,
     native_operand,
     torch_inference,
@@ -135,7 +136,7 @@ def _is_transformed(x: torch.Tensor) -> bool:
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd would record an operation on these tensors."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any_requires_grad(*tensors)
 
 
 def _per_channel_float64(values: torch.Tensor | None, channels: int, fill: float) -> np.ndarray:
@@ -325,8 +326,8 @@ class NumbaBackend:
             y3 = torch_inference(channel_view(x), weight, bias, running_mean, running_var, eps)
             return y3.reshape(x.shape)
         # ATen's kernel is differentiable (gradients in evaluation mode); ours is not.
-        layout = None if _needs_grad(x, weight, bias) else self._kernel_layout("inference", x)
-        if layout is None:
+        layout = self._kernel_layout("inference", x)
+        if layout is None or _needs_grad(x, weight, bias):
             return self._aten.inference(x, weight, bias, running_mean, running_var, eps)
         is_rows = layout == "rows"
         x3 = channel_view(x)  # (N, C, L), a view for the dense layouts the kernels take
