@@ -18,6 +18,7 @@ Raises:
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,13 +41,16 @@ from batchnorm.kernels import cpu_numba
 __all__ = ["NumbaBackend"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+#: Dtypes ``Tensor.numpy()`` does not take.
+_NUMPY_LESS = (torch.bfloat16,)
 #: Fewest elements worth a thread of their own (ATen's ``at::internal::GRAIN_SIZE``).
 _GRAIN = 32768
 
 
 def _as_array(t: torch.Tensor) -> np.ndarray:
     """A NumPy view of ``t``'s memory; bfloat16 as its ``uint16`` bit pattern."""
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(np.uint16)
     return t.numpy()
@@ -139,11 +143,32 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any_requires_grad(*tensors)
 
 
-def _per_channel_float64(values: torch.Tensor | None, channels: int, fill: float) -> np.ndarray:
-    """``values`` ``(C,)`` as a float64 array, or ``C`` copies of ``fill`` when None."""
-    if values is None:
-        return np.full(channels, fill)
-    return values.detach().to(torch.float64).numpy()
+def _per_channel_float64(channels: int, *pairs: tuple[torch.Tensor | None, float]) -> np.ndarray:
+    """Each ``(values, fill)`` as a row of float64: ``values`` ``(C,)`` converted, or ``C``
+    copies of ``fill`` where ``values`` is None; returns ``(len(pairs), C)``.
+
+    The conversion runs in NumPy on views of the tensors: once a large tensor has flushed the
+    caches, each torch operation costs 10–20 µs a call, a NumPy one a few.
+    """
+    rows = np.empty((len(pairs), channels))  # (k, C) float64
+    for row, (values, fill) in enumerate(pairs):
+        if values is None:
+            rows[row] = fill
+        elif values.dtype in _NUMPY_LESS:
+            rows[row] = values.detach().float().numpy()
+        else:
+            rows[row] = values.detach().numpy() if values.requires_grad else values.numpy()
+    return rows
+
+
+def _stats_tensors(stats: np.ndarray, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The rows of a float64 ``(k, C)`` array as ``(C,)`` tensors of ``dtype`` (float32/64)."""
+    converted = stats if dtype == torch.float64 else stats.astype(np.float32)  # (k, C)
+    return list(torch.from_numpy(converted))
+
+
+#: The Numba thread count :func:`_launch` last set, per calling thread.
+_NUMBA_THREADS = threading.local()
 
 
 def _launch(kernel: Callable[..., None], work: int, *args: Any) -> None:
@@ -156,7 +181,11 @@ def _launch(kernel: Callable[..., None], work: int, *args: Any) -> None:
     """
     threads = torch.get_num_threads()
     pool_size = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
-    numba.set_num_threads(max(1, min(threads, pool_size, work // _GRAIN)))
+    wanted = max(1, min(threads, pool_size, work // _GRAIN))
+    # Numba's count is per calling thread; set it only when it changes (the call is slow).
+    if getattr(_NUMBA_THREADS, "count", None) != wanted:
+        numba.set_num_threads(wanted)
+        _NUMBA_THREADS.count = wanted
     kernel(*args)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -234,27 +263,22 @@ class NumbaBackend:
         channels = x.shape[1]
         y = empty_like(x)  # (N, C, L), strides of x (dense), huge pages
         y_array = _as_array(channel_rows(y) if is_rows else y)  # type: ignore[arg-type]
-        mean, var, invstd = np.empty(channels), np.empty(channels), np.empty(channels)  # (C,)
+        stats = np.empty((3, channels))  # rows: mean, var, invstd, (C,) each
+        mean, var, invstd = stats
         kernel = cpu_numba.forward_mc if is_rows else cpu_numba.forward_ncl
         _launch(
             kernel,
             x.numel(),
             array,
-            _per_channel_float64(weight, channels, 1.0),
-            _per_channel_float64(bias, channels, 0.0),
+            *_per_channel_float64(channels, (weight, 1.0), (bias, 0.0)),
             float(eps),
             y_array,
             mean,
             var,
             invstd,
         )
-        stats_dtype = compute_dtype(x.dtype)
-        return ForwardResult(
-            y,
-            torch.from_numpy(mean).to(stats_dtype),
-            torch.from_numpy(invstd).to(stats_dtype),
-            torch.from_numpy(var).to(stats_dtype),
-        )
+        mean_t, var_t, invstd_t = _stats_tensors(stats, compute_dtype(x.dtype))  # (C,) each
+        return ForwardResult(y, mean_t, invstd_t, var_t)
 
     def forward_update(
         self,
@@ -339,10 +363,9 @@ class NumbaBackend:
             kernel,
             x.numel(),
             array,
-            _per_channel_float64(weight, channels, 1.0),
-            _per_channel_float64(bias, channels, 0.0),
-            _per_channel_float64(running_mean, channels, 0.0),
-            _per_channel_float64(running_var, channels, 1.0),
+            *_per_channel_float64(
+                channels, (weight, 1.0), (bias, 0.0), (running_mean, 0.0), (running_var, 1.0)
+            ),
             float(eps),
             _as_array(channel_rows(y3) if is_rows else y3),  # type: ignore[arg-type]
         )
@@ -373,23 +396,18 @@ class NumbaBackend:
         else:
             dy_array = _as_array(dy.contiguous())  # (N, C, L)
             dx_array = _as_array(dx)  # (N, C, L)
-        dweight, dbias = np.empty(channels), np.empty(channels)  # (C,)
+        grads = np.empty((2, channels))  # rows: dweight, dbias, (C,) each
+        dweight, dbias = grads
         kernel = cpu_numba.backward_mc if is_rows else cpu_numba.backward_ncl
         _launch(
             kernel,
             x.numel(),
             dy_array,
             array,
-            _per_channel_float64(weight, channels, 1.0),
-            _per_channel_float64(mean, channels, 0.0),
-            _per_channel_float64(invstd, channels, 1.0),
+            *_per_channel_float64(channels, (weight, 1.0), (mean, 0.0), (invstd, 1.0)),
             dx_array,
             dweight,
             dbias,
         )
-        stats_dtype = compute_dtype(x.dtype)
-        return (
-            dx,
-            torch.from_numpy(dweight).to(stats_dtype),
-            torch.from_numpy(dbias).to(stats_dtype),
-        )
+        dweight_t, dbias_t = _stats_tensors(grads, compute_dtype(x.dtype))  # (C,) each
+        return dx, dweight_t, dbias_t
