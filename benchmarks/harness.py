@@ -1,7 +1,10 @@
 """Shared benchmark harness: interleaved timing, copy bandwidth, and a results file.
 
-Timing runs every provider of a case in turn within each repeat (A, B, C, A, B, C, ...), so a
-burst of load from other processes hits all of them alike; the figure reported is the median.
+Timing runs every provider of a case in turn within each repeat, so a burst of load from other
+processes hits all of them alike, in a new order each repeat (shuffled with a fixed seed): a
+provider's time depends on the allocator state the one before it left (whether its output lands
+on memory already mapped or page-faults on a fresh mapping), and shuffling spreads that over
+all of them instead of always charging the same provider. The figure reported is the median.
 Bandwidth is the copy bandwidth of the case's own tensor (``dst.copy_(src)`` moves ``2S`` bytes:
 one read, one write), timed in the same rounds, so "fraction of copy bandwidth at ``k·S``" is
 ``(k·S / t) / (2S / t_copy) = k·t_copy / (2·t)``.
@@ -13,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -41,8 +45,12 @@ def untimed_setup() -> None:
     """The setup of a step that needs none."""
 
 
+#: Seed of the providers' order in each round (:func:`time_interleaved`).
+ORDER_SEED = 0
+
+
 def time_interleaved(steps: dict[str, Step], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Times each step ``repeats`` times, round-robin, after ``warmup`` untimed rounds.
+    """Times each step ``repeats`` times, one round after another, after ``warmup`` rounds.
 
     Args:
         steps: provider name → ``(setup, run)``; only ``run(setup())`` is timed.
@@ -56,8 +64,12 @@ def time_interleaved(steps: dict[str, Step], repeats: int, warmup: int) -> dict[
         for setup, run in steps.values():
             run(setup())
     times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    order = random.Random(ORDER_SEED)
     for _ in range(repeats):
-        for name, (setup, run) in steps.items():
+        order.shuffle(names)  # a new order each round, the same sequence every run
+        for name in names:
+            setup, run = steps[name]
             state = setup()
             start = time.perf_counter()
             run(state)

@@ -80,3 +80,39 @@ def test_cpu_overhead_runs() -> None:
     assert completed.returncode == 0, completed.stderr
     rows = [line.split()[0] for line in completed.stdout.splitlines()[2:]]
     assert rows == ["inference", "training", "module"]
+
+
+def _load_harness():
+    """``benchmarks/harness.py`` as a module (the benchmarks folder is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("harness", ROOT / "benchmarks" / "harness.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_interleaved_shuffles_each_round() -> None:
+    """Every provider runs once per round, the order changes between rounds (so no provider
+    always inherits the same one's allocator state), and the sequence is the same every run."""
+    harness = _load_harness()
+
+    def record(repeats):
+        calls: list[str] = []
+        steps = {
+            name: (harness.untimed_setup, lambda _, name=name: calls.append(name))
+            for name in "abcde"
+        }
+        times = harness.time_interleaved(steps, repeats=repeats, warmup=1)
+        assert {name: len(values) for name, values in times.items()} == dict.fromkeys("abcde", repeats)
+        timed = calls[5:]  # after the warmup round, which runs in the given order
+        assert calls[:5] == list("abcde")
+        return [tuple(timed[i : i + 5]) for i in range(0, len(timed), 5)]
+
+    rounds = record(12)
+    assert all(sorted(r) == list("abcde") for r in rounds)
+    assert len(set(rounds)) > 6  # not one fixed order
+    assert len({r[0] for r in rounds}) > 2  # the first slot changes hands
+    assert record(12) == rounds  # seeded: the same sequence every run
