@@ -199,11 +199,12 @@ def _normalize(
     the given running buffers in its kernel and return them; otherwise nothing is mutated.
 
     Backends may offer three shortcuts, taken when they accept the call: ``inference`` (one
-    kernel for evaluation mode, on the input as given), ``forward_update`` (a whole
+    kernel for evaluation mode, on the input as given), ``native_forward`` (ATen's forward
+    kernel with the running update inside, the backend's own backward:
+    :func:`batchnorm.autograd.native_forward_train`) and ``forward_update`` (a whole
     training call in one operation that autograd differentiates and that returns the new
-    running statistics; see :meth:`batchnorm.backends.aten_backend.AtenBackend.forward_update`)
-    and ``native_forward`` (ATen's forward kernel with the running update inside, the
-    backend's own backward: :func:`batchnorm.autograd.native_forward_train`). Everything else
+    running statistics; see :meth:`batchnorm.backends.aten_backend.AtenBackend.forward_update`).
+    Everything else
     runs the generic path: the backend's ``forward``/``backward`` contract on the ``(N, C, L)``
     view inside our autograd function, then :func:`running_update`.
     """
@@ -223,6 +224,14 @@ def _normalize(
         x3 = channel_view(input)  # (N, C, L), a view when possible
         y3 = normalize_with_running_stats(x3, running_mean, running_var, weight, bias, eps)
         return BatchNormOutput(y3.to(input.dtype).reshape(input.shape), running_mean, running_var)
+    native_forward = getattr(impl, "native_forward", None)
+    if native_forward is not None and native_forward(
+        input, weight, bias, running_mean, running_var
+    ):
+        new_mean, new_var = kernel_buffers(running_mean, running_var, update_in_place)
+        x3 = channel_view(input)  # (N, C, L), a view (the input is contiguous)
+        y3 = native_forward_train(x3, weight, bias, new_mean, new_var, momentum, eps, impl)
+        return BatchNormOutput(y3.reshape(input.shape), new_mean, new_var)
     forward_update = getattr(impl, "forward_update", None)
     if forward_update is not None:
         done = forward_update(
@@ -231,13 +240,6 @@ def _normalize(
         if done is not None:
             return BatchNormOutput(*done)
     x3 = channel_view(input)  # (N, C, L), a view when possible
-    native_forward = getattr(impl, "native_forward", None)
-    if native_forward is not None and native_forward(
-        input, weight, bias, running_mean, running_var
-    ):
-        new_mean, new_var = kernel_buffers(running_mean, running_var, update_in_place)
-        y3 = native_forward_train(x3, weight, bias, new_mean, new_var, momentum, eps, impl)
-        return BatchNormOutput(y3.reshape(input.shape), new_mean, new_var)
     result = batch_norm_train(x3, weight, bias, eps, impl)
     new_mean, new_var = _new_running_stats(
         running_mean, running_var, result.mean, result.var, x3, momentum

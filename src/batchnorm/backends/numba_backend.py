@@ -224,10 +224,12 @@ class NumbaBackend:
         if not self._may_run(pass_name, x):  # one dict lookup: most calls end here
             return None
         layout = kernel_layout(x)
-        if layout is None:
-            return None
+        return layout if layout is not None and self._takes(pass_name, layout, x) else None
+
+    def _takes(self, pass_name: str, layout: str, x: torch.Tensor) -> bool:
+        """Whether the kernels run ``pass_name`` on ``x`` read in ``layout`` (by size)."""
         smallest = self.kernel_cases.get((pass_name, layout, x.dtype))
-        return layout if smallest is not None and x.numel() * x.element_size() >= smallest else None
+        return smallest is not None and x.numel() * x.element_size() >= smallest
 
     def _runs_kernels(
         self, input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
@@ -323,11 +325,11 @@ class NumbaBackend:
             input: the checked input ``(N, C, *)``.
             weight, bias, running_mean, running_var: the checked per-channel tensors or None.
         """
-        if (running_mean is None) != (running_var is None) or _is_transformed(input):
+        # Cheapest refusal first: this runs before every training call.
+        layout = self._kernel_layout("backward", input)
+        if layout != "ncl" or self._takes("forward", layout, input) or _is_transformed(input):
             return False
-        if self._kernel_layout("forward", input) is not None:
-            return False
-        if self._kernel_layout("backward", input) != "ncl" or not _needs_grad(input, weight, bias):
+        if (running_mean is None) != (running_var is None) or not _needs_grad(input, weight, bias):
             return False
         native = native_operand(input, weight, bias, running_mean, running_var)
         return native is not None and not native[1]
