@@ -106,7 +106,8 @@ def test_time_interleaved_shuffles_each_round() -> None:
             for name in "abcde"
         }
         times = harness.time_interleaved(steps, repeats=repeats, warmup=1)
-        assert {name: len(values) for name, values in times.items()} == dict.fromkeys("abcde", repeats)
+        counts = {name: len(values) for name, values in times.items()}
+        assert counts == dict.fromkeys("abcde", repeats)
         timed = calls[5:]  # after the warmup round, which runs in the given order
         assert calls[:5] == list("abcde")
         return [tuple(timed[i : i + 5]) for i in range(0, len(timed), 5)]
