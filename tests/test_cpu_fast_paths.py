@@ -46,6 +46,9 @@ def test_native_operand_views(shape) -> None:
         assert operand is x_last
         assert not is_rows
         x_last = x_last.bfloat16()  # reduced precision: the (M, C) view (fp32 gradient sums)
+        operand, is_rows = native_operand(x_last, torch.ones(shape[1]), gradients=False)
+        assert operand is x_last  # no gradients: ATen's channels-last kernel as it is
+        assert not is_rows
     operand, is_rows = native_operand(x_last, torch.ones(shape[1]))
     assert is_rows
     assert operand.shape == (x_last.numel() // shape[1], shape[1])
@@ -459,3 +462,28 @@ def test_numba_gradient_sums_precision_with_long_rows() -> None:
     torch.testing.assert_close(dbias.double(), dbias64, rtol=2e-7, atol=0.0)
     scale = terms.abs().sum(dim=(0, 2))
     assert ((dweight.double() - terms.sum(dim=(0, 2))).abs() / scale).max() < 1e-7
+
+
+@pytest.mark.parametrize("backend", ["aten", pytest.param("numba", marks=NEEDS_NUMBA)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_channels_last_inference_is_torchs(backend, dtype) -> None:
+    """Evaluation of channels_last input without autograd: F.batch_norm's kernel, bit for bit,
+    output channels_last; with autograd, the same values and float64-close gradients."""
+    x = (1.0 + torch.randn(4, 6, 5, 3)).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.linspace(0.5, 1.5, 6), torch.linspace(-1.0, 1.0, 6)
+    mean, var = torch.rand(6), torch.rand(6) + 0.5
+    with torch.no_grad():
+        y = batch_norm(x, mean, var, weight, bias, False, backend=backend)
+        expected = TF.batch_norm(x, mean, var, weight, bias, False)
+    assert torch.equal(y, expected)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    weight.requires_grad_()
+    y = batch_norm(x, mean, var, weight, bias, False, backend=backend)
+    assert torch.equal(y.detach(), expected)
+    dy = torch.randn_like(x)
+    (dweight,) = torch.autograd.grad(y, weight, dy)
+    scale = (var.double() + EPS).rsqrt()  # (C,)
+    xhat = (x.double() - mean.double()[None, :, None, None]) * scale[None, :, None, None]
+    torch.testing.assert_close(
+        dweight.double(), (dy.double() * xhat).sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5
+    )
