@@ -15,7 +15,12 @@ import torch
 from torch import nn
 
 from batchnorm.backends import resolve_backend
-from batchnorm.functional import BatchNormOutput, batch_norm_pure, check_fusion_args
+from batchnorm.functional import (
+    BatchNormOutput,
+    batch_norm,
+    batch_norm_pure,
+    check_fusion_args,
+)
 
 __all__ = [
     "NONFINITE_POLICIES",
@@ -254,6 +259,23 @@ class BatchNormBase(nn.Module):
         use_batch_stats = self.training or self.running_mean is None
         updates_stats = self._updates_stats()
         momentum = self._momentum_for_this_step() if updates_stats else 0.0
+        if (
+            updates_stats
+            and mask is None
+            and residual is None
+            and self.nonfinite == "propagate"
+            and type(self)._normalize is BatchNormBase._normalize  # not a variant's own
+        ):
+            # Nothing to check before committing: the in-place functional lets the kernel move
+            # the buffers (after every argument is checked), as torch.nn.BatchNorm does.
+            output = batch_norm(
+                input, self.running_mean, self.running_var, self.weight, self.bias, True,
+                momentum, self.eps, backend=self.backend, activation=self.activation,
+                negative_slope=self.negative_slope,
+            )  # fmt: skip
+            if self.num_batches_tracked is not None:
+                self.num_batches_tracked.add_(1)
+            return output
         if mask is not None:
             result = self._normalize_masked(input, mask, use_batch_stats, momentum)
         elif residual is not None:
