@@ -4,10 +4,14 @@ The kernels cover float32, float64 and bfloat16 (as its bit pattern, computed in
 two dense layouts of the ``(N, C, L)`` view: contiguous ``(N, C, L)`` and channels innermost
 (``channels_last``, ``(N, C)``), for training forward, backward and evaluation. By default they
 run only where they measured faster than ATen (:data:`MEASURED_KERNEL_CASES`), with outputs on
-huge pages (:mod:`batchnorm.backends.memory`); every other case
-goes to the ATen backend (float16 and other strides always do), and tensors under ``torch.func``
-transforms (whose storage Numba cannot see) to the pure-torch backend, which those transforms
-differentiate and batch.
+huge pages (:mod:`batchnorm.backends.memory`); every other case goes to the ATen backend
+(float16 and other strides always do), and tensors under ``torch.func`` transforms (whose
+storage Numba cannot see) to the pure-torch backend, which those transforms differentiate and
+batch.
+
+Every call decides from sizes and strides alone (:func:`kernel_layout`) and makes NumPy views
+only when a kernel runs: once a large tensor has flushed the caches, each torch or NumPy
+operation costs microseconds, which is what a call that ATen runs pays on top of ATen.
 
 The first call for each dtype and layout compiles its kernels (a few seconds; ``cache=True``
 keeps the machine code in ``__pycache__`` for later processes).
@@ -113,14 +117,16 @@ FRESH_MAPPING_BYTES = ADVISE_FROM_BYTES
 #: Xeon, 2026-11-26), case → smallest input in bytes:
 #:
 #: * contiguous (N, C, L) float32/float64 training forward, whose channel slice is re-read from
-#:   L2: 1.6–2.6× ATen from 512 KiB (below, Numba's ~100 µs call overhead is more than it saves);
-#: * contiguous float32 backward from 512 KiB (1.0–1.1×) and bfloat16 backward from 2 MiB
-#:   (1.1–1.9×: ATen's bfloat16 backward of this layout is slow);
+#:   L2: 1.3–3.0× ATen from 512 KiB (below, Numba's call overhead is more than it saves);
+#: * contiguous float32 backward from 512 KiB (kernel alone 1.0–3.5×, about 1.0 end to end on
+#:   mid-sized inputs) and bfloat16 backward from 2 MiB (1.3–2.0×: ATen's bfloat16 backward of
+#:   this layout is slow; :meth:`NumbaBackend.native_forward` keeps ATen's forward for it);
 #: * every float32 pass in both layouts once outputs are fresh mappings (64×64×56×56: 1.4–2.4×,
 #:   mostly page faults avoided).
 #:
-#: Elsewhere ATen's kernels were as fast or faster (the bfloat16 forward, the (M, C) layout of
-#: mid-sized inputs, inference below 32 MiB), so they run there.
+#: Elsewhere ATen's kernels were as fast or faster, so they run there: the bfloat16 forward
+#: (kernel alone 1.0–1.1×, less than the call costs), the (M, C) layout of mid-sized inputs,
+#: inference below 32 MiB.
 MEASURED_KERNEL_CASES: Mapping[KernelCase, int] = {
     ("forward", "ncl", torch.float32): 1 << 19,
     ("forward", "ncl", torch.float64): 1 << 19,
