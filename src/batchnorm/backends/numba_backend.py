@@ -167,10 +167,10 @@ def _per_channel_float64(channels: int, *pairs: tuple[torch.Tensor | None, float
     return rows
 
 
-def _stats_tensors(stats: np.ndarray, dtype: torch.dtype) -> list[torch.Tensor]:
+def _stats_tensors(stats: np.ndarray, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """The rows of a float64 ``(k, C)`` array as ``(C,)`` tensors of ``dtype`` (float32/64)."""
     converted = stats if dtype == torch.float64 else stats.astype(np.float32)  # (k, C)
-    return list(torch.from_numpy(converted))
+    return torch.from_numpy(converted).unbind(0)  # (not iter(): a Python loop per row)
 
 
 #: The Numba thread count :func:`_launch` last set, per calling thread.
