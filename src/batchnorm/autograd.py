@@ -36,6 +36,34 @@ __all__ = [
 ]
 
 
+def _save_for_backend(
+    ctx: Any,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    backend: Backend,
+) -> None:
+    """Saves what :func:`_backend_grads` needs: ``x``, ``γ``, ``μ``, ``r``, the backend and
+    ``β``'s dtype (``dβ`` is returned in it)."""
+    ctx.save_for_backward(x, weight, mean, invstd)
+    ctx.backend = backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backend_grads(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """``(dx, dγ, dβ)`` from ``backend.backward``, ``None`` where autograd needs none."""
+    x, weight, mean, invstd = ctx.saved_tensors
+    dx, dweight, dbias = ctx.backend.backward(dy, x, weight, mean, invstd)
+    needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    return (
+        dx if needs_x else None,
+        dweight.to(weight.dtype) if needs_weight else None,
+        dbias.to(ctx.bias_dtype) if needs_bias else None,
+    )
+
+
 class BatchNormTrainFunction(torch.autograd.Function):
     """Training-mode batch normalization; outputs ``(y, mean, invstd, var)``.
 
@@ -61,9 +89,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
         """Saves ``x``, ``weight``, ``mean`` and ``invstd`` for :meth:`backward`."""
         x, weight, bias, _eps, backend = inputs
         _y, mean, invstd, var = output
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.backend = backend
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        _save_for_backend(ctx, x, weight, bias, mean, invstd, backend)
         ctx.mark_non_differentiable(mean, invstd, var)
 
     @staticmethod
@@ -75,16 +101,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
         _dvar: torch.Tensor | None,
     ) -> tuple[torch.Tensor | None, ...]:
         """Returns ``(dx, dweight, dbias, None, None)`` from ``backend.backward``."""
-        x, weight, mean, invstd = ctx.saved_tensors
-        dx, dweight, dbias = ctx.backend.backward(dy, x, weight, mean, invstd)
-        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        return (
-            dx if needs_x else None,
-            dweight.to(weight.dtype) if needs_weight else None,
-            dbias.to(ctx.bias_dtype) if needs_bias else None,
-            None,
-            None,
-        )
+        return (*_backend_grads(ctx, dy), None, None)
 
 
 class _BatchNormTrainEagerFunction(torch.autograd.Function):
@@ -164,27 +181,13 @@ class _NativeForwardFunction(torch.autograd.Function):
         y, mean, invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, momentum, eps
         )  # (N, C, L), (C,), (C,)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.backend = backend
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        _save_for_backend(ctx, x, weight, bias, mean, invstd, backend)
         return y  # type: ignore[no-any-return]
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Returns ``(dx, dweight, dbias)`` from ``backend.backward``, None for the rest."""
-        x, weight, mean, invstd = ctx.saved_tensors
-        dx, dweight, dbias = ctx.backend.backward(dy, x, weight, mean, invstd)
-        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        return (
-            dx if needs_x else None,
-            dweight.to(weight.dtype) if needs_weight else None,
-            dbias.to(ctx.bias_dtype) if needs_bias else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return (*_backend_grads(ctx, dy), None, None, None, None, None)
 
 
 def native_forward_train(
