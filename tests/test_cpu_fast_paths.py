@@ -487,3 +487,56 @@ def test_channels_last_inference_is_torchs(backend, dtype) -> None:
     torch.testing.assert_close(
         dweight.double(), (dy.double() * xhat).sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-5
     )
+
+
+@NEEDS_NUMBA
+def test_numba_bfloat16_rounding_matches_torch() -> None:
+    """The kernels' float32 → bfloat16 store rounds to nearest even exactly as torch does on
+    every non-NaN pattern tried (ties, overflow to inf, subnormals); NaN stays NaN."""
+    import numba
+    import numpy as np
+
+    from batchnorm.kernels.cpu_numba import store
+
+    @numba.njit
+    def round_all(values, out):
+        for i in range(values.shape[0]):
+            out[i] = store(out, values[i])
+
+    gen = np.random.default_rng(0)
+    high = np.arange(1 << 16, dtype=np.uint32) << 16  # every bfloat16 value as float32 bits
+    bits = np.concatenate(
+        [
+            high,
+            high | 0x8000,  # exact ties: round to even
+            high | 0x7FFF,  # just below a tie
+            high | 0x8001,  # just above
+            gen.integers(0, 1 << 32, 100_000, dtype=np.uint64).astype(np.uint32),
+        ]
+    )
+    values = bits.view(np.float32)
+    out = np.empty(values.shape, np.uint16)
+    round_all(values, out)
+    ours = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
+    expected = torch.from_numpy(values.copy()).to(torch.bfloat16)
+    nan = torch.from_numpy(np.isnan(values))
+    assert torch.equal(ours[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+    assert bool(ours[nan].isnan().all())
+
+
+@NEEDS_NUMBA
+def test_numba_bfloat16_nan_stays_in_its_channel() -> None:
+    """A NaN in one channel's input makes that channel's output and statistics NaN through the
+    bfloat16 kernels; the other channels match the float64 reference."""
+    from batchnorm.backends.numba_backend import ALL_KERNEL_CASES, NumbaBackend
+
+    x = torch.randn(4, 3, 50).bfloat16()
+    x[2, 1, 7] = float("nan")
+    result = NumbaBackend(ALL_KERNEL_CASES).forward(x, None, None, EPS)
+    assert bool(result.y[:, 1].isnan().all())
+    assert bool(result.mean[1].isnan())
+    x64 = x.double()[:, [0, 2]]
+    expected = (x64 - x64.mean(dim=(0, 2), keepdim=True)) / (
+        x64.var(dim=(0, 2), correction=0, keepdim=True) + EPS
+    ).sqrt()
+    torch.testing.assert_close(result.y[:, [0, 2]].double(), expected, atol=2e-2, rtol=2e-2)
