@@ -119,7 +119,7 @@ FRESH_MAPPING_BYTES = ADVISE_FROM_BYTES
 #: * contiguous (N, C, L) float32/float64 training forward, whose channel slice is re-read from
 #:   L2: 1.3–3.0× ATen from 512 KiB (below, Numba's call overhead is more than it saves);
 #: * contiguous float32 backward from 512 KiB (kernel alone 1.0–3.5×, about 1.0 end to end on
-#:   mid-sized inputs) and bfloat16 backward from 2 MiB (1.3–2.0×: ATen's bfloat16 backward of
+#:   mid-sized inputs) and bfloat16 backward from 2 MiB (1.0–2.2×: ATen's bfloat16 backward of
 #:   this layout is slow; :meth:`NumbaBackend.native_forward` keeps ATen's forward for it);
 #: * every float32 pass in both layouts once outputs are fresh mappings (64×64×56×56: 1.4–2.4×,
 #:   mostly page faults avoided).
