@@ -284,7 +284,10 @@ def test_native_forward_path_matches_torch(monkeypatch, pure, affine, buffers) -
     ref_mean = None if mean is None else mean.detach().clone()
     ref_var = None if var is None else var.detach().clone()
     given = None if mean is None else (mean.detach().clone(), var.detach().clone())
-    expected = TF.batch_norm(x, ref_mean, ref_var, weight, bias, True, 0.3, EPS)
+    # With no per-channel tensor at all ATen keeps bfloat16 statistics; ours hands it a float32
+    # weight of ones (statistics_weight) so that they stay float32.
+    ref_weight = torch.ones(channels) if weight is None and mean is None else weight
+    expected = TF.batch_norm(x, ref_mean, ref_var, ref_weight, bias, True, 0.3, EPS)
     if pure:
         out = batch_norm_pure(x, mean, var, weight, bias, True, 0.3, EPS, backend="numba")
         y, new_mean, new_var = out
@@ -540,3 +543,63 @@ def test_numba_bfloat16_nan_stays_in_its_channel() -> None:
         x64.var(dim=(0, 2), correction=0, keepdim=True) + EPS
     ).sqrt()
     torch.testing.assert_close(result.y[:, [0, 2]].double(), expected, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["aten", pytest.param("numba", marks=NEEDS_NUMBA)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(2, 4, 3, 1).permute(0, 2, 3, 1),  # (2, 3, 1, 4), strides (12,1,1,3)
+        lambda: torch.randn(2, 1, 4, 2, 3).permute(0, 4, 1, 2, 3),  # 5D, D = 1 odd stride
+    ],
+    ids=["4d", "5d"],
+)
+def test_channels_last_with_odd_size1_strides_has_right_gradients(backend, make) -> None:
+    """channels_last by torch's test but with other strides on a size-1 dim: ATen's
+    channels-last backward gets these wrong (torch.nn too), so they take the (M, C) view;
+    gradients match float64."""
+    x = make().requires_grad_()
+    assert x.is_contiguous(memory_format=_CHANNELS_LAST_OF[x.dim()])
+    channels = x.shape[1]
+    weight = torch.linspace(0.5, 1.5, channels).requires_grad_()
+    dy = torch.randn(x.shape)
+    y = batch_norm(x, None, None, weight, None, True, backend=backend)
+    dx, dweight = torch.autograd.grad(y, (x, weight), dy)
+    x64 = x.detach().double().contiguous().requires_grad_()
+    w64 = weight.detach().double().requires_grad_()
+    y64 = TF.batch_norm(x64, None, None, w64, None, True)
+    dx64, dw64 = torch.autograd.grad(y64, (x64, w64), dy.double())
+    torch.testing.assert_close(dx.double(), dx64, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dweight.double(), dw64, atol=1e-5, rtol=1e-5)
+
+
+_CHANNELS_LAST_OF = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+@pytest.mark.parametrize(
+    "backend_cases",
+    ["aten", pytest.param("native-forward", marks=NEEDS_NUMBA)],
+)
+def test_bfloat16_without_per_channel_tensors_keeps_float32_statistics(
+    monkeypatch, backend_cases
+) -> None:
+    """bfloat16, no weight/bias/buffers, mean ≫ σ: the statistics stay float32 (ATen would
+    round μ to bfloat16 with no float32 tensor beside the input), so dx matches float64."""
+    if backend_cases == "native-forward":
+        from batchnorm.backends import numba_backend
+
+        backend = numba_backend.NumbaBackend({("backward", "ncl", torch.bfloat16): 1})
+        monkeypatch.setattr("batchnorm.backends._INSTANCES", {"numba": backend})
+        name = "numba"
+        assert backend.native_forward(torch.ones(2, 2, 2).bfloat16().requires_grad_(), *[None] * 4)
+    else:
+        name = "aten"
+    gen = torch.Generator().manual_seed(0)
+    x = (100.0 + torch.randn(8, 4, 256, generator=gen, dtype=torch.float64)).bfloat16()
+    dy = (1.0 + 0.1 * torch.randn(8, 4, 256, generator=gen, dtype=torch.float64)).bfloat16()
+    x.requires_grad_()
+    y = batch_norm(x, None, None, training=True, backend=name)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    x64 = x.detach().double().requires_grad_()
+    (dx64,) = torch.autograd.grad(TF.batch_norm(x64, None, None, training=True), x64, dy.double())
+    assert float((dx.double() - dx64).abs().max() / dx64.abs().max()) < 0.02

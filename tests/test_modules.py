@@ -398,3 +398,27 @@ def test_device_and_dtype_constructor_arguments(dtype) -> None:
     meta = batchnorm.BatchNorm1d(4, device="meta")
     assert meta.weight.device.type == "meta"
     assert meta.num_batches_tracked.device.type == "meta"
+
+
+def test_subclass_overriding_the_commit_is_called() -> None:
+    """A subclass that overrides ``_commit_running_stats`` or ``_batch_norm_pure`` is called
+    through them: the in-place training shortcut is for the base class's own behaviour."""
+    calls = []
+
+    class Counting(batchnorm.BatchNorm2d):
+        def _batch_norm_pure(self, *args, **kwargs):
+            calls.append("pure")
+            return super()._batch_norm_pure(*args, **kwargs)
+
+        def _commit_running_stats(self, result):
+            calls.append("commit")
+            super()._commit_running_stats(result)
+
+    ours, theirs = Counting(3), torch.nn.BatchNorm2d(3)
+    x = torch.randn(4, 3, 5, 5)
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert calls == ["pure", "commit"]
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert not ours._commits_in_place()
+    assert batchnorm.BatchNorm2d(3)._commits_in_place()  # the base class takes the shortcut

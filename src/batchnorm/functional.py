@@ -31,7 +31,7 @@ from batchnorm.autograd import (
     native_forward_train,
 )
 from batchnorm.backends import Backend, normalize_with_running_stats, resolve_backend
-from batchnorm.backends.aten_backend import kernel_buffers
+from batchnorm.backends.aten_backend import kernel_buffers, statistics_weight
 from batchnorm.backends.base import ACTIVATIONS, channel_view
 
 __all__ = [
@@ -229,6 +229,7 @@ def _normalize(
         input, weight, bias, running_mean, running_var
     ):
         new_mean, new_var = kernel_buffers(running_mean, running_var, update_in_place)
+        weight = statistics_weight(input, weight, bias, running_mean, running_var)
         x3 = channel_view(input)  # (N, C, L), a view (the input is contiguous)
         y3 = native_forward_train(x3, weight, bias, new_mean, new_var, momentum, eps, impl)
         return BatchNormOutput(y3.reshape(input.shape), new_mean, new_var)

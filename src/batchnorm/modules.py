@@ -264,7 +264,7 @@ class BatchNormBase(nn.Module):
             and mask is None
             and residual is None
             and self.nonfinite == "propagate"
-            and type(self)._normalize is BatchNormBase._normalize  # not a variant's own
+            and self._commits_in_place()
         ):
             # Nothing to check before committing: the in-place functional lets the kernel move
             # the buffers (after every argument is checked), as torch.nn.BatchNorm does.
@@ -285,6 +285,17 @@ class BatchNormBase(nn.Module):
         if updates_stats and self._passes_nonfinite_guard(input, mask, result):
             self._commit_running_stats(result)
         return result.output
+
+    def _commits_in_place(self) -> bool:
+        """Whether this class keeps the base ``_normalize``, ``_batch_norm_pure`` and
+        ``_commit_running_stats`` (a variant or user subclass overriding any of them is
+        called through them, never through the in-place shortcut)."""
+        cls = type(self)
+        return (
+            cls._normalize is BatchNormBase._normalize
+            and cls._batch_norm_pure is BatchNormBase._batch_norm_pure
+            and cls._commit_running_stats is BatchNormBase._commit_running_stats
+        )
 
     def _updates_stats(self) -> bool:
         """Whether a call now would update the running statistics (training, tracked, unfrozen)."""

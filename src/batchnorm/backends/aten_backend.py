@@ -49,6 +49,7 @@ __all__ = [
     "kernel_buffers",
     "native_operand",
     "rows_as_input",
+    "statistics_weight",
     "torch_inference",
 ]
 
@@ -84,6 +85,57 @@ def _cast(values: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | Non
     return None if values is None else values.to(dtype)
 
 
+def _is_standard_channels_last(x: torch.Tensor) -> bool:
+    """Whether ``x`` (4D/5D) has exactly the strides ``channels_last`` allocation gives it.
+
+    ``is_contiguous(memory_format=channels_last)`` also accepts other strides on size-1 dims,
+    and ATen's channels-last backward computes wrong gradients for those (so does
+    ``torch.nn.BatchNorm2d``); such tensors take the ``(M, C)`` view instead.
+    """
+    if x.dim() not in _CHANNELS_LAST:
+        return False
+    sizes = x.shape
+    expected = [0] * len(sizes)
+    step = 1
+    for dim in (1, *range(len(sizes) - 1, 1, -1), 0):  # channels innermost, then W, H(, D), N
+        expected[dim] = step
+        step *= sizes[dim]
+    return x.stride() == tuple(expected)
+
+
+def statistics_weight(
+    input: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """``weight``, or float32 ones where ATen would otherwise keep statistics in low precision.
+
+    ATen's mixed-precision kernels (float32 statistics for float16/bfloat16 input) run only
+    when a float32 per-channel tensor comes with the input; with none at all it saves ``μ`` and
+    ``r`` in the input's dtype, which its backward (and ours) then uses. A weight of ones (no
+    gradient) changes nothing else: ``y = 1·x̂``.
+
+    Args:
+        input: the input ``(N, C, *)``.
+        weight, bias, running_mean, running_var: the per-channel tensors or None.
+
+    Returns:
+        ``weight`` as given, or ``torch.ones(C)`` (float32) for float16/bfloat16 input when all
+        four are None.
+    """
+    if (
+        weight is None
+        and bias is None
+        and running_mean is None
+        and running_var is None
+        and input.dtype in _REDUCED_FLOATS
+    ):
+        return torch.ones(input.shape[1], device=input.device)  # (C,) float32
+    return weight
+
+
 def native_operand(
     input: torch.Tensor, *per_channel: torch.Tensor | None, gradients: bool = True
 ) -> tuple[torch.Tensor, bool] | None:
@@ -117,12 +169,7 @@ def native_operand(
             return None
     if input.is_contiguous():
         return input, False
-    memory_format = _CHANNELS_LAST.get(input.dim())
-    if (
-        memory_format is not None
-        and (not gradients or input.dtype not in _REDUCED_FLOATS)
-        and input.is_contiguous(memory_format=memory_format)
-    ):
+    if (not gradients or input.dtype not in _REDUCED_FLOATS) and _is_standard_channels_last(input):
         return input, False  # ATen's channels-last kernels, as F.batch_norm runs them
     innermost = input.movedim(1, -1)  # (N, *, C)
     if not innermost.is_contiguous():
@@ -261,6 +308,7 @@ class AtenBackend:
             return None
         operand, is_rows = native  # input, or its (M, C) view
         new_mean, new_var = kernel_buffers(running_mean, running_var, in_place)
+        weight = statistics_weight(input, weight, bias, running_mean, running_var)
         y = torch.batch_norm(operand, weight, bias, new_mean, new_var, True, momentum, eps, False)
         return (rows_as_input(y, input) if is_rows else y), new_mean, new_var
 
