@@ -6,6 +6,7 @@ and gradients against ATen's before timing, so a wrong result fails this test.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -84,8 +85,6 @@ def test_cpu_overhead_runs() -> None:
 
 def _load_harness():
     """``benchmarks/harness.py`` as a module (the benchmarks folder is not a package)."""
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("harness", ROOT / "benchmarks" / "harness.py")
     assert spec is not None
     assert spec.loader is not None
@@ -117,3 +116,23 @@ def test_time_interleaved_shuffles_each_round() -> None:
     assert len(set(rounds)) > 6  # not one fixed order
     assert len({r[0] for r in rounds}) > 2  # the first slot changes hands
     assert record(12) == rounds  # seeded: the same sequence every run
+
+
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
+def test_cpu_kernels_tiny_run() -> None:
+    """``cpu_kernels.py --tiny`` checks both kernels against ATen's and prints a row per dtype."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "cpu_kernels.py"), "--tiny", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = [line for line in completed.stdout.splitlines() if "forward numba" in line]
+    assert len(rows) == 2  # float32 and bfloat16
