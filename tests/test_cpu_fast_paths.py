@@ -550,7 +550,7 @@ def test_numba_bfloat16_nan_stays_in_its_channel() -> None:
     "make",
     [
         lambda: torch.randn(2, 4, 3, 1).permute(0, 2, 3, 1),  # (2, 3, 1, 4), strides (12,1,1,3)
-        lambda: torch.randn(2, 1, 4, 2, 3).permute(0, 4, 1, 2, 3),  # 5D, D = 1 odd stride
+        lambda: torch.randn(2, 2, 4, 3, 1).permute(0, 3, 4, 1, 2),  # (2,3,1,2,4), D stride 1
     ],
     ids=["4d", "5d"],
 )
@@ -560,6 +560,8 @@ def test_channels_last_with_odd_size1_strides_has_right_gradients(backend, make)
     gradients match float64."""
     x = make().requires_grad_()
     assert x.is_contiguous(memory_format=_CHANNELS_LAST_OF[x.dim()])
+    standard = torch.empty(x.shape).contiguous(memory_format=_CHANNELS_LAST_OF[x.dim()])
+    assert x.stride() != standard.stride()  # the odd strides this test is about
     channels = x.shape[1]
     weight = torch.linspace(0.5, 1.5, channels).requires_grad_()
     dy = torch.randn(x.shape)

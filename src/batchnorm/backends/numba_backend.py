@@ -113,20 +113,21 @@ ALL_KERNEL_CASES: Mapping[KernelCase, int] = {
 #: dynamic mmap threshold, 32 MiB on 64-bit Linux): ATen then pays a page fault per 4 KiB of
 #: output, the kernels' huge-page outputs one per 2 MiB (:mod:`batchnorm.backends.memory`).
 FRESH_MAPPING_BYTES = ADVISE_FROM_BYTES
-#: Where the kernels measured faster than ATen's (``benchmarks/cpu.py``, one thread of a 2-core
-#: Xeon, 2026-11-26), case → smallest input in bytes:
+#: Where the kernels measured faster than ATen's, case → smallest input in bytes. Whole calls:
+#: ``benchmarks/cpu.py --threads 1`` (2-core Xeon, 2026-11-26, ``benchmarks/results/``); kernels
+#: alone: ``benchmarks/cpu_kernels.py``.
 #:
 #: * contiguous (N, C, L) float32/float64 training forward, whose channel slice is re-read from
-#:   L2: 1.3–3.0× ATen from 512 KiB (below, Numba's call overhead is more than it saves);
-#: * contiguous float32 backward from 512 KiB (kernel alone 1.0–3.5×, about 1.0 end to end on
-#:   mid-sized inputs) and bfloat16 backward from 2 MiB (1.0–2.2×: ATen's bfloat16 backward of
+#:   L2: 1.5–2.5× ATen from 512 KiB (kernel alone 2.6–4.7×; below 512 KiB Numba's call
+#:   overhead is more than it saves);
+#: * contiguous float32 backward from 512 KiB (kernel alone 1.05–2.1×, 1.0–1.1× whole calls on
+#:   mid-sized inputs) and bfloat16 backward from 2 MiB (1.0–2.0×: ATen's bfloat16 backward of
 #:   this layout is slow; :meth:`NumbaBackend.native_forward` keeps ATen's forward for it);
-#: * every float32 pass in both layouts once outputs are fresh mappings (64×64×56×56: 1.4–2.4×,
+#: * every float32 pass in both layouts once outputs are fresh mappings (64×64×56×56: 1.4–2.5×,
 #:   mostly page faults avoided).
 #:
 #: Elsewhere ATen's kernels were as fast or faster, so they run there: the bfloat16 forward
-#: (kernel alone 1.0–1.1×, less than the call costs), the (M, C) layout of mid-sized inputs,
-#: inference below 32 MiB.
+#: (kernel alone 0.9–1.1×), the (M, C) layout of mid-sized inputs, inference below 32 MiB.
 MEASURED_KERNEL_CASES: Mapping[KernelCase, int] = {
     ("forward", "ncl", torch.float32): 1 << 19,
     ("forward", "ncl", torch.float64): 1 << 19,
