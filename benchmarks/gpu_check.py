@@ -8,11 +8,15 @@ two training steps then evaluation; outputs, every gradient, running statistics 
 Poisoned (NaN) gradients are not needed: every compared tensor is freshly allocated by the call.
 
 Run on a GPU machine: ``PYTHONPATH=src timeout 200 python benchmarks/gpu_check.py``. Exits 1 on
-any mismatch and prints one line per failure, then a summary line.
+any mismatch and prints one line per failure, then a summary line. Most of its time is Triton
+compiling kernel variants, so the sweep can be cut into shards run side by side, e.g.
+``--arrangement persistent --dtype bfloat16 --no-family`` (compiled kernels are shared through
+Triton's on-disk cache).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -71,14 +75,15 @@ def _torch_reference(dims: int, channels: int) -> nn.Module:
     return cls(channels).double().to(DEVICE)
 
 
-def check_modules() -> None:
+def check_modules(arrangements: tuple[str, ...], dtypes: tuple[torch.dtype, ...]) -> None:
     """BatchNorm*d and BatchNormAct*d with backend auto (Triton) vs float64 torch.nn.
 
     Prints one progress line per (arrangement, dtype), so a run cut short still reports.
     """
-    for arrangement in ("split", "persistent"):
+    for arrangement in arrangements:
         os.environ[ARRANGEMENT_ENV_VAR] = arrangement
-        for dtype, tol in TOLERANCE.items():
+        for dtype in dtypes:
+            tol = TOLERANCE[dtype]
             for shape, layout in CASES:
                 dims = len(shape)
                 suffix = {2: "1d", 3: "1d", 4: "2d", 5: "3d"}[dims]
@@ -192,13 +197,27 @@ def check_family() -> None:
     _compare("functional auto", ours, F.batch_norm(x.to(DEVICE), None, None, training=True), 1e-4)
 
 
-def main() -> int:
-    """Runs both sweeps; prints failures and a summary; returns the exit code."""
+def main(argv: list[str] | None = None) -> int:
+    """Runs the sweeps asked for; prints failures and a summary; returns the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--arrangement", choices=("split", "persistent"), action="append",
+        help="Triton arrangement to sweep (repeatable; default both)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dtype", choices=[str(d).removeprefix("torch.") for d in TOLERANCE], action="append",
+        help="input dtype to sweep (repeatable; default all)",
+    )  # fmt: skip
+    parser.add_argument("--no-family", action="store_true", help="skip the family and tools")
+    args = parser.parse_args(argv)
+    arrangements = tuple(args.arrangement or ("split", "persistent"))
+    dtypes = tuple(getattr(torch, name) for name in args.dtype) if args.dtype else tuple(TOLERANCE)
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
     print(torch.__version__, name, flush=True)
-    check_family()
-    print(f"family and tools: {len(failures)} failures", flush=True)
-    check_modules()
+    if not args.no_family:
+        check_family()
+        print(f"family and tools: {len(failures)} failures", flush=True)
+    check_modules(arrangements, dtypes)
     print(f"gpu_check: {len(failures)} failures")
     return 1 if failures else 0
 

@@ -68,6 +68,57 @@ def test_inference_op_gradients_match_autograd() -> None:
         th.assert_close_to(grad, reference, torch.float32, name)
 
 
+def test_runs_eagerly_only_for_plain_tensors_outside_tracing() -> None:
+    """Plain tensors and parameters launch directly; fake tensors and torch.func use the ops."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = th.make((2, 3, 5))
+    assert tb.runs_eagerly(x)
+    assert tb.runs_eagerly(torch.nn.Parameter(x))
+    with FakeTensorMode() as mode:
+        assert not tb.runs_eagerly(mode.from_tensor(x))
+    seen: list[bool] = []
+
+    def probe(t: torch.Tensor) -> torch.Tensor:
+        seen.append(tb.runs_eagerly(t))
+        return t.sum()
+
+    torch.func.grad(probe)(x)
+    assert seen == [False]
+
+
+@pytest.mark.parametrize(
+    ("activation", "with_residual", "with_running"),
+    [("relu", True, True), ("gelu", True, False), ("none", False, True)],
+)
+def test_eager_twins_match_the_ops_bit_for_bit(
+    monkeypatch: pytest.MonkeyPatch, activation: str, with_residual: bool, with_running: bool
+) -> None:
+    """The backend's direct launches give the ops' outputs, gradients and running statistics."""
+    backend = tb.TritonBackend()
+
+    def run(eager: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(tb, "runs_eagerly", lambda t: eager)
+        x, w, b, z = _leaf((2, 3, 5), 0), _leaf((3,), 1), _leaf((3,), 2), _leaf((2, 3, 5), 4)
+        residual = z if with_residual else None
+        running = (
+            (th.make((3,), seed=5), th.make((3,), seed=6).abs()) if with_running else (None, None)
+        )
+        result = backend.forward_act(x, w, b, residual, 1e-5, activation, 0.01, *running, 0.1)
+        leaves = [x, w, b, z] if with_residual else [x, w, b]
+        grads = torch.autograd.grad(result.y, leaves, th.make((2, 3, 5), seed=3))
+        stats = [t for t in (result.running_mean, result.running_var) if t is not None]
+        y_eval = backend.inference_act(
+            x, th.make((3,), seed=5), th.make((3,), seed=6).abs() + 0.5, w, b, residual, 1e-5,
+            activation, 0.01,
+        )  # fmt: skip
+        eval_grads = torch.autograd.grad(y_eval, leaves, th.make((2, 3, 5), seed=7))
+        return [result.y, result.mean, result.invstd, *grads, *stats, y_eval, *eval_grads]
+
+    for got, expected in zip(run(True), run(False), strict=True):
+        assert torch.equal(got, expected)
+
+
 @pytest.mark.slow
 def test_triton_backend_compiles_fullgraph() -> None:
     """``torch.compile(fullgraph=True)`` traces the custom ops (training and evaluation)."""

@@ -29,17 +29,24 @@ the pure-torch backend (Triton's fp64 path has no use here).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
 import torch
-import triton
 
 from batchnorm.autograd import activation_derivative
 from batchnorm.backends.base import ForwardResult, FusedForwardResult
 from batchnorm.backends.torch_backend import TorchBackend
 from batchnorm.kernels import batchnorm_bwd, batchnorm_fwd, inference
-from batchnorm.kernels.common import ACTIVATIONS, TileConfig, interpreting, tile_config
+from batchnorm.kernels.common import (
+    ACTIVATIONS,
+    TileConfig,
+    cdiv,
+    interpreting,
+    next_power_of_2,
+    tile_config,
+)
 
 __all__ = ["ARRANGEMENT_ENV_VAR", "TritonBackend", "inference_op", "train_backward_op", "train_op"]
 
@@ -62,7 +69,14 @@ def _target_programs(device: torch.device) -> int:
     """Programs a launch aims for: 4 per SM on a GPU, 4 in all in the interpreter."""
     if device.type != "cuda" or interpreting():
         return 4
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return 4 * _multiprocessors(index)
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    """SMs of CUDA device ``index``, asked once per device."""
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
 
 def _config(x3: torch.Tensor) -> TileConfig:
@@ -105,7 +119,7 @@ def _persistent_config(
     n, c, length = x3.shape
     channels_contiguous = x3.stride(1) == 1 and c > 1
     if interpreting() or x3.device.type != "cuda":
-        return tile_config(n * length, c, channels_contiguous, 1, block_c=triton.next_power_of_2(c))
+        return tile_config(n * length, c, channels_contiguous, 1, block_c=next_power_of_2(c))
     capacity = _resident_programs(compile_kernel(split), x3.device)
     config = tile_config(
         n * length, c, channels_contiguous, capacity, block_m=split.block_m, block_c=split.block_c
@@ -223,8 +237,8 @@ def _train_forward(
         x3, partial, rows, length, c, split.row_programs, *_strides(x3), split.rows_per_program,
         BLOCK_M=split.block_m, BLOCK_C=split.block_c, num_warps=split.num_warps,
     )  # fmt: skip
-    merge_block_c = min(triton.next_power_of_2(c), 128)
-    batchnorm_fwd.merge_stats_kernel[(triton.cdiv(c, merge_block_c),)](
+    merge_block_c = min(next_power_of_2(c), 128)
+    batchnorm_fwd.merge_stats_kernel[(cdiv(c, merge_block_c),)](
         partial, x3, x3.stride(1), split.row_programs, c, eps, momentum, mean, invstd, var,
         old_mean, old_var,
         new_mean if update else mean, new_var if update else var, UPDATE_RUNNING=update,
@@ -261,10 +275,11 @@ def _train_backward(
     n, c, length = x3.shape
     rows = n * length  # M
     dx = torch.empty_like(x3)  # (N, C, L)
-    dweight, dbias = (x3.new_zeros((c,), dtype=torch.float32) for _ in range(2))  # (C,)
     dz = torch.empty_like(x3) if residual_grad else _placeholder(x3)  # (N, C, L)
-    if rows == 0:
-        return dx, dweight, dbias, dz
+    if rows == 0:  # no values: zero gradients (separate tensors: op outputs may not alias)
+        return dx, *(x3.new_zeros((c,), dtype=torch.float32) for _ in range(2)), dz
+    # dγ, dβ of every channel are stored by the merge (split) or by program 0 of its block.
+    dweight, dbias = (x3.new_empty((c,), dtype=torch.float32) for _ in range(2))  # (C,), (C,)
     from_mask = positive.dim() == 3
     # Absent tensors are never read or written (constexpr flags); x3 stands in for them.
     weight_ = x3 if weight is None else weight
@@ -314,8 +329,8 @@ def _train_backward(
         HAS_RESIDUAL=residual is not None, ACTIVATION=flags["ACTIVATION"], FROM_MASK=from_mask,
         BLOCK_M=split.block_m, BLOCK_C=split.block_c, num_warps=split.num_warps,
     )  # fmt: skip
-    merge_block_c = min(triton.next_power_of_2(c), 128)
-    batchnorm_bwd.merge_grads_kernel[(triton.cdiv(c, merge_block_c),)](
+    merge_block_c = min(next_power_of_2(c), 128)
+    batchnorm_bwd.merge_grads_kernel[(cdiv(c, merge_block_c),)](
         partial, dweight, dbias, split.row_programs, c,
         BLOCK_P=batchnorm_fwd.merge_block_p(split.row_programs), BLOCK_C=merge_block_c,
     )  # fmt: skip
@@ -464,7 +479,8 @@ def _train_backward_formula(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tenso
     """Gradients of ``batchnorm::triton_train`` w.r.t. ``x``, ``γ``, ``β`` and ``z``."""
     x3, weight, bias, residual, positive, mean, invstd = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    dx, dweight, dbias, dz = train_backward_op(
+    backward = _train_backward if runs_eagerly(x3) else train_backward_op
+    dx, dweight, dbias, dz = backward(
         grads[0], x3, weight, bias, residual, positive, mean, invstd, ctx.activation,
         ctx.negative_slope, needs[3],
     )  # fmt: skip
@@ -478,6 +494,48 @@ def _train_backward_formula(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tenso
 
 
 train_op.register_autograd(_train_backward_formula, setup_context=_train_setup_context)
+
+
+# --- eager twins of the ops ------------------------------------------------------------------
+# Outside torch.compile a custom op's Python dispatch and its registered autograd cost several
+# hundred µs per training step (more than the kernels of a mid-sized batch norm on a GPU); these
+# autograd functions run the same launch code and the same formulas with none of that.
+
+#: Tensor types launched directly; subclasses (fake, functional, ...) go through the ops.
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def runs_eagerly(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` launches directly instead of through the ``torch.library`` op.
+
+    True for a plain tensor outside ``torch.compile`` and ``torch.func`` transforms; the ops
+    (with their fake implementations) serve tracing, compiling and ``opcheck``.
+    """
+    return (
+        type(x) in _PLAIN_TENSOR_TYPES
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+class _TrainFunction(torch.autograd.Function):
+    """``batchnorm::triton_train`` with its autograd, as a plain autograd function (eager)."""
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> tuple[torch.Tensor, ...]:
+        """:func:`_train_forward` on the op's arguments, then the op's ``setup_context``.
+
+        (``forward`` takes ``ctx`` itself: a separate ``setup_context`` makes every ``apply``
+        bind its arguments through ``inspect.signature``.)
+        """
+        outputs = _train_forward(*inputs)
+        _train_setup_context(ctx, inputs, outputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """The op's registered formula."""
+        return _train_backward_formula(ctx, *grads)
 
 
 _TORCH_BACKEND = TorchBackend()
@@ -520,9 +578,8 @@ class TritonBackend:
         """Training-mode forward on the ``(N, C, L)`` view; see :class:`Backend`."""
         if not self.supports_fusion(x):
             return _TORCH_BACKEND.forward(x, weight, bias, eps)
-        y, mean, invstd, var, *_ = train_op(
-            x, weight, bias, None, None, None, 0.0, eps, "none", 0.0
-        )
+        forward = _train_forward if runs_eagerly(x) else train_op
+        y, mean, invstd, var, *_ = forward(x, weight, bias, None, None, None, 0.0, eps, "none", 0.0)
         return ForwardResult(y, mean, invstd, var)
 
     def backward(
@@ -536,7 +593,8 @@ class TritonBackend:
         """Backward of :meth:`forward`; see :class:`Backend`."""
         if not self.supports_fusion(x):
             return _TORCH_BACKEND.backward(dy, x, weight, mean, invstd)
-        dx, dweight, dbias, _dz = train_backward_op(
+        backward = _train_backward if runs_eagerly(x) else train_backward_op
+        dx, dweight, dbias, _dz = backward(
             dy, x, weight, None, None, _placeholder(x), mean, invstd, "none", 0.0, False
         )
         return dx, dweight, dbias
@@ -555,7 +613,8 @@ class TritonBackend:
         momentum: float,
     ) -> FusedForwardResult:
         """Differentiable ``act(γ·x̂ + β + z)`` with batch statistics; see :class:`FusedBackend`."""
-        y, mean, invstd, var, _mask, new_mean, new_var = train_op(
+        train = _TrainFunction.apply if runs_eagerly(x) else train_op
+        y, mean, invstd, var, _mask, new_mean, new_var = train(  # type: ignore[no-untyped-call]
             x, weight, bias, residual, running_mean, running_var, float(momentum), float(eps),
             activation or "none", float(negative_slope),
         )  # fmt: skip
@@ -582,7 +641,8 @@ class TritonBackend:
         negative_slope: float,
     ) -> torch.Tensor:
         """``act(γ·(x − μ̄)/sqrt(σ̄² + ε) + β + z)``; see :class:`FusedBackend`."""
-        y: torch.Tensor = inference_op(
+        run = _InferenceFunction.apply if runs_eagerly(x) else inference_op
+        y: torch.Tensor = run(  # type: ignore[no-untyped-call]
             x, running_mean, running_var, weight, bias, residual, float(eps),
             activation or "none", float(negative_slope),
         )  # fmt: skip
@@ -631,3 +691,19 @@ def _inference_backward_formula(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tenso
 
 
 inference_op.register_autograd(_inference_backward_formula, setup_context=_inference_setup_context)
+
+
+class _InferenceFunction(torch.autograd.Function):
+    """``batchnorm::triton_inference`` with its autograd, as a plain autograd function (eager)."""
+
+    @staticmethod
+    def forward(ctx: Any, *inputs: Any) -> torch.Tensor:
+        """:func:`_inference` on the op's arguments, then the op's ``setup_context``."""
+        y = _inference(*inputs)
+        _inference_setup_context(ctx, inputs, y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """The op's registered formula."""
+        return _inference_backward_formula(ctx, dy)

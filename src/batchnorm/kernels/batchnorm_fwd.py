@@ -27,6 +27,7 @@ from batchnorm.kernels.common import (
     activate,
     chan_merge,
     grid_barrier,
+    next_power_of_2,
     scale_shift,
     tile_moments,
     tile_offsets,
@@ -270,4 +271,4 @@ def persistent_forward_kernel(
 
 def merge_block_p(row_programs: int) -> int:
     """Partials merged per step of the merge loop: all of them up to 64, else 64 at a time."""
-    return min(64, triton.next_power_of_2(max(row_programs, 1)))
+    return min(64, next_power_of_2(max(row_programs, 1)))

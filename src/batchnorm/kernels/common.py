@@ -18,6 +18,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -143,6 +144,20 @@ def grid_barrier(counter_ptr, expected):
     tl.debug_barrier()
 
 
+def cdiv(numerator: int, denominator: int) -> int:
+    """``ceil(numerator / denominator)`` for positive ints, on the host.
+
+    ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions in recent Triton,
+    with a wrapper that costs microseconds per host call; launch heuristics use these instead.
+    """
+    return -(-numerator // denominator)
+
+
+def next_power_of_2(value: int) -> int:
+    """The smallest power of two ``>= value`` (1 for ``value <= 1``), on the host."""
+    return 1 << max(value - 1, 0).bit_length()
+
+
 def interpreting() -> bool:
     """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``): sequentially."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -174,6 +189,7 @@ class TileConfig:
         return (self.channel_blocks, self.row_programs)
 
 
+@functools.lru_cache(maxsize=1024)
 def tile_config(
     rows: int,
     channels: int,
@@ -196,17 +212,17 @@ def tile_config(
         block_m, block_c: explicit tile sizes (powers of two), for tests.
 
     Returns:
-        A :class:`TileConfig`.
+        A :class:`TileConfig` (cached: the same problem gets the same object back).
     """
     if block_c is None:
-        block_c = min(triton.next_power_of_2(channels), 64 if channels_contiguous else 4)
+        block_c = min(next_power_of_2(channels), 64 if channels_contiguous else 4)
     if block_m is None:
-        block_m = max(16, min(TILE_ELEMENTS // block_c, triton.next_power_of_2(max(rows, 1))))
-    channel_blocks = triton.cdiv(channels, block_c)
-    row_tiles = max(1, triton.cdiv(rows, block_m))
+        block_m = max(16, min(TILE_ELEMENTS // block_c, next_power_of_2(max(rows, 1))))
+    channel_blocks = cdiv(channels, block_c)
+    row_tiles = max(1, cdiv(rows, block_m))
     wanted = max(1, target_programs // channel_blocks)
-    tiles_per_program = triton.cdiv(row_tiles, min(row_tiles, wanted))
-    row_programs = triton.cdiv(row_tiles, tiles_per_program)
+    tiles_per_program = cdiv(row_tiles, min(row_tiles, wanted))
+    row_programs = cdiv(row_tiles, tiles_per_program)
     num_warps = 4 if block_m * block_c >= 1024 else 1
     return TileConfig(
         block_m, block_c, channel_blocks, row_programs, tiles_per_program * block_m, num_warps

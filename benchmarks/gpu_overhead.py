@@ -1,0 +1,69 @@
+"""Host cost of one training step on a GPU: our Triton path through the ops and directly.
+
+A tiny input makes the step host-bound, so the time per step is the host's work per call:
+argument checks, routing, allocations, autograd and the kernel launches. Three providers:
+``F.batch_norm`` (eager), ours launching directly (the default outside ``torch.compile``) and
+ours through the ``torch.library`` custom ops (what ``torch.compile`` traces).
+
+Run on a GPU machine: ``PYTHONPATH=src python benchmarks/gpu_overhead.py``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from batchnorm.backends import triton_backend
+from batchnorm.functional import batch_norm
+
+STEPS = 2000
+
+
+def _per_step_us(step) -> float:
+    """Mean µs per call of ``step`` over :data:`STEPS` calls, after a warm-up."""
+    for _ in range(50):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(STEPS):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / STEPS * 1e6
+
+
+def main() -> None:
+    """Prints µs per forward+backward step (and forward alone) for each provider."""
+    x = torch.randn(8, 32, 7, 7, device="cuda", requires_grad=True)
+    weight = torch.ones(32, device="cuda", requires_grad=True)
+    bias = torch.zeros(32, device="cuda", requires_grad=True)
+    running = (torch.zeros(32, device="cuda"), torch.ones(32, device="cuda"))
+    dy = torch.randn_like(x)
+    leaves = (x, weight, bias)
+
+    def eager() -> None:
+        torch.autograd.grad(F.batch_norm(x, *running, weight, bias, training=True), leaves, dy)
+
+    def ours() -> None:
+        y = batch_norm(x, *running, weight, bias, training=True, backend="triton")
+        torch.autograd.grad(y, leaves, dy)
+
+    def ours_forward() -> None:
+        with torch.no_grad():
+            batch_norm(x, *running, weight, bias, training=True, backend="triton")
+
+    results = {"eager F.batch_norm": _per_step_us(eager)}
+    direct = triton_backend.runs_eagerly
+    for label, route in (("direct", direct), ("custom ops", lambda t: False)):
+        triton_backend.runs_eagerly = route
+        results[f"ours, {label}"] = _per_step_us(ours)
+        results[f"ours, {label}, forward only"] = _per_step_us(ours_forward)
+    triton_backend.runs_eagerly = direct
+    print(f"host µs per call, {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for label, us in results.items():
+        print(f"  {label:<32} {us:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
