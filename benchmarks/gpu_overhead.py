@@ -5,11 +5,15 @@ argument checks, routing, allocations, autograd and the kernel launches. Three p
 ``F.batch_norm`` (eager), ours launching directly (the default outside ``torch.compile``) and
 ours through the ``torch.library`` custom ops (what ``torch.compile`` traces).
 
-Run on a GPU machine: ``PYTHONPATH=src python benchmarks/gpu_overhead.py``.
+Run on a GPU machine: ``PYTHONPATH=src python benchmarks/gpu_overhead.py``; ``--profile``
+adds the 30 most expensive functions of our direct path (cProfile, own time).
 """
 
 from __future__ import annotations
 
+import argparse
+import cProfile
+import pstats
 import time
 
 import torch
@@ -35,6 +39,9 @@ def _per_step_us(step) -> float:
 
 def main() -> None:
     """Prints µs per forward+backward step (and forward alone) for each provider."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", action="store_true", help="cProfile our direct path")
+    args = parser.parse_args()
     x = torch.randn(8, 32, 7, 7, device="cuda", requires_grad=True)
     weight = torch.ones(32, device="cuda", requires_grad=True)
     bias = torch.zeros(32, device="cuda", requires_grad=True)
@@ -63,6 +70,10 @@ def main() -> None:
     print(f"host µs per call, {torch.cuda.get_device_name()}, torch {torch.__version__}")
     for label, us in results.items():
         print(f"  {label:<32} {us:8.1f}")
+    if args.profile:
+        profile = cProfile.Profile()
+        profile.runcall(lambda: [ours() for _ in range(500)])
+        pstats.Stats(profile).sort_stats("tottime").print_stats(30)
 
 
 if __name__ == "__main__":
