@@ -37,11 +37,14 @@ def _per_step_us(step) -> float:
     return (time.perf_counter() - start) / STEPS * 1e6
 
 
-def main() -> None:
-    """Prints µs per forward+backward step (and forward alone) for each provider."""
+def main(argv: list[str] | None = None) -> int:
+    """Prints µs per forward+backward step (and forward alone) for each provider; exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", action="store_true", help="cProfile our direct path")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/gpu_overhead.py: needs a CUDA device")
+        return 2
     x = torch.randn(8, 32, 7, 7, device="cuda", requires_grad=True)
     weight = torch.ones(32, device="cuda", requires_grad=True)
     bias = torch.zeros(32, device="cuda", requires_grad=True)
@@ -74,7 +77,8 @@ def main() -> None:
         profile = cProfile.Profile()
         profile.runcall(lambda: [ours() for _ in range(500)])
         pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

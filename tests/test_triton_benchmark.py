@@ -70,3 +70,63 @@ def test_cpu_check_only_runs_the_correctness_step(capsys: pytest.CaptureFixture[
     assert gpu.main(["--device", "cpu", "--check-only"]) == 0
     assert "correctness check passed" in capsys.readouterr().out
     assert gpu.parse_args(["--tiny"]).tiny
+
+
+def _load_script(name: str):
+    """Imports ``benchmarks/<name>.py`` as a module."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_shard_runs_in_the_interpreter(monkeypatch, capsys) -> None:
+    """One shard of the sweep on CPU tensors (Triton interpreter): kinks counted, no failure."""
+    check = _load_script("gpu_check")
+    monkeypatch.setattr(check, "DEVICE", "cpu")
+    monkeypatch.setenv("BATCHNORM_BACKEND", "triton")  # auto would pick a CPU backend
+    monkeypatch.setattr(check, "CASES", [((6, 3, 4), "contiguous")])
+    monkeypatch.setattr(check, "ACTIVATIONS", (None, "leaky_relu"))
+    monkeypatch.setattr(check, "KINK", 10.0)  # every value counts as near the kink
+    assert check.main(["--arrangement", "split", "--dtype", "float32", "--no-family"]) == 0
+    out = capsys.readouterr().out
+    assert "values within 10.0 of the kink" in out
+    assert "modules split torch.float32: 0 failures" in out
+    assert "persistent" not in out
+
+
+def test_gpu_check_reports_a_wrong_gradient(monkeypatch, capsys) -> None:
+    """A perturbed backward is caught: the sweep can fail."""
+    check = _load_script("gpu_check")
+    monkeypatch.setattr(check, "DEVICE", "cpu")
+    monkeypatch.setenv("BATCHNORM_BACKEND", "triton")  # auto would pick a CPU backend
+    monkeypatch.setattr(check, "CASES", [((6, 3, 4), "contiguous")])
+    monkeypatch.setattr(check, "ACTIVATIONS", (None,))
+    from batchnorm.backends import triton_backend as tb
+
+    real = tb._train_backward
+
+    def wrong(*args, **kwargs):
+        dx, dweight, dbias, dz = real(*args, **kwargs)
+        return dx * 1.01, dweight, dbias, dz
+
+    monkeypatch.setattr(tb, "_train_backward", wrong)
+    assert check.main(["--arrangement", "split", "--dtype", "float32", "--no-family"]) == 1
+    assert (
+        "FAIL split (6, 3, 4) contiguous torch.float32 None z=True step0 dx"
+        in capsys.readouterr().out
+    )
+
+
+@pytest.mark.parametrize("name", ["gpu_overhead", "sync_gpu"])
+def test_cuda_only_scripts_say_so_without_a_gpu(name: str, monkeypatch, capsys) -> None:
+    """Without CUDA the device scripts print why and exit with status 2."""
+    import torch
+
+    script = _load_script(name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert script.main([]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().out
