@@ -139,12 +139,13 @@ def format_table(rows: Sequence[Row]) -> str:
     """The short summary: forward+backward, fraction of copy bandwidth and speed-ups.
 
     Columns: ``ours`` ms, then fractions of copy bandwidth at minimal bytes for ours (split),
-    ours persistent, eager and compile, then ours' speed-ups over eager and compile.
+    ours persistent, eager and compile, then ours' speed-ups over eager and compile, then the
+    default backend's (``auto``) speed-up over eager.
     """
     ratios = speedups(rows)
     lines = [
         f"{'shape':<20} {'config':<8} {'kind':<6} {'ours ms':>8} {'ours':>5} {'pers.':>5} "
-        f"{'eager':>5} {'comp.':>5} {'×eager':>7} {'×comp.':>7}"
+        f"{'eager':>5} {'comp.':>5} {'×eager':>7} {'×comp.':>7} {'auto×e':>7}"
     ]
     by_key: dict[tuple[tuple[int, ...], str, str], dict[str, Row]] = {}
     for row in rows:
@@ -163,11 +164,16 @@ def format_table(rows: Sequence[Row]) -> str:
         def times(name: str, ratio: dict[str, float] = ratio) -> str:
             return f"{ratio[name]:7.2f}" if name in ratio else f"{'–':>7}"
 
+        def auto_vs_eager(providers: dict[str, Row] = providers) -> str:
+            if "auto" not in providers or "eager" not in providers:
+                return f"{'–':>7}"
+            return f"{providers['eager'].ms / providers['auto'].ms:7.2f}"
+
         lines.append(
             f"{'x'.join(map(str, shape)):<20} {config:<8} {kind:<6} {ours.ms:8.3f} "
             f"{frac('ours')} {frac('ours_persistent')} {frac('eager')} {frac('compile')} "
             f"{times('vs_eager')} "
-            f"{times('vs_compile')}"
+            f"{times('vs_compile')} {auto_vs_eager()}"
         )
     return "\n".join(lines)
 
@@ -283,8 +289,10 @@ def copy_bandwidth_gbps(rep_ms: float) -> float:
 def _providers(kind: str, shape: Sequence[int], config: str) -> dict[str, Callable]:
     """The forward functions to time: ``f(x, weight, bias, residual) -> y``.
 
-    ``ours`` is the default (split) arrangement, ``ours_persistent`` the single-launch one;
-    ``compile`` only on :data:`COMPILE_SHAPES` in bf16 (each compile costs seconds).
+    ``ours`` is the Triton backend in the default (split) arrangement, ``ours_persistent`` the
+    single-launch one, ``auto`` the default backend (``cuda``: Triton where it measured faster,
+    ATen's kernels elsewhere); ``compile`` only on :data:`COMPILE_SHAPES` in bf16 (each compile
+    costs seconds).
     """
     import torch
     import torch.nn.functional as F
@@ -305,11 +313,17 @@ def _providers(kind: str, shape: Sequence[int], config: str) -> dict[str, Callab
         finally:
             os.environ.pop(ARRANGEMENT_ENV_VAR, None)
 
+    def auto(x, w, b, z):
+        return batch_norm(
+            x, None, None, w, b, training=True, backend="auto",
+            activation="relu" if kind == "fused" else None, residual=z if kind == "fused" else None,
+        )  # fmt: skip
+
     def eager(x, w, b, z):
         y = F.batch_norm(x, None, None, w, b, training=True)
         return torch.relu(y + z) if kind == "fused" else y
 
-    providers = {"ours": ours, "ours_persistent": ours_persistent, "eager": eager}
+    providers = {"ours": ours, "ours_persistent": ours_persistent, "auto": auto, "eager": eager}
     if tuple(shape) in COMPILE_SHAPES and kind == "plain" and config != "fp32":
         # The timing loop re-runs backward on one graph (retain_graph): no donated buffers.
         import torch._functorch.config as functorch_config

@@ -1,4 +1,4 @@
-"""GPU correctness sweep: our modules on CUDA (auto → Triton) against ``torch.nn`` in float64.
+"""GPU correctness sweep: our modules on CUDA (Triton) against ``torch.nn`` in float64.
 
 Complements ``gpu.py`` (which checks the large benchmark shapes in fp32/bf16 before timing): small
 odd shapes (prime C and M, 1×1 spatial, N = 2, channels_last, non-contiguous), float32, float16
@@ -77,8 +77,10 @@ def _torch_reference(dims: int, channels: int) -> nn.Module:
     return cls(channels).double().to(DEVICE)
 
 
-def check_modules(arrangements: tuple[str, ...], dtypes: tuple[torch.dtype, ...]) -> None:
-    """BatchNorm*d and BatchNormAct*d with backend auto (Triton) vs float64 torch.nn.
+def check_modules(
+    arrangements: tuple[str, ...], dtypes: tuple[torch.dtype, ...], backend: str = "triton"
+) -> None:
+    """BatchNorm*d and BatchNormAct*d on ``backend`` vs float64 torch.nn.
 
     Prints one progress line per (arrangement, dtype), so a run cut short still reports.
     """
@@ -92,10 +94,12 @@ def check_modules(arrangements: tuple[str, ...], dtypes: tuple[torch.dtype, ...]
                 for activation in ACTIVATIONS:
                     for with_residual in (False, True):
                         if activation is None and not with_residual:
-                            module = getattr(batchnorm, f"BatchNorm{suffix}")(shape[1])
+                            module = getattr(batchnorm, f"BatchNorm{suffix}")(
+                                shape[1], backend=backend
+                            )
                         else:
                             module = getattr(batchnorm, f"BatchNormAct{suffix}")(
-                                shape[1], activation=activation
+                                shape[1], activation=activation, backend=backend
                             )
                         label = (
                             f"{arrangement} {shape} {layout} {dtype} {activation} z={with_residual}"
@@ -218,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         help="input dtype to sweep (repeatable; default all)",
     )  # fmt: skip
     parser.add_argument("--no-family", action="store_true", help="skip the family and tools")
+    parser.add_argument(
+        "--backend", default="triton",
+        help="backend of the module sweep (default triton; auto/cuda take ATen on small shapes)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     arrangements = tuple(args.arrangement or ("split", "persistent"))
     dtypes = tuple(getattr(torch, name) for name in args.dtype) if args.dtype else tuple(TOLERANCE)
@@ -226,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_family:
         check_family()
         print(f"family and tools: {len(failures)} failures", flush=True)
-    check_modules(arrangements, dtypes)
+    check_modules(arrangements, dtypes, args.backend)
     print(f"gpu_check: {len(failures)} failures")
     return 1 if failures else 0
 

@@ -384,15 +384,15 @@ def test_backend_that_cannot_import_is_not_available(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("importable", [True, False])
-def test_auto_picks_triton_for_cuda_only_when_it_imports(monkeypatch, importable) -> None:
-    """``auto``: Triton for CUDA tensors when its module imports, else torch; CPU: numba/aten."""
+def test_auto_picks_the_cuda_backend_only_when_it_imports(monkeypatch, importable) -> None:
+    """``auto`` on CUDA: the ``cuda`` backend when it imports, else ATen; CPU: numba or aten."""
     monkeypatch.setattr(backends, "_INSTANCES", {})
     module = "batchnorm.backends.torch_backend" if importable else "batchnorm_no_such_module"
-    monkeypatch.setitem(backends._REGISTRY, "triton", (module, "TorchBackend"))
+    monkeypatch.setitem(backends._REGISTRY, "cuda", (module, "TorchBackend"))
     monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
     cuda_choice = resolve_backend("auto", torch.device("cuda"))
-    assert isinstance(cuda_choice, TorchBackend)  # the stand-in class in both cases
-    assert (backends._INSTANCES.get("triton") is cuda_choice) == importable
+    assert isinstance(cuda_choice, TorchBackend) == importable  # the stand-in class
+    assert cuda_choice is backends._INSTANCES.get("cuda" if importable else "aten")
     cpu_choice = resolve_backend(None, torch.device("cpu"))
     assert cpu_choice.name in ("numba", "aten")  # the fast CPU backends (issue 8)
 

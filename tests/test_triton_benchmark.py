@@ -48,14 +48,17 @@ def test_fraction_of_copy_and_speedups() -> None:
         gpu.Row((2, 3), "fp32", "plain", "fwd+bwd", "ours", 1.0, 0.8),
         gpu.Row((2, 3), "fp32", "plain", "fwd+bwd", "eager", 3.0, 0.27),
         gpu.Row((2, 3), "fp32", "plain", "fwd+bwd", "compile", 1.5, 0.53),
+        gpu.Row((2, 3), "fp32", "plain", "fwd+bwd", "auto", 2.0, 0.4),
         gpu.Row((2, 3), "fp32", "plain", "fwd", "eager", 3.0, 0.27),
     ]
     ratios = gpu.speedups(rows)
-    assert ratios[((2, 3), "fp32", "plain", "fwd+bwd")] == {"vs_eager": 3.0, "vs_compile": 1.5}
+    assert ratios[((2, 3), "fp32", "plain", "fwd+bwd")] == {
+        "vs_eager": 3.0, "vs_compile": 1.5, "vs_auto": 2.0
+    }  # fmt: skip
     assert ((2, 3), "fp32", "plain", "fwd") not in ratios  # no "ours" row to compare with
     table = gpu.format_table(rows)
     assert table.splitlines()[1].split() == [
-        "2x3", "fp32", "plain", "1.000", "0.80", "–", "0.27", "0.53", "3.00", "1.50"
+        "2x3", "fp32", "plain", "1.000", "0.80", "–", "0.27", "0.53", "3.00", "1.50", "1.50"
     ]  # fmt: skip
 
 
@@ -87,7 +90,6 @@ def test_gpu_check_shard_runs_in_the_interpreter(monkeypatch, capsys) -> None:
     """One shard of the sweep on CPU tensors (Triton interpreter): kinks counted, no failure."""
     check = _load_script("gpu_check")
     monkeypatch.setattr(check, "DEVICE", "cpu")
-    monkeypatch.setenv("BATCHNORM_BACKEND", "triton")  # auto would pick a CPU backend
     monkeypatch.setattr(check, "CASES", [((6, 3, 4), "contiguous")])
     monkeypatch.setattr(check, "ACTIVATIONS", (None, "leaky_relu"))
     monkeypatch.setattr(check, "KINK", 10.0)  # every value counts as near the kink
@@ -102,7 +104,6 @@ def test_gpu_check_reports_a_wrong_gradient(monkeypatch, capsys) -> None:
     """A perturbed backward is caught: the sweep can fail."""
     check = _load_script("gpu_check")
     monkeypatch.setattr(check, "DEVICE", "cpu")
-    monkeypatch.setenv("BATCHNORM_BACKEND", "triton")  # auto would pick a CPU backend
     monkeypatch.setattr(check, "CASES", [((6, 3, 4), "contiguous")])
     monkeypatch.setattr(check, "ACTIVATIONS", (None,))
     from batchnorm.backends import triton_backend as tb

@@ -140,12 +140,14 @@ def test_triton_backend_compiles_fullgraph() -> None:
 
 def test_missing_triton_gives_a_clear_import_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """Asking for ``triton`` when it cannot import names the backend and the alternatives."""
-    monkeypatch.setitem(sys.modules, "batchnorm.backends.triton_backend", None)
-    monkeypatch.delitem(backends._INSTANCES, "triton", raising=False)
+    for module in ("triton_backend", "cuda_backend"):  # cuda_backend imports triton_backend
+        monkeypatch.setitem(sys.modules, f"batchnorm.backends.{module}", None)
+    monkeypatch.setattr(backends, "_INSTANCES", {})
     with pytest.raises(ImportError, match="the 'triton' backend cannot be used here"):
         backends.resolve_backend("triton", torch.device("cpu"))
     assert "triton" not in backends.available_backends()
-    assert backends.resolve_backend("auto", torch.device("cuda")).name == "torch"
+    assert "cuda" not in backends.available_backends()
+    assert backends.resolve_backend("auto", torch.device("cuda")).name == "aten"
 
 
 def test_no_cuda_and_no_interpreter_means_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:

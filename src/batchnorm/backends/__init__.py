@@ -4,9 +4,11 @@ Selection, first match wins:
 
 1. the ``backend=`` argument of :func:`batchnorm.functional.batch_norm` or of a module;
 2. the environment variable ``BATCHNORM_BACKEND`` (a backend name or ``auto``);
-3. ``auto``: Triton for CUDA tensors when it imports; for CPU tensors the Numba kernels when
-   Numba imports, else ATen's native kernels (both measured at least as fast as
-   ``torch.nn.functional.batch_norm``: ``benchmarks/cpu.py``); else the pure-torch backend.
+3. ``auto``: for CUDA tensors the ``cuda`` backend (Triton kernels where they measured faster
+   than PyTorch's, ATen's CUDA kernels elsewhere: ``benchmarks/gpu.py``) when Triton imports,
+   else ATen's; for CPU tensors the Numba kernels when Numba imports, else ATen's native
+   kernels (both measured at least as fast as ``torch.nn.functional.batch_norm``:
+   ``benchmarks/cpu.py``); else the pure-torch backend.
 
 Backends live in their own modules and are imported on first use, so a missing optional
 dependency (Triton) only matters to whoever asks for that backend.
@@ -45,6 +47,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "triton": ("batchnorm.backends.triton_backend", "TritonBackend"),
     "aten": ("batchnorm.backends.aten_backend", "AtenBackend"),
     "numba": ("batchnorm.backends.numba_backend", "NumbaBackend"),
+    "cuda": ("batchnorm.backends.cuda_backend", "CudaBackend"),
 }
 #: Backend name → its shared instance; also a device → auto's choice there (looked up by the
 #: device itself: reading its type costs more than the lookup).
@@ -74,12 +77,12 @@ def _instance(name: str) -> Backend:
 
 def _auto(device: torch.device) -> str:
     """The backend ``auto`` picks for ``device``."""
-    if device.type == "cuda" and "triton" in _REGISTRY:
+    if device.type == "cuda":
         try:
-            _instance("triton")
-        except ImportError:
-            return "torch"
-        return "triton"
+            _instance("cuda")
+        except ImportError:  # no Triton here: PyTorch's own CUDA kernels
+            return "aten"
+        return "cuda"
     if device.type == "cpu":
         try:
             _instance("numba")

@@ -1,0 +1,178 @@
+"""CUDA backend for ``auto``: Triton where it measured faster than PyTorch, ATen elsewhere.
+
+On a GPU the Triton kernels move close to 0.6 of copy bandwidth, but the host's work per
+training step (Python around six launches) is about 0.95 ms on an H200, where
+``F.batch_norm`` costs 0.12–0.17 ms (``benchmarks/gpu_overhead.py``). So Triton only pays where
+ATen's CUDA kernels are slow *and* the problem is large enough to hide that work. In the
+H200 run of ``benchmarks/gpu.py`` (``benchmarks/results/nvidia-h200-2026-11-26.log``, training
+forward+backward against eager) Triton won on:
+
+* ``(N, C, L)`` inputs with rows contiguous (NCHW) when ``L ≥ 2048`` and the input has at least
+  ``2²⁵`` values: 256×64×112×112 (3.9× eager in float32, 7.9× in bfloat16), 256×256×56×56
+  (1.4×, 2.2×), 256×64×56×56 (1.6×, 2.3×). Shorter rows or fewer values lost (0.12–0.94×:
+  256×512×28×28, 256×128×28×28, 256×1024×14×14, 32×64×56×56, 8192×1024, ...), because ATen's
+  NCHW kernels are fast there;
+* channels_last inputs from ``2²⁷`` values with ``L ≥ 2048``: 256×64×112×112 (1.5×),
+  256×256×56×56 (1.2×); 256×64×56×56 lost (0.49×).
+
+:data:`TRITON_CASES` holds these two rules; every other call, fused activation/residual calls
+included, runs on the :class:`~batchnorm.backends.aten_backend.AtenBackend` (cuDNN or ATen's
+native CUDA kernels, with our validation, running-statistics rules and fused add/activation in
+torch operations). ``backend="triton"`` still runs the Triton kernels everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from batchnorm.backends.aten_backend import AtenBackend
+from batchnorm.backends.base import ForwardResult, FusedForwardResult
+from batchnorm.backends.triton_backend import TritonBackend
+
+__all__ = ["TRITON_CASES", "CudaBackend", "TritonCase"]
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class TritonCase(NamedTuple):
+    """Where the Triton kernels take a layout: both bounds must hold."""
+
+    min_values: int  # numel of the input
+    min_row: int  # L, the values per (sample, channel) row
+
+
+#: ``channels_innermost`` (channel stride 1) → where Triton measured faster (see module doc).
+TRITON_CASES: dict[bool, TritonCase] = {
+    False: TritonCase(min_values=1 << 25, min_row=2048),
+    True: TritonCase(min_values=1 << 27, min_row=2048),
+}
+
+
+def _row_length(x: torch.Tensor) -> int:
+    """``L``: the values per (sample, channel) of an ``(N, C, *)`` tensor."""
+    channels_and_batch = x.shape[0] * x.shape[1]
+    return x.numel() // channels_and_batch if channels_and_batch else 0
+
+
+class CudaBackend:
+    """``auto`` on CUDA: :class:`TritonBackend` where it measured faster, :class:`AtenBackend` else.
+
+    Implements the fused contract through :meth:`supports_fusion` (True exactly where Triton
+    takes the call, plain or fused) and delegates the plain contract, the whole-call
+    ``forward_update`` and ``inference`` to ATen.
+    """
+
+    name = "cuda"
+
+    def __init__(self, triton_cases: dict[bool, TritonCase] | None = None) -> None:
+        """Builds both backends.
+
+        Args:
+            triton_cases: where Triton runs (tests widen it); default :data:`TRITON_CASES`.
+
+        Raises:
+            ImportError: when the Triton backend cannot run here (``auto`` then takes ATen).
+        """
+        self.triton_cases = TRITON_CASES if triton_cases is None else triton_cases
+        self._triton = TritonBackend()
+        self._aten = AtenBackend()
+
+    def supports_fusion(self, x: torch.Tensor) -> bool:
+        """Whether Triton takes ``x`` ``(N, C, *)``: dtype, layout and size (see module doc)."""
+        if x.dtype not in _TRITON_DTYPES or x.dim() < 3:
+            return False
+        case = self.triton_cases[x.stride(1) == 1 and x.shape[1] > 1]
+        return x.numel() >= case.min_values and _row_length(x) >= case.min_row
+
+    def forward_act(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        eps: float,
+        activation: str | None,
+        negative_slope: float,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        momentum: float,
+    ) -> FusedForwardResult:
+        """Triton's fused training forward (called only where :meth:`supports_fusion`)."""
+        return self._triton.forward_act(
+            x, weight, bias, residual, eps, activation, negative_slope, running_mean,
+            running_var, momentum,
+        )  # fmt: skip
+
+    def inference_act(
+        self,
+        x: torch.Tensor,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        eps: float,
+        activation: str | None,
+        negative_slope: float,
+    ) -> torch.Tensor:
+        """Triton's fused evaluation forward where :meth:`supports_fusion`; plain ones on ATen.
+
+        Plain evaluation (no activation, no residual) is one elementwise kernel at bandwidth in
+        ATen too, without Triton's host work, so it always goes there.
+        """
+        if activation is None and residual is None:
+            return self._aten.inference(x, weight, bias, running_mean, running_var, eps)
+        return self._triton.inference_act(
+            x, running_mean, running_var, weight, bias, residual, eps, activation, negative_slope
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+    ) -> ForwardResult:
+        """ATen's training forward on the ``(N, C, L)`` view; see :class:`Backend`."""
+        return self._aten.forward(x, weight, bias, eps)
+
+    def backward(
+        self,
+        dy: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        mean: torch.Tensor,
+        invstd: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ATen's backward; see :class:`Backend`."""
+        return self._aten.backward(dy, x, weight, mean, invstd)
+
+    def forward_update(
+        self,
+        input: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        momentum: float,
+        eps: float,
+        in_place: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+        """ATen's whole training call (:meth:`AtenBackend.forward_update`)."""
+        return self._aten.forward_update(
+            input, weight, bias, running_mean, running_var, momentum, eps, in_place
+        )
+
+    def inference(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor,
+        running_var: torch.Tensor,
+        eps: float,
+    ) -> torch.Tensor:
+        """ATen's evaluation forward (:meth:`AtenBackend.inference`)."""
+        return self._aten.inference(x, weight, bias, running_mean, running_var, eps)
