@@ -122,3 +122,32 @@ def test_both_routes_match_torch(routed, cases, channels_last) -> None:
     torch.testing.assert_close(fused, torch.relu(evaluated + x))
     # Triton saw the training call and the fused evaluation; plain evaluation stays on ATen.
     assert calls == ([] if cases is None else ["forward_act", "inference_act"])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_aten_backward_gives_dy_in_the_input_dtype_off_the_cpu(monkeypatch, channels_last) -> None:
+    """ATen's CUDA backward refuses a float32 ``dy`` for bfloat16 ``x`` (found on an H200): off
+    the CPU, the fused composition's float32 ``du`` reaches it in ``x``'s dtype."""
+    from batchnorm.backends.aten_backend import AtenBackend
+
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+
+    def spy(dy, x, weight, *rest):
+        seen.append((dy.dtype, x.dtype))
+        channels = x.shape[1]
+        return torch.empty_like(x), weight.new_empty(channels), weight.new_empty(channels)
+
+    monkeypatch.setattr(torch.ops.aten, "native_batch_norm_backward", spy)
+    x = torch.empty((2, 3, 4), device="meta", dtype=torch.bfloat16)  # (N, C, L)
+    if channels_last:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)  # channels innermost: (M, C) rows
+    dy = torch.empty(x.shape, device="meta", dtype=torch.float32)
+    stats = torch.empty(3, device="meta")
+    AtenBackend().backward(dy, x, torch.empty(3, device="meta"), stats, stats)
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    seen.clear()
+    cpu_x = torch.randn(2, 3, 4).bfloat16()
+    AtenBackend().backward(
+        torch.randn(2, 3, 4), cpu_x, torch.ones(3), torch.zeros(3), torch.ones(3)
+    )
+    assert seen == [(torch.float32, torch.bfloat16)]  # the CPU keeps float32 du

@@ -338,8 +338,9 @@ def batch_norm(
         training: use batch statistics (and update the running buffers) when ``True``.
         momentum: factor of the running-average update.
         eps: added to the variance inside the square root.
-        backend: backend name (``"torch"``, ``"numpy"``, ``"triton"``, ``"auto"``), or ``None``
-            for the ``BATCHNORM_BACKEND`` environment variable, then ``auto``.
+        backend: backend name (``"auto"``, ``"cuda"``, ``"triton"``, ``"aten"``, ``"numba"``,
+            ``"torch"``, ``"numpy"``), or ``None`` for the ``BATCHNORM_BACKEND`` environment
+            variable, then ``auto``.
         activation: fused activation applied last: ``None``, ``"relu"``, ``"leaky_relu"``,
             ``"silu"`` or ``"gelu"`` (exact); the result is ``act(bn(x) + residual)``.
         residual: tensor of the shape and dtype of ``input`` added before the activation (its

@@ -368,8 +368,16 @@ class AtenBackend:
         mean: torch.Tensor,
         invstd: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Backward of :meth:`forward`; see :class:`Backend`."""
+        """Backward of :meth:`forward`; see :class:`Backend`.
+
+        ``dy`` may come in the statistics dtype (float32 for float16/bfloat16 ``x``: the fused
+        composition's ``du = dy·act'(u)``). ATen's CPU kernel takes that as it is; its CUDA
+        kernel needs ``dy`` in ``x``'s dtype, so there it is rounded to it, as PyTorch's own
+        activation backward would have left it.
+        """
         stats_dtype = compute_dtype(x.dtype)
+        if dy.dtype != x.dtype and x.device.type != "cpu":
+            dy = dy.to(x.dtype)  # (N, C, L)
         if x.shape[0] * x.shape[2] == 0:
             zeros = torch.zeros(x.shape[1], dtype=stats_dtype, device=x.device)  # (C,)
             return torch.zeros_like(x), zeros, zeros.clone()
