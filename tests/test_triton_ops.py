@@ -156,3 +156,14 @@ def test_no_cuda_and_no_interpreter_means_unavailable(monkeypatch: pytest.Monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ImportError, match="need a CUDA device, or TRITON_INTERPRET=1"):
         tb.TritonBackend()
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["direct", "ops"])
+def test_double_backward_through_the_kernels_is_an_error(monkeypatch, eager: bool) -> None:
+    """The Triton backward is not differentiable: asking for it raises, on both routes."""
+    monkeypatch.setattr(tb, "runs_eagerly", lambda t: eager)
+    x = _leaf((4, 3, 5), 0)
+    y = tb.TritonBackend().forward_act(x, None, None, None, 1e-5, "relu", 0.01, None, None, 0.1).y
+    (grad,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"does not require grad|no autograd formula"):
+        torch.autograd.grad(grad.sum(), x)

@@ -533,8 +533,9 @@ class _TrainFunction(torch.autograd.Function):
         return outputs
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """The op's registered formula."""
+        """The op's registered formula (Triton kernels: no double backward, said clearly)."""
         return _train_backward_formula(ctx, *grads)
 
 
