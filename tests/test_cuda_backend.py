@@ -19,7 +19,9 @@ from batchnorm.backends.triton_backend import TritonBackend
 from batchnorm.functional import batch_norm
 
 #: Triton everywhere (every tensor passes both bounds).
-EVERYWHERE = {False: cb.TritonCase(0, 0), True: cb.TritonCase(0, 0)}
+EVERYWHERE = {
+    (fused, inner): cb.TritonCase(0, 0) for fused in (False, True) for inner in (False, True)
+}
 
 
 def _meta(shape: tuple[int, ...], channels_last: bool = False, dtype=torch.float32):
@@ -29,30 +31,53 @@ def _meta(shape: tuple[int, ...], channels_last: bool = False, dtype=torch.float
     return x
 
 
-@pytest.mark.parametrize(
-    ("shape", "channels_last", "dtype", "takes"),
-    [
-        ((256, 64, 112, 112), False, torch.float32, True),
-        ((256, 256, 56, 56), False, torch.bfloat16, True),
-        ((256, 64, 56, 56), False, torch.float32, True),
-        ((256, 512, 28, 28), False, torch.float32, False),  # rows of 784: ATen is faster
-        ((32, 64, 56, 56), False, torch.float32, False),  # 6.4 M values: host work dominates
-        ((8192, 1024), False, torch.float32, False),
-        ((256, 64, 112, 112), True, torch.bfloat16, True),
-        ((256, 256, 56, 56), True, torch.bfloat16, True),
-        ((256, 64, 56, 56), True, torch.bfloat16, False),  # channels_last needs 2^27 values
-        ((256, 64, 112, 112), False, torch.float64, False),  # Triton has no float64 path
-    ],
-)
-def test_triton_takes_the_measured_winners_only(shape, channels_last, dtype, takes) -> None:
-    """The rules of ``TRITON_CASES`` on the H200 benchmark's shapes."""
+#: The H200 run's training forward+backward, Triton's time against eager's (×eager > 1: Triton
+#: faster): (shape, channels_last) → (plain, fused with residual + ReLU), bfloat16 for
+#: channels_last and float32 otherwise (benchmarks/results/nvidia-h200-2026-11-26.log).
+H200_SPEEDUPS = {
+    ((256, 64, 112, 112), False): (3.87, 3.45),
+    ((256, 256, 56, 56), False): (1.40, 1.65),
+    ((256, 64, 56, 56), False): (1.62, 1.60),
+    ((256, 512, 28, 28), False): (0.74, 1.44),
+    ((256, 128, 28, 28), False): (0.63, 0.54),
+    ((256, 1024, 14, 14), False): (0.47, 0.64),
+    ((256, 256, 14, 14), False): (0.12, 0.21),
+    ((256, 2048, 7, 7), False): (0.38, 0.39),
+    ((256, 512, 7, 7), False): (0.37, 0.30),
+    ((32, 64, 56, 56), False): (0.21, 0.41),
+    ((8192, 1024), False): (0.20, 0.27),
+    ((256, 64, 112, 112), True): (1.51, 1.49),
+    ((256, 256, 56, 56), True): (1.21, 1.16),
+    ((256, 64, 56, 56), True): (0.49, 0.55),
+    ((256, 512, 28, 28), True): (0.71, 1.18),
+    ((256, 128, 28, 28), True): (0.20, 0.30),
+    ((256, 1024, 14, 14), True): (0.43, 0.58),
+}
+
+
+@pytest.mark.parametrize(("case", "speedups"), H200_SPEEDUPS.items(), ids=str)
+def test_triton_takes_exactly_the_measured_winners(case, speedups) -> None:
+    """Every case of the H200 run goes where it measured faster, plain and fused."""
+    shape, channels_last = case
+    dtype = torch.bfloat16 if channels_last else torch.float32
     backend = cb.CudaBackend()
-    assert backend.supports_fusion(_meta(shape, channels_last, dtype)) is takes
+    for fused, speedup in zip((False, True), speedups, strict=True):
+        assert backend.supports_fusion(_meta(shape, channels_last, dtype), fused) is (speedup > 1)
+
+
+def test_float64_and_two_dimensional_inputs_stay_on_aten() -> None:
+    """Triton has no float64 path; (N, C) inputs have rows of one value."""
+    backend = cb.CudaBackend(EVERYWHERE)
+    assert not backend.supports_fusion(_meta((256, 64, 112, 112), dtype=torch.float64))
+    assert not backend.supports_fusion(_meta((64, 32)), fused=True)
 
 
 def test_bounds_are_inclusive_and_both_needed() -> None:
     """``numel ≥ min_values`` and ``L ≥ min_row``, for the layout's own case."""
-    backend = cb.CudaBackend({False: cb.TritonCase(100, 10), True: cb.TritonCase(1000, 10)})
+    cases = {(False, False): cb.TritonCase(100, 10), (False, True): cb.TritonCase(1000, 10)}
+    backend = cb.CudaBackend(
+        cases | {(True, inner): cb.TritonCase(0, 0) for inner in (False, True)}
+    )
     assert backend.supports_fusion(_meta((1, 10, 10)))  # exactly both bounds
     assert not backend.supports_fusion(_meta((1, 10, 9)))  # L too short
     assert not backend.supports_fusion(_meta((1, 5, 10)))  # too few values
@@ -125,29 +150,67 @@ def test_both_routes_match_torch(routed, cases, channels_last) -> None:
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_aten_backward_gives_dy_in_the_input_dtype_off_the_cpu(monkeypatch, channels_last) -> None:
-    """ATen's CUDA backward refuses a float32 ``dy`` for bfloat16 ``x`` (found on an H200): off
-    the CPU, the fused composition's float32 ``du`` reaches it in ``x``'s dtype."""
+def test_aten_backward_takes_dy_in_the_statistics_dtype(channels_last) -> None:
+    """ATen's kernels refuse a float32 ``dy`` for bfloat16 ``x`` (found on an H200, and true on
+    the CPU too): the fused composition's float32 ``du`` is rounded to ``x``'s dtype first."""
     from batchnorm.backends.aten_backend import AtenBackend
 
-    seen: list[tuple[torch.dtype, torch.dtype]] = []
-
-    def spy(dy, x, weight, *rest):
-        seen.append((dy.dtype, x.dtype))
-        channels = x.shape[1]
-        return torch.empty_like(x), weight.new_empty(channels), weight.new_empty(channels)
-
-    monkeypatch.setattr(torch.ops.aten, "native_batch_norm_backward", spy)
-    x = torch.empty((2, 3, 4), device="meta", dtype=torch.bfloat16)  # (N, C, L)
+    x = torch.randn(2, 3, 4).bfloat16()  # (N, C, L)
     if channels_last:
         x = x.transpose(1, 2).contiguous().transpose(1, 2)  # channels innermost: (M, C) rows
-    dy = torch.empty(x.shape, device="meta", dtype=torch.float32)
-    stats = torch.empty(3, device="meta")
-    AtenBackend().backward(dy, x, torch.empty(3, device="meta"), stats, stats)
-    assert seen == [(torch.bfloat16, torch.bfloat16)]
-    seen.clear()
-    cpu_x = torch.randn(2, 3, 4).bfloat16()
-    AtenBackend().backward(
-        torch.randn(2, 3, 4), cpu_x, torch.ones(3), torch.zeros(3), torch.ones(3)
+    dy = torch.randn(2, 3, 4)  # float32
+    mean = x.float().mean((0, 2))
+    invstd = torch.rsqrt(x.float().var((0, 2), correction=0) + 1e-5)
+    got = AtenBackend().backward(dy, x, torch.ones(3), mean, invstd)
+    expected = AtenBackend().backward(dy.bfloat16(), x, torch.ones(3), mean, invstd)
+    for actual, want in zip(got, expected, strict=True):
+        assert torch.equal(actual, want)
+
+
+def test_aten_backward_without_weight_hands_aten_a_weight_of_ones(monkeypatch) -> None:
+    """ATen's CUDA backward needs a defined weight to return (C,) gradients: ones go in."""
+    from batchnorm.backends.aten_backend import AtenBackend
+
+    seen = []
+    real = torch.ops.aten.native_batch_norm_backward
+
+    def spy(dy, x, weight, *rest):
+        seen.append(weight)
+        return real(dy, x, weight, *rest)
+
+    monkeypatch.setattr(torch.ops.aten, "native_batch_norm_backward", spy)
+    x, dy = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
+    mean, invstd = x.mean((0, 2)), torch.rsqrt(x.var((0, 2), correction=0) + 1e-5)
+    dx, dweight, dbias = AtenBackend().backward(dy, x, None, mean, invstd)
+    assert torch.equal(seen[0], torch.ones(3))
+    expected = AtenBackend().backward(dy, x, torch.ones(3), mean, invstd)
+    for got, want in zip((dx, dweight, dbias), expected, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["aten", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("affine", [True, False])
+def test_fused_reduced_precision_training_on_the_aten_route(backend, dtype, affine) -> None:
+    """``act(bn(x) + z)`` in training, float16/bfloat16, through ATen's kernels (the route
+    ``auto`` takes on CUDA below the thresholds): outputs and gradients against float64."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 3, 5, 6, generator=gen) * 2 + 1).to(dtype)
+    z, dy = (torch.randn(4, 3, 5, 6, generator=gen).to(dtype) for _ in range(2))
+    weight, bias = (torch.rand(3, generator=gen) + 0.5, torch.randn(3, generator=gen))
+    leaves = [t.clone().requires_grad_() for t in (x, z, weight, bias)]
+    params = leaves[2:] if affine else [None, None]
+    y = batch_norm(
+        leaves[0], None, None, *params, True, backend=backend, activation="silu", residual=leaves[1]
     )
-    assert seen == [(torch.float32, torch.bfloat16)]  # the CPU keeps float32 du
+    wrt = leaves if affine else leaves[:2]
+    grads = torch.autograd.grad(y, wrt, dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, z, weight, bias)]
+    params64 = leaves64[2:] if affine else [None, None]
+    y64 = F.silu(F.batch_norm(leaves64[0], None, None, *params64, True) + leaves64[1])
+    expected = torch.autograd.grad(y64, leaves64 if affine else leaves64[:2], dy.double())
+    tolerance = 3e-2 if dtype == torch.bfloat16 else 5e-3
+    torch.testing.assert_close(y.double(), y64, atol=tolerance, rtol=tolerance)
+    for got, want in zip(grads, expected, strict=True):
+        scale = float(1 + want.abs().max())
+        torch.testing.assert_close(got.double(), want, atol=tolerance * scale, rtol=tolerance)

@@ -20,7 +20,11 @@ from batchnorm.autograd import activate, activation_derivative
 from batchnorm.backends import available_backends
 from batchnorm.modules import BatchNorm2d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 
-BACKENDS = [name for name in ("torch", "numpy", "triton") if name in available_backends()]
+BACKENDS = [
+    name
+    for name in ("torch", "numpy", "triton", "aten", "numba", "cuda")
+    if name in available_backends()
+]
 ACTIVATIONS = [None, "relu", "leaky_relu", "silu", "gelu"]
 
 

@@ -69,7 +69,8 @@ def test_inference_op_gradients_match_autograd() -> None:
 
 
 def test_runs_eagerly_only_for_plain_tensors_outside_tracing() -> None:
-    """Plain tensors and parameters launch directly; fake tensors and torch.func use the ops."""
+    """Plain tensors and parameters launch directly; fake and meta tensors, torch.func,
+    torch.jit.trace and dispatch modes use the ops."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     x = th.make((2, 3, 5))
@@ -85,6 +86,17 @@ def test_runs_eagerly_only_for_plain_tensors_outside_tracing() -> None:
 
     torch.func.grad(probe)(x)
     assert seen == [False]
+    assert not tb.runs_eagerly(torch.empty((2, 3, 5), device="meta"))
+    assert not tb.runs_eagerly(x, mode.from_tensor(x))  # any tensor argument counts
+    torch.jit.trace(probe, x, check_trace=False)
+    assert seen[-1] is False
+
+    class Recording(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Recording():
+        assert not tb.runs_eagerly(x)
 
 
 @pytest.mark.parametrize(
@@ -98,7 +110,7 @@ def test_eager_twins_match_the_ops_bit_for_bit(
     backend = tb.TritonBackend()
 
     def run(eager: bool) -> list[torch.Tensor]:
-        monkeypatch.setattr(tb, "runs_eagerly", lambda t: eager)
+        monkeypatch.setattr(tb, "runs_eagerly", lambda *tensors: eager)
         x, w, b, z = _leaf((2, 3, 5), 0), _leaf((3,), 1), _leaf((3,), 2), _leaf((2, 3, 5), 4)
         residual = z if with_residual else None
         running = (
@@ -160,10 +172,17 @@ def test_no_cuda_and_no_interpreter_means_unavailable(monkeypatch: pytest.Monkey
 
 @pytest.mark.parametrize("eager", [True, False], ids=["direct", "ops"])
 def test_double_backward_through_the_kernels_is_an_error(monkeypatch, eager: bool) -> None:
-    """The Triton backward is not differentiable: asking for it raises, on both routes."""
-    monkeypatch.setattr(tb, "runs_eagerly", lambda t: eager)
-    x = _leaf((4, 3, 5), 0)
-    y = tb.TritonBackend().forward_act(x, None, None, None, 1e-5, "relu", 0.01, None, None, 0.1).y
+    """The Triton backward is not differentiable: asking for it raises on both routes, also
+    when the gradient enters a larger loss (no gradient silently lost)."""
+    monkeypatch.setattr(tb, "runs_eagerly", lambda *tensors: eager)
+    x, weight = _leaf((4, 3, 5), 0), _leaf((3,), 1)
+    backend = tb.TritonBackend()
+    y = backend.forward_act(x, weight, None, None, 1e-5, "relu", 0.01, None, None, 0.1).y
     (grad,) = torch.autograd.grad(y.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match=r"does not require grad|no autograd formula"):
+    with pytest.raises(RuntimeError, match="no autograd formula"):
         torch.autograd.grad(grad.sum(), x)
+    y = backend.forward_act(x, weight, None, None, 1e-5, "relu", 0.01, None, None, 0.1).y
+    (grad,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    penalty = (weight * weight).sum() + grad.pow(2).sum()  # a gradient penalty
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        penalty.backward()

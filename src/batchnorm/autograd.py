@@ -340,10 +340,29 @@ class BatchNormActFunction(torch.autograd.Function):
         )
 
 
-def fuses(backend: Backend, x: torch.Tensor) -> bool:
-    """Whether ``backend`` fuses activation and residual itself for ``x`` (a FusedBackend)."""
+class _BatchNormActEagerFunction(torch.autograd.Function):
+    """:class:`BatchNormActFunction` in the classic ``forward(ctx, ...)`` form (outside
+    ``torch.func`` transforms: no ``inspect.signature`` binding on every call)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, *inputs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Runs :meth:`BatchNormActFunction.forward` and its ``setup_context``."""
+        output = BatchNormActFunction.forward(*inputs)
+        BatchNormActFunction.setup_context(ctx, inputs, output)
+        return output
+
+    backward = BatchNormActFunction.backward
+
+
+def fuses(backend: Backend, x: torch.Tensor, fused: bool = False) -> bool:
+    """Whether ``backend`` runs the call on ``x`` itself (a FusedBackend).
+
+    ``fused``: the call has an activation or a residual (else it is a plain batch norm).
+    """
     supports = getattr(backend, "supports_fusion", None)
-    return supports is not None and bool(supports(x))
+    return supports is not None and bool(supports(x, fused))
 
 
 def batch_norm_act_train(
@@ -375,12 +394,17 @@ def batch_norm_act_train(
     Returns:
         A :class:`FusedForwardResult`; gradients flow to ``x``, ``γ``, ``β`` and ``z``.
     """
-    if fuses(backend, x):
+    if fuses(backend, x, activation is not None or residual is not None):
         return backend.forward_act(  # type: ignore[attr-defined, no-any-return]
             x, weight, bias, residual, eps, activation, negative_slope, running_mean,
             running_var, momentum,
         )  # fmt: skip
-    y, mean, invstd, var = BatchNormActFunction.apply(  # type: ignore[no-untyped-call]
+    function = (
+        BatchNormActFunction
+        if torch._C._are_functorch_transforms_active()
+        else _BatchNormActEagerFunction
+    )
+    y, mean, invstd, var = function.apply(  # type: ignore[no-untyped-call]
         x, weight, bias, residual, eps, activation, negative_slope, backend.name
     )
     return FusedForwardResult(y, mean, invstd, var, None, None)

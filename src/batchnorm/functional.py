@@ -543,7 +543,7 @@ def _normalize_fused(
     if not training:
         assert running_mean is not None  # checked by check_batch_norm_args
         assert running_var is not None
-        if fuses(impl, x3):
+        if fuses(impl, x3, activation is not None or residual is not None):
             y3 = impl.inference_act(  # type: ignore[attr-defined]
                 x3, running_mean, running_var, weight, bias, z3, eps, activation, negative_slope
             )

@@ -371,17 +371,20 @@ class AtenBackend:
         """Backward of :meth:`forward`; see :class:`Backend`.
 
         ``dy`` may come in the statistics dtype (float32 for float16/bfloat16 ``x``: the fused
-        composition's ``du = dy·act'(u)``). ATen's CPU kernel takes that as it is; its CUDA
-        kernel needs ``dy`` in ``x``'s dtype, so there it is rounded to it, as PyTorch's own
-        activation backward would have left it.
+        composition's ``du = dy·act'(u)``); ATen's kernels (CPU and CUDA) need it in ``x``'s
+        dtype, so it is rounded to it, as PyTorch's own activation backward would have left
+        it. Without ``weight``, a weight of ones goes in (``dx`` is the same): ATen's CUDA
+        kernels need one to return ``dγ`` and ``dβ`` of shape ``(C,)``.
         """
         stats_dtype = compute_dtype(x.dtype)
-        if dy.dtype != x.dtype and x.device.type != "cpu":
+        if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)  # (N, C, L)
         if x.shape[0] * x.shape[2] == 0:
             zeros = torch.zeros(x.shape[1], dtype=stats_dtype, device=x.device)  # (C,)
             return torch.zeros_like(x), zeros, zeros.clone()
         rows = channel_rows(x)  # (M, C) or None
+        if weight is None:
+            weight = torch.ones(x.shape[1], dtype=stats_dtype, device=x.device)  # (C,)  γ = 1
         weight = _cast(weight, stats_dtype)
         if rows is not None:
             # dy in x's layout (no copy when autograd hands it over that way), as (M, C).

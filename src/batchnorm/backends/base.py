@@ -120,8 +120,12 @@ class FusedBackend(Backend, Protocol):
     ReLU's slope.
     """
 
-    def supports_fusion(self, x: torch.Tensor) -> bool:
-        """Whether :meth:`forward_act`/:meth:`inference_act` take ``x`` (e.g. its dtype)."""
+    def supports_fusion(self, x: torch.Tensor, fused: bool = False) -> bool:
+        """Whether :meth:`forward_act`/:meth:`inference_act` take ``x`` (e.g. its dtype).
+
+        ``fused`` says whether the call has an activation or a residual: a backend may take
+        those where it leaves plain calls to :meth:`forward` (the ``cuda`` backend does).
+        """
         ...
 
     def forward_act(

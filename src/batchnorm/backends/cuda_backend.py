@@ -7,18 +7,27 @@ ATen's CUDA kernels are slow *and* the problem is large enough to hide that work
 H200 run of ``benchmarks/gpu.py`` (``benchmarks/results/nvidia-h200-2026-11-26.log``, training
 forward+backward against eager) Triton won on:
 
-* ``(N, C, L)`` inputs with rows contiguous (NCHW) when ``L ≥ 2048`` and the input has at least
+* plain batch norm, ``(N, C, L)`` inputs with rows contiguous (NCHW), ``L ≥ 2048`` and at least
   ``2²⁵`` values: 256×64×112×112 (3.9× eager in float32, 7.9× in bfloat16), 256×256×56×56
   (1.4×, 2.2×), 256×64×56×56 (1.6×, 2.3×). Shorter rows or fewer values lost (0.12–0.94×:
   256×512×28×28, 256×128×28×28, 256×1024×14×14, 32×64×56×56, 8192×1024, ...), because ATen's
   NCHW kernels are fast there;
-* channels_last inputs from ``2²⁷`` values with ``L ≥ 2048``: 256×64×112×112 (1.5×),
-  256×256×56×56 (1.2×); 256×64×56×56 lost (0.49×).
+* plain, channels_last, from ``2²⁷`` values with ``L ≥ 2048``: 256×64×112×112 (1.5×),
+  256×256×56×56 (1.2×); 256×64×56×56 lost (0.49×);
+* with a residual and ReLU (against eager's three operations), NCHW from ``2²⁵`` values with
+  ``L ≥ 512``: the three above and 256×512×28×28 (1.44× float32, 1.03× bfloat16);
+  256×128×28×28 and 256×1024×14×14 lost (0.54–0.77×);
+* the same, channels_last, from ``2²⁶`` values with ``L ≥ 512``: 256×64×112×112 (1.49×),
+  256×256×56×56 (1.16×), 256×512×28×28 (1.18×); 256×64×56×56 and 256×1024×14×14 lost (0.55×,
+  0.58×).
 
-:data:`TRITON_CASES` holds these two rules; every other call, fused activation/residual calls
-included, runs on the :class:`~batchnorm.backends.aten_backend.AtenBackend` (cuDNN or ATen's
-native CUDA kernels, with our validation, running-statistics rules and fused add/activation in
-torch operations). ``backend="triton"`` still runs the Triton kernels everywhere.
+:data:`TRITON_CASES` holds these four rules; every other call runs on the
+:class:`~batchnorm.backends.aten_backend.AtenBackend` (cuDNN or ATen's native CUDA kernels,
+with our validation, running-statistics rules and the fused add/activation in torch
+operations). ``backend="triton"`` still runs the Triton kernels everywhere. The ATen route
+differentiates twice (ATen's autograd) where the Triton kernels do not, and rounds ``bn(x)``
+to float16/bfloat16 before a residual where Triton keeps it in float32, so these details of a
+call can change with its size.
 """
 
 from __future__ import annotations
@@ -43,10 +52,13 @@ class TritonCase(NamedTuple):
     min_row: int  # L, the values per (sample, channel) row
 
 
-#: ``channels_innermost`` (channel stride 1) → where Triton measured faster (see module doc).
-TRITON_CASES: dict[bool, TritonCase] = {
-    False: TritonCase(min_values=1 << 25, min_row=2048),
-    True: TritonCase(min_values=1 << 27, min_row=2048),
+#: ``(fused, channels_innermost)`` → where Triton measured faster (see module doc); ``fused``:
+#: the call has an activation or a residual; channels innermost: channel stride 1.
+TRITON_CASES: dict[tuple[bool, bool], TritonCase] = {
+    (False, False): TritonCase(min_values=1 << 25, min_row=2048),
+    (False, True): TritonCase(min_values=1 << 27, min_row=2048),
+    (True, False): TritonCase(min_values=1 << 25, min_row=512),
+    (True, True): TritonCase(min_values=1 << 26, min_row=512),
 }
 
 
@@ -66,7 +78,7 @@ class CudaBackend:
 
     name = "cuda"
 
-    def __init__(self, triton_cases: dict[bool, TritonCase] | None = None) -> None:
+    def __init__(self, triton_cases: dict[tuple[bool, bool], TritonCase] | None = None) -> None:
         """Builds both backends.
 
         Args:
@@ -79,11 +91,12 @@ class CudaBackend:
         self._triton = TritonBackend()
         self._aten = AtenBackend()
 
-    def supports_fusion(self, x: torch.Tensor) -> bool:
-        """Whether Triton takes ``x`` ``(N, C, *)``: dtype, layout and size (see module doc)."""
+    def supports_fusion(self, x: torch.Tensor, fused: bool = False) -> bool:
+        """Whether Triton takes the call on ``x`` ``(N, C, *)``: dtype, layout, size, and
+        whether it has an activation or residual (``fused``); see the module doc."""
         if x.dtype not in _TRITON_DTYPES or x.dim() < 3:
             return False
-        case = self.triton_cases[x.stride(1) == 1 and x.shape[1] > 1]
+        case = self.triton_cases[(fused, x.stride(1) == 1 and x.shape[1] > 1)]
         return x.numel() >= case.min_values and _row_length(x) >= case.min_row
 
     def forward_act(

@@ -479,7 +479,10 @@ def _train_backward_formula(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tenso
     """Gradients of ``batchnorm::triton_train`` w.r.t. ``x``, ``γ``, ``β`` and ``z``."""
     x3, weight, bias, residual, positive, mean, invstd = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    backward = _train_backward if runs_eagerly(x3) else train_backward_op
+    # With create_graph the op runs, so that differentiating its result fails as it does on
+    # the op route (the kernels have no backward of their own) instead of losing gradients.
+    direct = not torch.is_grad_enabled() and runs_eagerly(x3, grads[0], weight, bias, residual)
+    backward = _train_backward if direct else train_backward_op
     dx, dweight, dbias, dz = backward(
         grads[0], x3, weight, bias, residual, positive, mean, invstd, ctx.activation,
         ctx.negative_slope, needs[3],
@@ -505,16 +508,28 @@ train_op.register_autograd(_train_backward_formula, setup_context=_train_setup_c
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def runs_eagerly(x: torch.Tensor) -> bool:
-    """Whether a call on ``x`` launches directly instead of through the ``torch.library`` op.
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 
-    True for a plain tensor outside ``torch.compile`` and ``torch.func`` transforms; the ops
-    (with their fake implementations) serve tracing, compiling and ``opcheck``.
+
+def runs_eagerly(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether a call launches directly instead of through the ``torch.library`` op.
+
+    True when ``x`` and every other given tensor are plain tensors (or parameters) with real
+    storage, and nothing records or transforms the call: no ``torch.compile``, ``torch.func``
+    transform, ``torch.jit.trace`` or ``TorchDispatchMode`` (``make_fx``, FLOP counters,
+    selective checkpointing) is active. Everything else goes through the ops, whose fake
+    implementations serve tracing, compiling, meta tensors and ``opcheck``.
     """
-    return (
-        type(x) in _PLAIN_TENSOR_TYPES
-        and not torch.compiler.is_compiling()
-        and not torch._C._are_functorch_transforms_active()
+    if type(x) not in _PLAIN_TENSOR_TYPES or x.device.type == "meta":
+        return False
+    for tensor in others:  # a plain loop: this runs on every call
+        if tensor is not None and type(tensor) not in _PLAIN_TENSOR_TYPES:
+            return False
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or torch._C._is_tracing()
+        or _dispatch_modes()
     )
 
 
@@ -533,9 +548,8 @@ class _TrainFunction(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """The op's registered formula (Triton kernels: no double backward, said clearly)."""
+        """The op's registered formula (double backward fails as on the op route)."""
         return _train_backward_formula(ctx, *grads)
 
 
@@ -565,7 +579,7 @@ class TritonBackend:
                 "batchnorm) to run them on CPU tensors in the interpreter"
             )
 
-    def supports_fusion(self, x: torch.Tensor) -> bool:
+    def supports_fusion(self, x: torch.Tensor, fused: bool = False) -> bool:
         """Whether the fused ops take ``x``: float16, bfloat16 and float32 (not float64)."""
         return x.dtype in _SUPPORTED_DTYPES
 
@@ -579,7 +593,7 @@ class TritonBackend:
         """Training-mode forward on the ``(N, C, L)`` view; see :class:`Backend`."""
         if not self.supports_fusion(x):
             return _TORCH_BACKEND.forward(x, weight, bias, eps)
-        forward = _train_forward if runs_eagerly(x) else train_op
+        forward = _train_forward if runs_eagerly(x, weight, bias) else train_op
         y, mean, invstd, var, *_ = forward(x, weight, bias, None, None, None, 0.0, eps, "none", 0.0)
         return ForwardResult(y, mean, invstd, var)
 
@@ -594,7 +608,7 @@ class TritonBackend:
         """Backward of :meth:`forward`; see :class:`Backend`."""
         if not self.supports_fusion(x):
             return _TORCH_BACKEND.backward(dy, x, weight, mean, invstd)
-        backward = _train_backward if runs_eagerly(x) else train_backward_op
+        backward = _train_backward if runs_eagerly(x, dy, weight) else train_backward_op
         dx, dweight, dbias, _dz = backward(
             dy, x, weight, None, None, _placeholder(x), mean, invstd, "none", 0.0, False
         )
@@ -614,7 +628,8 @@ class TritonBackend:
         momentum: float,
     ) -> FusedForwardResult:
         """Differentiable ``act(γ·x̂ + β + z)`` with batch statistics; see :class:`FusedBackend`."""
-        train = _TrainFunction.apply if runs_eagerly(x) else train_op
+        direct = runs_eagerly(x, weight, bias, residual, running_mean, running_var)
+        train = _TrainFunction.apply if direct else train_op
         y, mean, invstd, var, _mask, new_mean, new_var = train(  # type: ignore[no-untyped-call]
             x, weight, bias, residual, running_mean, running_var, float(momentum), float(eps),
             activation or "none", float(negative_slope),
@@ -642,7 +657,8 @@ class TritonBackend:
         negative_slope: float,
     ) -> torch.Tensor:
         """``act(γ·(x − μ̄)/sqrt(σ̄² + ε) + β + z)``; see :class:`FusedBackend`."""
-        run = _InferenceFunction.apply if runs_eagerly(x) else inference_op
+        direct = runs_eagerly(x, running_mean, running_var, weight, bias, residual)
+        run = _InferenceFunction.apply if direct else inference_op
         y: torch.Tensor = run(  # type: ignore[no-untyped-call]
             x, running_mean, running_var, weight, bias, residual, float(eps),
             activation or "none", float(negative_slope),
