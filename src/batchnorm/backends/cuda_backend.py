@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 from batchnorm.backends.aten_backend import AtenBackend
-from batchnorm.backends.base import ForwardResult, FusedForwardResult
+from batchnorm.backends.base import FusedForwardResult
 from batchnorm.backends.triton_backend import TritonBackend
 
 __all__ = ["TRITON_CASES", "CudaBackend", "TritonCase"]
@@ -68,12 +68,13 @@ def _row_length(x: torch.Tensor) -> int:
     return x.numel() // channels_and_batch if channels_and_batch else 0
 
 
-class CudaBackend:
+class CudaBackend(AtenBackend):
     """``auto`` on CUDA: :class:`TritonBackend` where it measured faster, :class:`AtenBackend` else.
 
-    Implements the fused contract through :meth:`supports_fusion` (True exactly where Triton
-    takes the call, plain or fused) and delegates the plain contract, the whole-call
-    ``forward_update`` and ``inference`` to ATen.
+    The ATen backend itself (the plain contract, the whole-call ``forward_update`` and
+    ``inference``), plus the fused contract: :meth:`supports_fusion` is True exactly where
+    Triton takes the call, plain or fused, and :meth:`forward_act`/:meth:`inference_act` then
+    run Triton's kernels.
     """
 
     name = "cuda"
@@ -89,7 +90,6 @@ class CudaBackend:
         """
         self.triton_cases = TRITON_CASES if triton_cases is None else triton_cases
         self._triton = TritonBackend()
-        self._aten = AtenBackend()
 
     def supports_fusion(self, x: torch.Tensor, fused: bool = False) -> bool:
         """Whether Triton takes the call on ``x`` ``(N, C, *)``: dtype, layout, size, and
@@ -136,56 +136,7 @@ class CudaBackend:
         ATen too, without Triton's host work, so it always goes there.
         """
         if activation is None and residual is None:
-            return self._aten.inference(x, weight, bias, running_mean, running_var, eps)
+            return self.inference(x, weight, bias, running_mean, running_var, eps)
         return self._triton.inference_act(
             x, running_mean, running_var, weight, bias, residual, eps, activation, negative_slope
         )
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        eps: float,
-    ) -> ForwardResult:
-        """ATen's training forward on the ``(N, C, L)`` view; see :class:`Backend`."""
-        return self._aten.forward(x, weight, bias, eps)
-
-    def backward(
-        self,
-        dy: torch.Tensor,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        mean: torch.Tensor,
-        invstd: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ATen's backward; see :class:`Backend`."""
-        return self._aten.backward(dy, x, weight, mean, invstd)
-
-    def forward_update(
-        self,
-        input: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        running_mean: torch.Tensor | None,
-        running_var: torch.Tensor | None,
-        momentum: float,
-        eps: float,
-        in_place: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
-        """ATen's whole training call (:meth:`AtenBackend.forward_update`)."""
-        return self._aten.forward_update(
-            input, weight, bias, running_mean, running_var, momentum, eps, in_place
-        )
-
-    def inference(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        running_mean: torch.Tensor,
-        running_var: torch.Tensor,
-        eps: float,
-    ) -> torch.Tensor:
-        """ATen's evaluation forward (:meth:`AtenBackend.inference`)."""
-        return self._aten.inference(x, weight, bias, running_mean, running_var, eps)

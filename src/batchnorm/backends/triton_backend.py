@@ -506,8 +506,7 @@ train_op.register_autograd(_train_backward_formula, setup_context=_train_setup_c
 
 #: Tensor types launched directly; subclasses (fake, functional, ...) go through the ops.
 _PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-
+#: How many ``TorchDispatchMode``s are active (``make_fx``, FLOP counters, ...).
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
 
 
