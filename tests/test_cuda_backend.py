@@ -214,3 +214,22 @@ def test_fused_reduced_precision_training_on_the_aten_route(backend, dtype, affi
     for got, want in zip(grads, expected, strict=True):
         scale = float(1 + want.abs().max())
         torch.testing.assert_close(got.double(), want, atol=tolerance * scale, rtol=tolerance)
+
+
+@pytest.mark.parametrize("plain_on_triton", [False, True])
+def test_plain_and_fused_calls_follow_their_own_rules(routed, plain_on_triton) -> None:
+    """The functional tells the backend whether a call is fused: each kind goes its own way."""
+    never, always = cb.TritonCase(1 << 62, 1 << 62), cb.TritonCase(0, 0)
+    calls = routed(
+        {
+            (fused, inner): (always if fused != plain_on_triton else never)
+            for fused in (False, True)
+            for inner in (False, True)
+        }
+    )
+    x = torch.randn(4, 3, 5, 6, requires_grad=True)
+    batch_norm(x, None, None, training=True, backend="cuda")
+    assert calls == (["forward_act"] if plain_on_triton else [])
+    calls.clear()
+    batch_norm(x, None, None, training=True, backend="cuda", activation="relu", residual=x)
+    assert calls == ([] if plain_on_triton else ["forward_act"])

@@ -716,3 +716,21 @@ def test_act_synchronized_path(world_of_one, monkeypatch) -> None:
         ours(x, torch.randn(2, 3, 4))
     ours.eval()
     _close(ours(x, z), nn.functional.silu(reference.eval()(x) + z), torch.float32, "eval")
+
+
+def test_double_backward_is_a_clear_error_not_a_lost_gradient(world_of_one) -> None:
+    """A gradient penalty through the synchronized path raises instead of dropping its term;
+    first-order gradients under ``create_graph`` are unchanged."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64).requires_grad_()
+    weight = torch.rand(3, generator=gen, dtype=torch.float64).add(0.5).requires_grad_()
+    bias = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    out = bnd.sync_batch_norm_pure(x, None, None, weight, bias, 0.1, 1e-5)
+    (dx,) = torch.autograd.grad(out.output.pow(3).sum(), x, create_graph=True)
+    (dx_plain,) = torch.autograd.grad(
+        bnd.sync_batch_norm_pure(x, None, None, weight, bias, 0.1, 1e-5).output.pow(3).sum(), x
+    )
+    torch.testing.assert_close(dx, dx_plain)
+    penalty = (weight * weight).sum() + dx.pow(2).sum()
+    with pytest.raises(RuntimeError, match="SyncBatchNorm: double backward"):
+        penalty.backward()

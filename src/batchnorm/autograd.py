@@ -11,6 +11,10 @@ autograd registration; for the others :class:`BatchNormActFunction` composes ``b
 the residual add and the activation in one autograd node whose backward is one pass:
 ``du = dy·act'(u)``, ``dz = du``, ``(dx, dγ, dβ) = backend.backward(du, …)``. It takes the backend
 by name (a string), so ``torch.compile(fullgraph=True)`` traces it without graph breaks.
+
+Higher derivatives: a backward with ``create_graph`` (double backward, gradient penalties) does not
+call the backend's kernels, whose results carry no graph through the saved statistics; it
+recomputes the forward in torch operations and differentiates that (:func:`_differentiable_grads`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,58 @@ __all__ = [
 ]
 
 
+def _recomputed(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    eps: float,
+    activation: str | None,
+    negative_slope: float,
+) -> torch.Tensor:
+    """``act(bn(x) + z)`` again, in differentiable torch operations, rounded as the forward was.
+
+    The statistics ``μ``, ``r`` are functions of ``x`` here, which the saved (non-differentiable)
+    ones are not: this is what a ``create_graph`` backward differentiates.
+    """
+    dtype = compute_dtype(x.dtype)
+    gamma = None if weight is None else weight.to(dtype)
+    beta = None if bias is None else bias.to(dtype)
+    u = F.batch_norm(x.to(dtype), None, None, gamma, beta, True, 0.0, eps)  # (N, C, L)
+    if activation is None and residual is None:
+        return u.to(x.dtype)
+    u = u.to(x.dtype).to(dtype)  # the forward's bn(x) was rounded to the input dtype
+    if residual is not None:
+        u = u + residual.to(dtype)
+    return activate(u, activation, negative_slope).to(x.dtype)
+
+
+def _differentiable_grads(
+    dy: torch.Tensor,
+    inputs: tuple[torch.Tensor | None, ...],
+    needs: tuple[bool, ...],
+    eps: float,
+    activation: str | None = None,
+    negative_slope: float = 0.0,
+) -> tuple[torch.Tensor | None, ...]:
+    """The gradients of ``(x, γ, β[, z])`` as a graph autograd can differentiate again.
+
+    A backward with ``create_graph`` (double backward, gradient penalties, ``torch.func.grad``
+    of a gradient) comes here instead of the backend's kernels, whose results carry no graph
+    through the statistics: the forward is recomputed in torch operations and differentiated
+    with ``create_graph``. First-order training never takes this path.
+    """
+    x, weight, bias = inputs[:3]
+    residual = inputs[3] if len(inputs) > 3 else None
+    wanted = [t for t, need in zip(inputs, needs, strict=False) if need and t is not None]
+    y = _recomputed(x, weight, bias, residual, eps, activation, negative_slope)  # type: ignore[arg-type]
+    grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
+    return tuple(
+        next(grads) if need and t is not None else None
+        for t, need in zip(inputs, needs, strict=False)
+    )
+
+
 def _save_for_backend(
     ctx: Any,
     x: torch.Tensor,
@@ -44,23 +100,26 @@ def _save_for_backend(
     mean: torch.Tensor,
     invstd: torch.Tensor,
     backend: Backend,
+    eps: float,
 ) -> None:
-    """Saves what :func:`_backend_grads` needs: ``x``, ``γ``, ``μ``, ``r``, the backend and
-    ``β``'s dtype (``dβ`` is returned in it)."""
-    ctx.save_for_backward(x, weight, mean, invstd)
+    """Saves what :func:`_backend_grads` needs: ``x``, ``γ``, ``β``, ``μ``, ``r``, the backend
+    and ``ε`` (for a ``create_graph`` backward)."""
+    ctx.save_for_backward(x, weight, bias, mean, invstd)
     ctx.backend = backend
-    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.eps = eps
 
 
 def _backend_grads(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """``(dx, dγ, dβ)`` from ``backend.backward``, ``None`` where autograd needs none."""
-    x, weight, mean, invstd = ctx.saved_tensors
+    x, weight, bias, mean, invstd = ctx.saved_tensors
+    needs_x, needs_weight, needs_bias = needs = tuple(ctx.needs_input_grad[:3])
+    if torch.is_grad_enabled():  # create_graph: a differentiable graph, not the kernels
+        return _differentiable_grads(dy, (x, weight, bias), needs, ctx.eps)
     dx, dweight, dbias = ctx.backend.backward(dy, x, weight, mean, invstd)
-    needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
     return (
         dx if needs_x else None,
         dweight.to(weight.dtype) if needs_weight else None,
-        dbias.to(ctx.bias_dtype) if needs_bias else None,
+        dbias.to(bias.dtype) if needs_bias else None,
     )
 
 
@@ -87,9 +146,9 @@ class BatchNormTrainFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
         """Saves ``x``, ``weight``, ``mean`` and ``invstd`` for :meth:`backward`."""
-        x, weight, bias, _eps, backend = inputs
+        x, weight, bias, eps, backend = inputs
         _y, mean, invstd, var = output
-        _save_for_backend(ctx, x, weight, bias, mean, invstd, backend)
+        _save_for_backend(ctx, x, weight, bias, mean, invstd, backend, eps)
         ctx.mark_non_differentiable(mean, invstd, var)
 
     @staticmethod
@@ -181,7 +240,7 @@ class _NativeForwardFunction(torch.autograd.Function):
         y, mean, invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, momentum, eps
         )  # (N, C, L), (C,), (C,)
-        _save_for_backend(ctx, x, weight, bias, mean, invstd, backend)
+        _save_for_backend(ctx, x, weight, bias, mean, invstd, backend, eps)
         return y  # type: ignore[no-any-return]
 
     @staticmethod
@@ -296,9 +355,10 @@ class BatchNormActFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -> None:
         """Saves ``x``, ``γ``, ``β``, ``z``, ``μ`` and ``r`` for :meth:`backward`."""
-        x, weight, bias, residual, _eps, activation, negative_slope, backend_name = inputs
+        x, weight, bias, residual, eps, activation, negative_slope, backend_name = inputs
         _y, mean, invstd, var = output
         ctx.save_for_backward(x, weight, bias, residual, mean, invstd)
+        ctx.eps = eps
         ctx.activation = activation
         ctx.negative_slope = negative_slope
         ctx.backend_name = backend_name
@@ -314,6 +374,12 @@ class BatchNormActFunction(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, ...]:
         """``du = dy·act'(u)``, then ``backend.backward(du)``; ``dz = du``."""
         x, weight, bias, residual, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a differentiable graph, not the kernels
+            grads = _differentiable_grads(
+                dy, (x, weight, bias, residual), tuple(ctx.needs_input_grad[:4]), ctx.eps,
+                ctx.activation, ctx.negative_slope,
+            )  # fmt: skip
+            return (*grads, None, None, None, None)
         dtype = compute_dtype(x.dtype)
         du = dy.to(dtype)  # (N, C, L)
         if ctx.activation is not None:

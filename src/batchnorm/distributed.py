@@ -178,6 +178,32 @@ def _gather_moments(local: Moments, process_group: Any) -> Moments:
     return chan_merge(stacked[:, 0], stacked[:, 1 : channels + 1], stacked[:, channels + 1 :])
 
 
+class _NotTwiceDifferentiable(torch.autograd.Function):
+    """Passes a first-order gradient through; differentiating it again raises a clear error.
+
+    ``SyncBatchNormFunction``'s backward is not differentiable (its statistics are saved
+    without a graph and the collective has no derivative), so a ``create_graph`` backward
+    marks its results with this instead of letting a gradient penalty silently lose a term.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, grad: torch.Tensor, *sources: torch.Tensor) -> torch.Tensor:
+        """Returns ``grad`` (a view); ``sources`` make the result part of the graph."""
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Always raises.
+
+        Raises:
+            RuntimeError: double backward through SyncBatchNorm is not supported.
+        """
+        raise RuntimeError(
+            "SyncBatchNorm: double backward (differentiating its gradients, e.g. a gradient "
+            "penalty through create_graph=True) is not supported"
+        )
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
     """Training-mode batch normalization with the statistics of the global batch.
 
@@ -259,13 +285,18 @@ class SyncBatchNormFunction(torch.autograd.Function):
             mean_term = (global_dbias * per_value)[None, :, None]  # (1, C, 1)
             variance_term = x_hat * (global_dweight * per_value)[None, :, None]  # (N, C, L)
             dx = (gain[None, :, None] * (dyf - mean_term - variance_term)).to(x3.dtype)
-        return (
+        grads = [
             dx,
             dweight.to(weight.dtype) if needs_weight else None,
             dbias.to(ctx.bias_dtype) if needs_bias else None,
-            None,
-            None,
-        )
+        ]
+        sources = [t for t in (dy, x3, weight) if t is not None and t.requires_grad]
+        if torch.is_grad_enabled() and sources:  # create_graph: differentiating these raises
+            grads = [
+                None if g is None else _NotTwiceDifferentiable.apply(g, *sources)  # type: ignore[no-untyped-call]
+                for g in grads
+            ]
+        return (*grads, None, None)
 
 
 def sync_batch_norm_pure(

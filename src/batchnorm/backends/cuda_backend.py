@@ -14,7 +14,8 @@ forward+backward against eager) Triton won on:
   NCHW kernels are fast there;
 * plain, channels_last, from ``2²⁷`` values with ``L ≥ 2048``: 256×64×112×112 (1.5×),
   256×256×56×56 (1.2×); 256×64×56×56 lost (0.49×);
-* with a residual and ReLU (against eager's three operations), NCHW from ``2²⁵`` values with
+* with a residual and ReLU (against eager's three operations; the rule is applied to every call
+  with an activation or a residual, the others unmeasured), NCHW from ``2²⁵`` values with
   ``L ≥ 512``: the three above and 256×512×28×28 (1.44× float32, 1.03× bfloat16);
   256×128×28×28 and 256×1024×14×14 lost (0.54–0.77×);
 * the same, channels_last, from ``2²⁶`` values with ``L ≥ 512``: 256×64×112×112 (1.49×),
