@@ -40,6 +40,20 @@ __all__ = [
 ]
 
 
+def _add_and_activate(
+    bn: torch.Tensor, residual: torch.Tensor | None, activation: str | None, negative_slope: float
+) -> torch.Tensor:
+    """``act(bn + z)`` in the compute dtype, returned in ``bn``'s dtype (the input's).
+
+    ``bn`` is ``bn(x)`` already rounded to the input dtype, as the unfused composition has it.
+    """
+    dtype = compute_dtype(bn.dtype)
+    u = bn.to(dtype)  # (N, C, L)
+    if residual is not None:
+        u = u + residual.to(dtype)
+    return activate(u, activation, negative_slope).to(bn.dtype)
+
+
 def _recomputed(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -57,13 +71,8 @@ def _recomputed(
     dtype = compute_dtype(x.dtype)
     gamma = None if weight is None else weight.to(dtype)
     beta = None if bias is None else bias.to(dtype)
-    u = F.batch_norm(x.to(dtype), None, None, gamma, beta, True, 0.0, eps)  # (N, C, L)
-    if activation is None and residual is None:
-        return u.to(x.dtype)
-    u = u.to(x.dtype).to(dtype)  # the forward's bn(x) was rounded to the input dtype
-    if residual is not None:
-        u = u + residual.to(dtype)
-    return activate(u, activation, negative_slope).to(x.dtype)
+    bn = F.batch_norm(x.to(dtype), None, None, gamma, beta, True, 0.0, eps)  # (N, C, L)
+    return _add_and_activate(bn.to(x.dtype), residual, activation, negative_slope)
 
 
 def _differentiable_grads(
@@ -345,11 +354,7 @@ class BatchNormActFunction(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Runs the backend's forward, adds ``residual`` and applies ``activation``."""
         result = resolve_backend(backend_name, x.device).forward(x, weight, bias, eps)
-        dtype = compute_dtype(x.dtype)
-        u = result.y.to(dtype)  # (N, C, L)
-        if residual is not None:
-            u = u + residual.to(dtype)
-        y = activate(u, activation, negative_slope).to(x.dtype)  # (N, C, L)
+        y = _add_and_activate(result.y, residual, activation, negative_slope)  # (N, C, L)
         return y, result.mean, result.invstd, result.var
 
     @staticmethod
