@@ -321,14 +321,16 @@ def test_numba_uses_torch_thread_count() -> None:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        big = torch.randn(8, 4, 32768)  # enough work for any number of threads
+        # Enough work for any number of threads; float64: Numba's kernels (not the streaming ones).
+        big = torch.randn(8, 4, 32768, dtype=torch.float64)
         batch_norm(big, None, None, training=True, backend="numba")
         assert numba.get_num_threads() == 1
         assert torch.get_num_threads() == 1  # starting Numba's OpenMP pool does not reset it
         torch.set_num_threads(2)
         batch_norm(big, None, None, training=True, backend="numba")
         assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
-        tiny = torch.randn(4, 3, 5)  # below the default cases' sizes: the kernels run it only here
+        # Below the default cases' sizes (the kernels run it only here); float64: Numba's kernels.
+        tiny = torch.randn(4, 3, 5, dtype=torch.float64)
         numba_backend = importlib.import_module("batchnorm.backends.numba_backend")
         all_cases = numba_backend.NumbaBackend(numba_backend.ALL_KERNEL_CASES)
         all_cases.forward(tiny, None, None, EPS)

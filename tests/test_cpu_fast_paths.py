@@ -166,29 +166,38 @@ def test_fast_path_equals_torch_bitwise(backend, training) -> None:
 
 @NEEDS_NUMBA
 def test_numba_kernel_thresholds() -> None:
-    """By default the kernels take only the cases and sizes where they measured faster."""
+    """By default the kernels take exactly the cases and sizes of the measured table: each
+    case from its smallest size on, not one element below it, and no other case."""
     from batchnorm.backends.numba_backend import (
         ALL_KERNEL_CASES,
-        FRESH_MAPPING_BYTES,
         MEASURED_KERNEL_CASES,
+        MEASURED_NUMBA_CASES,
         NumbaBackend,
     )
 
     default, everywhere = NumbaBackend(), NumbaBackend(ALL_KERNEL_CASES)
+    expected_table = MEASURED_KERNEL_CASES if default.streaming else MEASURED_NUMBA_CASES
+    assert default.kernel_cases is expected_table
     small = torch.randn(4, 3, 5)
     assert default._kernel_layout("forward", small) is None
     assert everywhere._kernel_layout("forward", small) == "ncl"
-    smallest = MEASURED_KERNEL_CASES[("forward", "ncl", torch.float32)]
-    at_threshold = torch.empty(2, 4, smallest // 32)  # exactly `smallest` bytes of float32
-    assert default._kernel_layout("forward", at_threshold) == "ncl"
-    assert default._kernel_layout("forward", at_threshold[..., 1:].contiguous()) is None
-    assert default._kernel_layout("forward", at_threshold.bfloat16()) is None  # ATen's is faster
-    rows = at_threshold.transpose(1, 2).contiguous().transpose(1, 2)  # channels innermost
-    assert default._kernel_layout("forward", rows) is None  # (M, C): ATen below fresh mappings
-    fresh_rows = torch.empty(2, FRESH_MAPPING_BYTES // 32, 4).transpose(1, 2)  # 32 MiB
-    assert default._kernel_layout("forward", fresh_rows) == "rows"
-    assert default._kernel_layout("inference", fresh_rows) == "rows"
-    assert default._kernel_layout("inference", rows) is None
+    for (pass_name, layout, dtype), smallest in ALL_KERNEL_CASES.items():
+        threshold = expected_table.get((pass_name, layout, dtype))
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        values = max(threshold or 0, 64 * itemsize) // itemsize  # at the threshold (or tiny)
+        x = _dense(torch.empty(2, 4, values // 8, dtype=dtype), layout)  # `values` elements
+        expected = layout if threshold is not None and x.numel() * itemsize >= threshold else None
+        assert default._kernel_layout(pass_name, x) == expected, (pass_name, layout, dtype)
+        if threshold is not None and threshold > smallest:  # one sample's run shorter
+            below = _dense(x[..., 1:], layout)
+            assert default._kernel_layout(pass_name, below) is None, (pass_name, layout, dtype)
+
+
+def _dense(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """``x`` ``(N, C, L)`` copied dense: contiguous (``"ncl"``) or channels innermost."""
+    if layout == "ncl":
+        return x.contiguous()
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @NEEDS_NUMBA
@@ -226,18 +235,32 @@ def test_kernel_layout_matches_views(shape, order_seed, sliced) -> None:
     assert kernel_layout(x.to(torch.int32)) is None
 
 
+def _count_backward_kernels(monkeypatch) -> list[int]:
+    """A list that gets an item each time the Numba backend's (N, C, L) backward kernels run:
+    Numba's fused one, or the streaming ones where this machine runs them (one C call on one
+    thread, the output pass of several)."""
+    from batchnorm.backends import numba_backend
+
+    calls: list[int] = []
+    entries = (
+        (numba_backend.cpu_numba, "backward_ncl"),
+        (numba_backend.cpu_stream, "grad"),
+        (numba_backend.cpu_stream, "train_backward"),
+    )
+    for module, name in entries:
+        kernel = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *args, kernel=kernel: calls.append(1) or kernel(*args)
+        )
+    return calls
+
+
 @NEEDS_NUMBA
 @pytest.mark.parametrize("requires_grad", [True, False], ids=["grad", "no-grad"])
 def test_numba_routes_bfloat16_backward_to_its_kernel(monkeypatch, requires_grad) -> None:
     """bfloat16 (N, C, L) from 2 MiB: the generic path when autograd will differentiate it (so
     the Numba backward runs), ATen's whole call otherwise; both give torch's gradients."""
-    from batchnorm.backends import numba_backend
-
-    calls = []
-    kernel = numba_backend.cpu_numba.backward_ncl
-    monkeypatch.setattr(
-        numba_backend.cpu_numba, "backward_ncl", lambda *args: calls.append(1) or kernel(*args)
-    )
+    calls = _count_backward_kernels(monkeypatch)
     x = torch.randn(16, 8, 1 << 13).bfloat16().requires_grad_(requires_grad)  # 2 MiB
     y = batch_norm(x, None, None, training=True, backend="numba")
     expected = TF.batch_norm(x.detach().float(), None, None, training=True)
@@ -265,11 +288,7 @@ def test_native_forward_path_matches_torch(monkeypatch, pure, affine, buffers) -
 
     backend = numba_backend.NumbaBackend({("backward", "ncl", torch.bfloat16): 1})
     monkeypatch.setattr("batchnorm.backends._INSTANCES", {"numba": backend})
-    calls = []
-    kernel = numba_backend.cpu_numba.backward_ncl
-    monkeypatch.setattr(
-        numba_backend.cpu_numba, "backward_ncl", lambda *args: calls.append(1) or kernel(*args)
-    )
+    calls = _count_backward_kernels(monkeypatch)
     channels = 5
     x = (3.0 + 2.0 * torch.randn(6, channels, 7, 3)).bfloat16().requires_grad_()
     weight = torch.linspace(0.5, 1.5, channels).requires_grad_() if affine else None

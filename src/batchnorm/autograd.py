@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from batchnorm.backends import Backend, ForwardResult, compute_dtype, resolve_backend
-from batchnorm.backends.base import FusedForwardResult
+from batchnorm.backends.base import FusedForwardResult, channel_view
 
 __all__ = [
     "BatchNormActFunction",
@@ -124,7 +124,12 @@ def _backend_grads(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...
     needs_x, needs_weight, needs_bias = needs = tuple(ctx.needs_input_grad[:3])
     if torch.is_grad_enabled():  # create_graph: a differentiable graph, not the kernels
         return _differentiable_grads(dy, (x, weight, bias), needs, ctx.eps)
-    dx, dweight, dbias = ctx.backend.backward(dy, x, weight, mean, invstd)
+    if x.dim() == 3:
+        dx, dweight, dbias = ctx.backend.backward(dy, x, weight, mean, invstd)
+    else:  # the input as the caller had it: the backend takes its (N, C, L) view
+        x3, dy3 = channel_view(x), channel_view(dy)  # (N, C, L) each
+        dx, dweight, dbias = ctx.backend.backward(dy3, x3, weight, mean, invstd)
+        dx = dx.reshape(x.shape)  # (N, C, *), a view for the dense layouts
     return (
         dx if needs_x else None,
         dweight.to(weight.dtype) if needs_weight else None,
@@ -226,11 +231,13 @@ def batch_norm_train(
 
 
 class _NativeForwardFunction(torch.autograd.Function):
-    """ATen's training forward, which also moves the running buffers; a backend's backward.
+    """A backend's ``native_batch_norm`` forward, which also moves the running buffers, and
+    its ``backward``.
 
-    Forward is one ``aten::native_batch_norm`` (``F.batch_norm``'s kernel: statistics, output
-    and the running update ``running ← (1 − momentum)·running + momentum·batch``, unbiased
-    variance, in one call); backward is ``backend.backward`` from the saved ``μ`` and ``r``.
+    Forward is ``backend.native_batch_norm`` (``aten::native_batch_norm``'s contract:
+    statistics, output and the running update ``running ← (1 − momentum)·running +
+    momentum·batch``, unbiased variance, in one call); backward is ``backend.backward`` from the
+    saved ``μ`` and ``r``.
     """
 
     @staticmethod
@@ -245,10 +252,10 @@ class _NativeForwardFunction(torch.autograd.Function):
         eps: float,
         backend: Backend,
     ) -> torch.Tensor:
-        """Normalizes ``x`` ``(N, C, L)`` with its batch statistics; moves the buffers."""
-        y, mean, invstd = torch.ops.aten.native_batch_norm(
-            x, weight, bias, running_mean, running_var, True, momentum, eps
-        )  # (N, C, L), (C,), (C,)
+        """Normalizes ``x`` ``(N, C, *)`` with its batch statistics; moves the buffers."""
+        y, mean, invstd = backend.native_batch_norm(  # type: ignore[attr-defined]
+            x, weight, bias, running_mean, running_var, momentum, eps
+        )  # like x, (C,), (C,)
         _save_for_backend(ctx, x, weight, bias, mean, invstd, backend, eps)
         return y  # type: ignore[no-any-return]
 
@@ -268,25 +275,25 @@ def native_forward_train(
     eps: float,
     backend: Backend,
 ) -> torch.Tensor:
-    """Differentiable training forward on ATen's kernel, differentiated by ``backend``.
+    """Differentiable training forward by ``backend.native_batch_norm`` and its backward.
 
-    For a backend whose backward kernel beats ATen's where ATen's forward is the fastest
-    (:meth:`batchnorm.backends.numba_backend.NumbaBackend.native_forward`): the forward costs
-    what ``F.batch_norm``'s does, one kernel with the running update inside, where the
-    generic path (:func:`batch_norm_train`) adds scratch buffers and a separate update.
+    For backends that run a whole training forward, running update included, in one call
+    (:meth:`batchnorm.backends.numba_backend.NumbaBackend.native_forward` says when): the
+    forward costs what ``F.batch_norm``'s does, where the generic path
+    (:func:`batch_norm_train`) adds views, scratch statistics and a separate update.
 
     Args:
-        x: the contiguous input view ``(N, C, L)``.
-        weight, bias: ``γ``, ``β`` ``(C,)`` or ``None``, float32 for float16/bfloat16 ``x``,
-            else ``x``'s dtype (the combinations ATen's kernels take).
-        running_mean, running_var: buffers ``(C,)`` the kernel moves in place (both or
-            neither; not requiring grad), of ``weight``'s dtype rules.
+        x: the input ``(N, C, *)`` as the caller has it.
+        weight, bias: ``γ``, ``β`` ``(C,)`` or ``None``, of the dtypes the backend's forward
+            takes (float32 for float16/bfloat16 ``x`` where ATen's kernel runs it).
+        running_mean, running_var: buffers ``(C,)`` the forward moves in place (both or
+            neither; not requiring grad).
         momentum: the running-average factor.
         eps: added to the variance inside the square root.
-        backend: the backend whose ``backward`` computes ``(dx, dγ, dβ)``.
+        backend: the backend whose ``native_batch_norm`` and ``backward`` run.
 
     Returns:
-        ``y`` ``(N, C, L)``, differentiable with respect to ``x``, ``weight`` and ``bias``.
+        ``y`` like ``x``, differentiable with respect to ``x``, ``weight`` and ``bias``.
     """
     return _NativeForwardFunction.apply(  # type: ignore[no-any-return, no-untyped-call]
         x, weight, bias, running_mean, running_var, momentum, eps, backend

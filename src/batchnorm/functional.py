@@ -230,9 +230,8 @@ def _normalize(
     ):
         new_mean, new_var = kernel_buffers(running_mean, running_var, update_in_place)
         weight = statistics_weight(input, weight, bias, running_mean, running_var)
-        x3 = channel_view(input)  # (N, C, L), a view (the input is contiguous)
-        y3 = native_forward_train(x3, weight, bias, new_mean, new_var, momentum, eps, impl)
-        return BatchNormOutput(y3.reshape(input.shape), new_mean, new_var)
+        y = native_forward_train(input, weight, bias, new_mean, new_var, momentum, eps, impl)
+        return BatchNormOutput(y, new_mean, new_var)
     forward_update = getattr(impl, "forward_update", None)
     if forward_update is not None:
         done = forward_update(

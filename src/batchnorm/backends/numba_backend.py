@@ -35,12 +35,13 @@ from batchnorm.backends.aten_backend import (
     any_requires_grad,
     channel_rows,
     native_operand,
+    rows_as_input,
     torch_inference,
 )
 from batchnorm.backends.base import ForwardResult, channel_view, compute_dtype
 from batchnorm.backends.memory import ADVISE_FROM_BYTES, empty_like
 from batchnorm.backends.torch_backend import TorchBackend
-from batchnorm.kernels import cpu_numba
+from batchnorm.kernels import cpu_numba, cpu_stream
 
 __all__ = ["NumbaBackend"]
 
@@ -49,6 +50,10 @@ _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _NUMPY_LESS = (torch.bfloat16,)
 #: Fewest elements worth a thread of their own (ATen's ``at::internal::GRAIN_SIZE``).
 _GRAIN = 32768
+#: Running-buffer dtypes the kernels' training forward moves in place (through NumPy).
+_BUFFER_DTYPES = (torch.float32, torch.float64)
+#: Dtypes whose output passes the streaming-store extension writes (where it runs).
+_STREAM_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _as_array(t: torch.Tensor) -> np.ndarray:
@@ -128,7 +133,7 @@ FRESH_MAPPING_BYTES = ADVISE_FROM_BYTES
 #:
 #: Elsewhere ATen's kernels were as fast or faster, so they run there: the bfloat16 forward
 #: (kernel alone 0.9–1.1×), the (M, C) layout of mid-sized inputs, inference below 32 MiB.
-MEASURED_KERNEL_CASES: Mapping[KernelCase, int] = {
+MEASURED_NUMBA_CASES: Mapping[KernelCase, int] = {
     ("forward", "ncl", torch.float32): 1 << 19,
     ("forward", "ncl", torch.float64): 1 << 19,
     ("backward", "ncl", torch.float32): 1 << 19,
@@ -137,6 +142,29 @@ MEASURED_KERNEL_CASES: Mapping[KernelCase, int] = {
     ("backward", "rows", torch.float32): FRESH_MAPPING_BYTES,
     ("inference", "ncl", torch.float32): FRESH_MAPPING_BYTES,
     ("inference", "rows", torch.float32): FRESH_MAPPING_BYTES,
+}
+#: Where the kernels measured faster than ATen with the streaming kernels
+#: (:mod:`batchnorm.kernels.cpu_stream`: float32 and bfloat16 in memory order, outputs written
+#: with streaming stores, one C call per pass on one thread), case → smallest input in bytes.
+#: Whole calls against this backend with no kernel cases (ATen's kernels behind the same
+#: checks), ``(N, 64, 14, 14)`` contiguous and channels_last, one thread, 2-core Xeon,
+#: 2026-11-27 (ad-hoc sweeps; the whole-benchmark figures are in ``benchmarks/results/``):
+#: below these sizes the per-call work in Python costs more than the kernels save. Float64
+#: keeps Numba's fused forward (:data:`MEASURED_NUMBA_CASES`).
+MEASURED_KERNEL_CASES: Mapping[KernelCase, int] = {
+    ("forward", "ncl", torch.float32): 1 << 19,
+    ("backward", "ncl", torch.float32): 2 << 20,
+    ("inference", "ncl", torch.float32): 1 << 20,
+    ("forward", "rows", torch.float32): 4 << 20,
+    ("backward", "rows", torch.float32): 4 << 20,
+    ("inference", "rows", torch.float32): 1 << 20,
+    ("forward", "ncl", torch.bfloat16): 2 << 20,
+    ("backward", "ncl", torch.bfloat16): 1 << 19,
+    ("inference", "ncl", torch.bfloat16): 2 << 20,
+    ("forward", "rows", torch.bfloat16): 1 << 19,
+    ("backward", "rows", torch.bfloat16): 1 << 19,
+    ("inference", "rows", torch.bfloat16): 1 << 20,
+    ("forward", "ncl", torch.float64): 1 << 19,
 }
 
 
@@ -178,6 +206,83 @@ def _stats_tensors(stats: np.ndarray, dtype: torch.dtype) -> tuple[torch.Tensor,
 _NUMBA_THREADS = threading.local()
 
 
+def _float32_address(values: torch.Tensor | None, keep: list[torch.Tensor]) -> int:
+    """The address of ``values`` ``(C,)`` as a dense float32 array (0 for None).
+
+    A converted copy is appended to ``keep``, which the caller holds until the C call returns.
+    """
+    if values is None:
+        return 0
+    if values.dtype != torch.float32 or not values.is_contiguous():
+        values = values.detach().float().contiguous()  # (C,)
+        keep.append(values)
+    return values.data_ptr()
+
+
+def _float32_or_none(running_mean: torch.Tensor | None, running_var: torch.Tensor | None) -> bool:
+    """Whether the running buffers are float32 (what the C calls move) or not given."""
+    if running_mean is None or running_var is None:
+        return running_mean is None and running_var is None
+    return running_mean.dtype == running_var.dtype == torch.float32
+
+
+def _kernel_rows_and_run(x: torch.Tensor, is_rows: bool) -> tuple[int, int]:
+    """``(rows, run)`` of the C calls: ``(M, 0)`` for an ``(M, C)`` matrix, ``(N, L)`` else."""
+    channels = x.shape[1]
+    if is_rows:
+        return x.numel() // channels, 0
+    return x.shape[0], x.numel() // (x.shape[0] * channels)
+
+
+def _move_in_place(buffer: torch.Tensor, batch_stat: np.ndarray, momentum: float) -> None:
+    """``buffer ← (1 − momentum)·buffer + momentum·batch_stat`` in place (float64 math).
+
+    Args:
+        buffer: a float32/float64 CPU buffer ``(C,)`` that does not require grad.
+        batch_stat: the batch's float64 statistic ``(C,)``.
+        momentum: the running-average factor.
+    """
+    values = buffer.numpy()  # (C,), shares the buffer's memory
+    values[...] = (1.0 - momentum) * values + momentum * batch_stat
+
+
+def _stream_moments(x: torch.Tensor, mean: np.ndarray, var: np.ndarray) -> None:
+    """Mean and biased variance of contiguous ``x`` ``(N, C, L)`` per channel, in memory order.
+
+    Args:
+        x: the contiguous input, float32 or bfloat16.
+        mean, var: float64 ``(C,)`` outputs.
+    """
+    n_batch, _channels, length = x.shape
+    part_mean, part_m2, samples = cpu_stream.moments_ncl(
+        x.data_ptr(), x.shape, x.dtype == torch.bfloat16, torch.get_num_threads()
+    )  # (P, C), (P, C): parts of `samples` samples each
+    cpu_numba.merge_moments(part_mean, part_m2, samples * length, n_batch * length, mean, var)
+
+
+def _stream_affine(x: torch.Tensor, y: torch.Tensor, is_rows: bool, params: np.ndarray) -> None:
+    """``y = (x − shift)·scale + offset`` per channel by :func:`cpu_stream.affine`.
+
+    Args:
+        x: the input ``(N, C, *)``, dense in the kernel layout (``is_rows``: channels innermost).
+        y: an empty tensor with ``x``'s shape, dtype and strides.
+        is_rows: whether ``x`` is read as its ``(M, C)`` matrix, else as ``(N, C, L)``.
+        params: float32 ``(3, C)``: ``shift``, ``scale``, ``offset``.
+    """
+    numel, channels = x.numel(), x.shape[1]
+    run = 0 if is_rows else numel // (x.shape[0] * channels)  # L
+    cpu_stream.affine(
+        x.data_ptr(),
+        y.data_ptr(),
+        numel,
+        run,
+        channels,
+        x.dtype == torch.bfloat16,
+        params,
+        torch.get_num_threads(),
+    )
+
+
 def _launch(kernel: Callable[..., None], work: int, *args: Any) -> None:
     """Runs ``kernel(*args)`` on up to ``torch.get_num_threads()`` threads.
 
@@ -203,16 +308,32 @@ class NumbaBackend:
 
     name = "numba"
 
-    def __init__(self, kernel_cases: Mapping[KernelCase, int] | None = None):
+    def __init__(
+        self, kernel_cases: Mapping[KernelCase, int] | None = None, streaming: bool | None = None
+    ):
         """Chooses where the kernels run.
 
         Args:
-            kernel_cases: ``(pass, layout, dtype)`` → the smallest input (bytes) the Numba
-                kernels take in that case, the rest going to ATen; default
-                :data:`MEASURED_KERNEL_CASES`. :data:`ALL_KERNEL_CASES` runs them wherever
-                they can (the tests do, to check every kernel).
+            kernel_cases: ``(pass, layout, dtype)`` → the smallest input (bytes) the kernels
+                take in that case, the rest going to ATen; default :data:`MEASURED_KERNEL_CASES`
+                (:data:`MEASURED_NUMBA_CASES` without the streaming kernels).
+                :data:`ALL_KERNEL_CASES` runs them wherever they can (the tests do, to check
+                every kernel).
+            streaming: use the streaming-store kernels (:mod:`batchnorm.kernels.cpu_stream`)
+                for float32/bfloat16: ``None`` where this machine runs them, ``False`` never
+                (Numba's kernels alone).
+
+        Raises:
+            ValueError: if ``streaming`` is True and this build or CPU cannot run them.
         """
-        self.kernel_cases = MEASURED_KERNEL_CASES if kernel_cases is None else kernel_cases
+        if streaming and not cpu_stream.SUPPORTED:
+            raise ValueError(
+                "streaming: the streaming kernels are not built or this CPU lacks AVX-512 F/BW"
+            )
+        self.streaming = cpu_stream.SUPPORTED if streaming is None else streaming
+        if kernel_cases is None:
+            kernel_cases = MEASURED_KERNEL_CASES if self.streaming else MEASURED_NUMBA_CASES
+        self.kernel_cases = kernel_cases
         # (pass, dtype) → smallest input of any layout: one dict lookup turns most calls away.
         self._smallest: dict[tuple[str, torch.dtype], int] = {}
         for (pass_name, _layout, dtype), smallest in self.kernel_cases.items():
@@ -237,6 +358,14 @@ class NumbaBackend:
         """Whether the kernels run ``pass_name`` on ``x`` read in ``layout`` (by size)."""
         smallest = self.kernel_cases.get((pass_name, layout, x.dtype))
         return smallest is not None and x.numel() * x.element_size() >= smallest
+
+    def _streams(self, x: torch.Tensor) -> bool:
+        """Whether the output pass for ``x`` runs in :mod:`batchnorm.kernels.cpu_stream`."""
+        return self.streaming and x.dtype in _STREAM_DTYPES
+
+    def _single_call(self, x: torch.Tensor) -> bool:
+        """Whether one C call runs the pass on ``x`` (streaming kernels, one thread's work)."""
+        return self._streams(x) and cpu_stream.single_call(x.numel(), torch.get_num_threads())
 
     def _runs_kernels(
         self, input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
@@ -267,27 +396,49 @@ class NumbaBackend:
         layout = self._kernel_layout("forward", x)
         if layout is None:
             return self._aten.forward(x, weight, bias, eps)
-        is_rows = layout == "rows"
-        array = _kernel_array(x, layout)  # (N, C, L) or (M, C)
-        channels = x.shape[1]
-        y = empty_like(x)  # (N, C, L), strides of x (dense), huge pages
-        y_array = _as_array(channel_rows(y) if is_rows else y)  # type: ignore[arg-type]
-        stats = np.empty((3, channels))  # rows: mean, var, invstd, (C,) each
-        mean, var, invstd = stats
-        kernel = cpu_numba.forward_mc if is_rows else cpu_numba.forward_ncl
-        _launch(
-            kernel,
-            x.numel(),
-            array,
-            *_per_channel_float64(channels, (weight, 1.0), (bias, 0.0)),
-            float(eps),
-            y_array,
-            mean,
-            var,
-            invstd,
-        )
+        y, stats = self._train_kernels(x, layout, weight, bias, eps)
         mean_t, var_t, invstd_t = _stats_tensors(stats, compute_dtype(x.dtype))  # (C,) each
         return ForwardResult(y, mean_t, invstd_t, var_t)
+
+    def _train_kernels(
+        self,
+        x: torch.Tensor,
+        layout: str,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        eps: float,
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """The kernels' training forward on ``x`` ``(N, C, *)`` read in ``layout``.
+
+        Returns:
+            ``y`` like ``x`` (same shape and strides) and the float64 statistics ``(3, C)``:
+            rows ``μ``, biased ``σ²``, ``r``.
+        """
+        is_rows = layout == "rows"
+        x3 = channel_view(x)  # (N, C, L), a view (dense layouts only)
+        channels = x.shape[1]
+        y = empty_like(x)  # like x (dense), huge pages
+        stats = np.empty((3, channels))  # rows: mean, var, invstd, (C,) each
+        mean, var, invstd = stats
+        weight64, bias64 = _per_channel_float64(channels, (weight, 1.0), (bias, 0.0))
+        if self._streams(x):  # statistics in memory order, then y streamed
+            if is_rows:
+                array = _kernel_array(x3, layout)  # (M, C)
+                _launch(cpu_numba.moments_mc, x.numel(), array, float(eps), mean, var, invstd)
+            else:
+                _stream_moments(x3, mean, var)
+                invstd[:] = 1.0 / np.sqrt(var + eps)
+            params = np.stack((mean, weight64 * invstd, bias64)).astype(np.float32)  # (3, C)
+            _stream_affine(x, y, is_rows, params)
+        else:
+            kernel = cpu_numba.forward_mc if is_rows else cpu_numba.forward_ncl
+            y3 = channel_view(y)  # (N, C, L), a view
+            array = _kernel_array(x3, layout)  # (N, C, L) or (M, C)
+            y_array = _as_array(channel_rows(y3) if is_rows else y3)  # type: ignore[arg-type]
+            _launch(
+                kernel, x.numel(), array, weight64, bias64, float(eps), y_array, mean, var, invstd
+            )
+        return y, stats
 
     def forward_update(
         self,
@@ -320,26 +471,119 @@ class NumbaBackend:
         running_mean: torch.Tensor | None,
         running_var: torch.Tensor | None,
     ) -> bool:
-        """Whether a training call should run ATen's forward kernel and this backend's backward.
+        """Whether a training call should run :meth:`native_batch_norm` and this backward.
 
-        That is the case where only the backward kernel takes ``input`` (bfloat16 ``(N, C, L)``
-        from 2 MiB: ATen's own backward of that layout is slow, its forward is not) and ATen's
-        kernel takes the tensors as they are. The caller then runs
-        :func:`batchnorm.autograd.native_forward_train`: one ATen forward that also moves the
-        running buffers, instead of the generic path's separate statistics and update.
+        That is where the kernels run the forward, or run the backward of a call autograd will
+        differentiate (ATen's forward kernel then runs the forward). The caller runs
+        :func:`batchnorm.autograd.native_forward_train`: one forward that also moves the
+        running buffers, on the input as given, instead of the generic path's views, scratch
+        statistics and separate update (about 0.3 ms a call when caches are cold).
 
         Args:
             input: the checked input ``(N, C, *)``.
             weight, bias, running_mean, running_var: the checked per-channel tensors or None.
+
+        Returns:
+            False where the call goes elsewhere: no kernel takes it, only one buffer is given,
+            the buffers are not float32/float64 (the kernels move them in NumPy), or ATen's
+            kernel would run the forward and does not take the tensors as they are.
         """
         # Cheapest refusal first: this runs before every training call.
-        layout = self._kernel_layout("backward", input)
-        if layout != "ncl" or self._takes("forward", layout, input) or _is_transformed(input):
+        if not self._may_run("forward", input) and not self._may_run("backward", input):
             return False
-        if (running_mean is None) != (running_var is None) or not _needs_grad(input, weight, bias):
+        if (running_mean is None) != (running_var is None) or _is_transformed(input):
             return False
-        native = native_operand(input, weight, bias, running_mean, running_var)
-        return native is not None and not native[1]
+        if self._kernel_layout("forward", input) is not None:
+            return running_mean is None or (
+                running_mean.dtype in _BUFFER_DTYPES and running_var.dtype in _BUFFER_DTYPES  # type: ignore[union-attr]
+            )
+        if self._kernel_layout("backward", input) is None or not _needs_grad(input, weight, bias):
+            return False
+        return native_operand(input, weight, bias, running_mean, running_var) is not None
+
+    def native_batch_norm(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        momentum: float,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``aten::native_batch_norm`` in training mode, on the kernels where they take ``x``.
+
+        For calls :meth:`native_forward` accepted: normalizes ``x`` with its batch statistics
+        and moves the given buffers in place, ``running ← (1 − momentum)·running +
+        momentum·batch`` (the unbiased variance), as ATen's kernel does.
+
+        Args:
+            x: the input ``(N, C, *)`` as the caller has it.
+            weight, bias: ``γ``, ``β`` ``(C,)`` or None.
+            running_mean, running_var: buffers ``(C,)`` not requiring grad, or None (both).
+            momentum: the running-average factor.
+            eps: added to the variance inside the square root.
+
+        Returns:
+            ``(y, mean, invstd)``: ``y`` like ``x``, the statistics ``(C,)`` in the compute
+            dtype.
+        """
+        layout = self._kernel_layout("forward", x)
+        if layout is None:  # ATen's forward kernel (native_forward checked that it takes x)
+            operand, is_rows = native_operand(x, weight, bias, running_mean, running_var)  # type: ignore[misc]
+            y, mean, invstd = torch.ops.aten.native_batch_norm(
+                operand, weight, bias, running_mean, running_var, True, momentum, eps
+            )
+            return (rows_as_input(y, x) if is_rows else y), mean, invstd
+        if self._single_call(x) and _float32_or_none(running_mean, running_var):
+            return self._train_single_call(
+                x, layout, weight, bias, running_mean, running_var, momentum, eps
+            )
+        y, stats = self._train_kernels(x, layout, weight, bias, eps)
+        mean, var, invstd = stats  # (C,) float64 each
+        if running_mean is not None and running_var is not None:
+            count = x.numel() // x.shape[1]  # M, at least 2 in training
+            _move_in_place(running_mean, mean, momentum)
+            _move_in_place(running_var, var * (count / (count - 1)), momentum)
+        dtype = compute_dtype(x.dtype)
+        mean_t, invstd_t = _stats_tensors(stats[::2], dtype)  # (C,) each
+        return y, mean_t, invstd_t
+
+    def _train_single_call(
+        self,
+        x: torch.Tensor,
+        layout: str,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        running_mean: torch.Tensor | None,
+        running_var: torch.Tensor | None,
+        momentum: float,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`native_batch_norm` in one C call (one thread; float32 buffers or none)."""
+        keep: list[torch.Tensor] = []
+        y = empty_like(x)  # like x (dense), huge pages
+        stats = torch.empty(2, x.shape[1])  # (2, C) float32: μ, r
+        rows, run = _kernel_rows_and_run(x, layout == "rows")
+        running = (0, 0)
+        if running_mean is not None and running_var is not None:
+            running = (running_mean.data_ptr(), running_var.data_ptr())
+        cpu_stream.train_forward(
+            x.data_ptr(),
+            y.data_ptr(),
+            rows,
+            x.shape[1],
+            run,
+            x.dtype == torch.bfloat16,
+            _float32_address(weight, keep),
+            _float32_address(bias, keep),
+            float(eps),
+            float(momentum),
+            running,
+            (stats[0].data_ptr(), stats[1].data_ptr()),
+        )
+        mean, invstd = stats.unbind(0)  # (C,) each
+        return y, mean, invstd
 
     def inference(
         self,
@@ -362,6 +606,33 @@ class NumbaBackend:
         layout = self._kernel_layout("inference", x)
         if layout is None or _needs_grad(x, weight, bias):
             return self._aten.inference(x, weight, bias, running_mean, running_var, eps)
+        if self._single_call(x):
+            keep: list[torch.Tensor] = []
+            y = empty_like(x)  # like x (dense), huge pages
+            _rows, run = _kernel_rows_and_run(x, layout == "rows")
+            cpu_stream.inference(
+                x.data_ptr(),
+                y.data_ptr(),
+                x.numel(),
+                run,
+                x.shape[1],
+                x.dtype == torch.bfloat16,
+                _float32_address(weight, keep),
+                _float32_address(bias, keep),
+                (_float32_address(running_mean, keep), _float32_address(running_var, keep)),
+                float(eps),
+            )
+            return y
+        if self._streams(x):  # one pass in memory order: no NumPy views needed
+            per_channel = _per_channel_float64(
+                x.shape[1], (weight, 1.0), (bias, 0.0), (running_mean, 0.0), (running_var, 1.0)
+            )  # (4, C): γ, β, μ, var
+            weight64, bias64, mean64, var64 = per_channel
+            scale = weight64 / np.sqrt(var64 + eps)  # (C,)  γ·r
+            y = empty_like(x)  # like x (dense), huge pages
+            params = np.stack((mean64, scale, bias64)).astype(np.float32)  # (3, C)
+            _stream_affine(x, y, layout == "rows", params)
+            return y
         is_rows = layout == "rows"
         x3 = channel_view(x)  # (N, C, L), a view for the dense layouts the kernels take
         array = _kernel_array(x3, layout)  # (N, C, L) or (M, C)
@@ -395,28 +666,74 @@ class NumbaBackend:
         if layout is None:
             return self._aten.backward(dy, x, weight, mean, invstd)
         is_rows = layout == "rows"
-        array = _kernel_array(x, layout)  # (N, C, L) or (M, C)
         channels = x.shape[1]
         dx = empty_like(x)  # (N, C, L), strides of x (dense), huge pages
         dy = dy.to(x.dtype)  # autograd hands dy in y's dtype, which is x's
+        if self._single_call(x):
+            # dy in x's layout (no copy when autograd hands it over that way)
+            dy = dy.transpose(1, 2).contiguous().transpose(1, 2) if is_rows else dy.contiguous()
+            keep: list[torch.Tensor] = []
+            grads_out = torch.empty(2, channels)  # (2, C) float32: dγ, dβ
+            rows, run = _kernel_rows_and_run(x, is_rows)
+            cpu_stream.train_backward(
+                dy.data_ptr(),
+                x.data_ptr(),
+                dx.data_ptr(),
+                rows,
+                channels,
+                run,
+                x.dtype == torch.bfloat16,
+                _float32_address(weight, keep),
+                (_float32_address(mean, keep), _float32_address(invstd, keep)),
+                (grads_out[0].data_ptr(), grads_out[1].data_ptr()),
+            )
+            dweight_out, dbias_out = grads_out.unbind(0)  # (C,) each
+            return dx, dweight_out, dbias_out
+        array = _kernel_array(x, layout)  # (N, C, L) or (M, C)
         if is_rows:
             dy_array = _as_array(dy.transpose(1, 2).contiguous().view(array.shape))  # (M, C)
-            dx_array = _as_array(channel_rows(dx))  # type: ignore[arg-type]  # (M, C)
         else:
             dy_array = _as_array(dy.contiguous())  # (N, C, L)
-            dx_array = _as_array(dx)  # (N, C, L)
         grads = np.empty((2, channels))  # rows: dweight, dbias, (C,) each
         dweight, dbias = grads
-        kernel = cpu_numba.backward_mc if is_rows else cpu_numba.backward_ncl
-        _launch(
-            kernel,
-            x.numel(),
-            dy_array,
-            array,
-            *_per_channel_float64(channels, (weight, 1.0), (mean, 0.0), (invstd, 1.0)),
-            dx_array,
-            dweight,
-            dbias,
-        )
+        per_channel = _per_channel_float64(channels, (weight, 1.0), (mean, 0.0), (invstd, 1.0))
+        if self._streams(x):  # sums in memory order, then dx streamed
+            weight64, mean64, invstd64 = per_channel  # (C,) each
+            is_bf16, threads = x.dtype == torch.bfloat16, torch.get_num_threads()
+            if is_rows:
+                sum_dy_xmu = np.empty(channels)  # (C,)  Σ dy·(x − μ)
+                _launch(
+                    cpu_numba.grad_sums_mc, x.numel(), dy_array, array, mean64, dbias, sum_dy_xmu
+                )
+            else:
+                dbias[:], sum_dy_xmu = cpu_stream.grad_sums_ncl(
+                    dy_array.ctypes.data,
+                    array.ctypes.data,
+                    array.shape,
+                    is_bf16,
+                    mean64.astype(np.float32),
+                    threads,
+                )
+            dweight[:] = sum_dy_xmu * invstd64  # dγ = r·Σ dy·(x − μ)
+            count = x.numel() // channels  # M
+            params = np.stack(
+                (mean64, weight64 * invstd64, dbias / count, dweight * invstd64 / count)
+            ).astype(np.float32)  # (4, C): μ, γ·r, dβ/M, r·dγ/M
+            run = 0 if is_rows else array.shape[2]  # L, or 0: channels innermost
+            cpu_stream.grad(
+                dy_array.ctypes.data,
+                array.ctypes.data,
+                dx.data_ptr(),
+                x.numel(),
+                run,
+                channels,
+                is_bf16,
+                params,
+                threads,
+            )
+        else:
+            kernel = cpu_numba.backward_mc if is_rows else cpu_numba.backward_ncl
+            dx_array = _as_array(channel_rows(dx) if is_rows else dx)  # type: ignore[arg-type]
+            _launch(kernel, x.numel(), dy_array, array, *per_channel, dx_array, dweight, dbias)
         dweight_t, dbias_t = _stats_tensors(grads, compute_dtype(x.dtype))  # (C,) each
         return dx, dweight_t, dbias_t

@@ -1,0 +1,879 @@
+/*
+ * batchnorm.kernels._cpu_stream: the output passes of the CPU kernels, with streaming stores.
+ *
+ * Every batch-norm pass ends with one elementwise pass that writes a tensor of the input's size:
+ *
+ *   affine:  y  = (x − shift)·scale + offset                     (evaluation; training forward)
+ *   grad:    dx = gain·((dy − mean_term) − (x − mean)·slope)       (training backward)
+ *
+ * with per-channel float32 parameters (design.md §2: shift = μ, scale = γ·r, offset = β; gain = γ·r,
+ * mean_term = dβ/M, slope = r·dγ/M). A plain store first reads each cache line it writes (a read
+ * for ownership), so such a pass moves 3S bytes for S written; streaming (non-temporal) stores
+ * write whole lines without reading them: 2S. On the 2-core Xeon of benchmarks/results/ the pass
+ * measured 1.2–1.9× ATen's evaluation kernel (benchmarks/cpu_kernels.py).
+ *
+ * Layout: the tensor is a flat run of values [start, end) of a dense (N, C, L) array
+ * (`run` = L: value i belongs to channel (i / L) mod C) or of an (M, C) matrix (`run` = 0,
+ * channels innermost: channel i mod C). Each call walks its range in vectors of 16 values,
+ * tracking the channel without divisions; a vector that spans two channels blends their
+ * parameters. The values before the first 64-byte-aligned output address and after the last
+ * whole vector use plain scalar stores.
+ *
+ * Element types: float32, or bfloat16 (`is_bf16`) widened exactly to float32 (bits << 16) and
+ * rounded back to nearest even on store, NaN as the quiet NaN 0x7FC0, exactly as
+ * batchnorm.kernels.cpu_numba does. Arithmetic is float32 (the fused multiply-adds of AVX-512).
+ *
+ * The vector code needs AVX-512 F and BW (checked at import: SUPPORTED); elsewhere, and on
+ * other architectures, SUPPORTED is False and the module's functions raise RuntimeError.
+ * Pointers come as integers from the caller (batchnorm.backends.numba_backend), which checks
+ * dtypes, sizes and density; the functions release the GIL, so threads can share a pass.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdlib.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_AVX512_BUILD 1
+#include <immintrin.h>
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#else
+#define HAVE_AVX512_BUILD 0
+#endif
+
+/* Scalar element access: float32, or bfloat16 as its bit pattern. */
+static inline float load_one(const char *base, int is_bf16, ptrdiff_t i) {
+    if (!is_bf16) return ((const float *)base)[i];
+    union { uint32_t bits; float value; } widened;
+    widened.bits = (uint32_t)((const uint16_t *)base)[i] << 16;
+    return widened.value;
+}
+
+static inline void store_one(char *base, int is_bf16, ptrdiff_t i, float value) {
+    if (!is_bf16) {
+        ((float *)base)[i] = value;
+        return;
+    }
+    union { uint32_t bits; float value; } source;
+    source.value = value;
+    uint32_t rounded = (source.bits + 0x7FFFu + ((source.bits >> 16) & 1u)) >> 16; /* to even */
+    if ((source.bits & 0x7FFFFFFFu) > 0x7F800000u) rounded = 0x7FC0u; /* NaN */
+    ((uint16_t *)base)[i] = (uint16_t)rounded;
+}
+
+/* The channel of flat value i: (i / run) mod C for (N, C, L), i mod C for (M, C) (run = 0). */
+static inline ptrdiff_t channel_of(ptrdiff_t i, ptrdiff_t run, ptrdiff_t channels) {
+    return run ? (i / run) % channels : i % channels;
+}
+
+#if HAVE_AVX512_BUILD
+
+AVX512 static inline __m512 load16(const char *address, int is_bf16) {
+    if (!is_bf16) return _mm512_loadu_ps((const float *)address);
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)address));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+/* 16 float32 → 16 bfloat16 bit patterns, as store_one rounds them. */
+AVX512 static inline __m256i to_bf16(__m512 values) {
+    __m512i bits = _mm512_castps_si512(values);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_srli_epi32(
+        _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(
+        _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
+    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(rounded);
+}
+
+/* A streaming store of 16 values at an address aligned to 16 elements. */
+AVX512 static inline void stream16(char *address, __m512 values, int is_bf16) {
+    if (!is_bf16)
+        _mm512_stream_ps((float *)address, values);
+    else
+        _mm256_stream_si256((__m256i *)address, to_bf16(values));
+}
+
+/* Where a walk over flat values stands: the current channel and, for (N, C, L), where its run
+ * of L values ends. */
+typedef struct {
+    ptrdiff_t run, channels, run_end, channel;
+} walk_t;
+
+static inline walk_t walk_from(ptrdiff_t i, ptrdiff_t run, ptrdiff_t channels) {
+    walk_t walk = {run, channels, 0, 0};
+    if (run) {
+        ptrdiff_t row = i / run;
+        walk.run_end = (row + 1) * run;
+        walk.channel = row % channels;
+    } else {
+        walk.channel = i % channels;
+    }
+    return walk;
+}
+
+#define MAX_PARAMS 4
+
+/* The per-lane values of `count` per-channel arrays for the 16 values from flat index i, into
+ * `lanes`; moves the walk 16 values on. Returns 1 when the next vector lies in the same run
+ * (its parameters are these broadcasts, and `lanes` need not be reloaded: `keep`). */
+AVX512 static inline int vector_params(walk_t *walk, ptrdiff_t i, int count,
+                                       const float *const *params, __m512 *lanes, int keep) {
+    ptrdiff_t channels = walk->channels;
+    if (walk->run) {
+        if (i + 16 <= walk->run_end) { /* one channel */
+            if (!keep)
+                for (int p = 0; p < count; p++) lanes[p] = _mm512_set1_ps(params[p][walk->channel]);
+            if (i + 16 < walk->run_end) return 1;
+            walk->run_end += walk->run;
+            walk->channel = walk->channel + 1 == channels ? 0 : walk->channel + 1;
+            return 0;
+        }
+        if (walk->run >= 16) { /* two channels: lanes from run_end on take the next one */
+            ptrdiff_t next = walk->channel + 1 == channels ? 0 : walk->channel + 1;
+            __mmask16 later = (__mmask16)(0xFFFFu << (walk->run_end - i));
+            for (int p = 0; p < count; p++)
+                lanes[p] = _mm512_mask_blend_ps(later, _mm512_set1_ps(params[p][walk->channel]),
+                                                _mm512_set1_ps(params[p][next]));
+            walk->run_end += walk->run;
+            walk->channel = next;
+            return 0;
+        }
+    } else if (walk->channel + 16 <= channels) { /* (M, C): 16 consecutive channels */
+        for (int p = 0; p < count; p++) lanes[p] = _mm512_loadu_ps(params[p] + walk->channel);
+        walk->channel += 16;
+        if (walk->channel == channels) walk->channel = 0;
+        return 0;
+    }
+    /* Short runs (L < 16) or a wrap past channel C − 1: lane by lane. */
+    float gathered[MAX_PARAMS][16];
+    for (int lane = 0; lane < 16; lane++) {
+        if (walk->run && i + lane == walk->run_end) {
+            walk->run_end += walk->run;
+            walk->channel = walk->channel + 1 == channels ? 0 : walk->channel + 1;
+        }
+        for (int p = 0; p < count; p++) gathered[p][lane] = params[p][walk->channel];
+        if (!walk->run) walk->channel = walk->channel + 1 == channels ? 0 : walk->channel + 1;
+    }
+    if (walk->run && i + 16 == walk->run_end) {
+        walk->run_end += walk->run;
+        walk->channel = walk->channel + 1 == channels ? 0 : walk->channel + 1;
+    }
+    for (int p = 0; p < count; p++) lanes[p] = _mm512_loadu_ps(gathered[p]);
+    return 0;
+}
+
+/* Values before the first output address aligned to 64 bytes, at most `end`. */
+static inline ptrdiff_t aligned_start(const char *out, ptrdiff_t start, ptrdiff_t end, size_t item) {
+    ptrdiff_t i = start;
+    while (i < end && ((uintptr_t)(out + i * item) & 63u) != 0) i++;
+    return i;
+}
+
+AVX512 static void affine_avx512(const char *x, char *y, ptrdiff_t start, ptrdiff_t end,
+                                 ptrdiff_t run, ptrdiff_t channels, int is_bf16,
+                                 const float *shift, const float *scale, const float *offset) {
+    const float *params[3] = {shift, scale, offset};
+    size_t item = is_bf16 ? 2 : 4;
+    ptrdiff_t body = aligned_start(y, start, end, item), i;
+    for (i = start; i < body; i++) {
+        ptrdiff_t c = channel_of(i, run, channels);
+        store_one(y, is_bf16, i, (load_one(x, is_bf16, i) - shift[c]) * scale[c] + offset[c]);
+    }
+    __m512 lanes[3];
+    walk_t walk = walk_from(i, run, channels);
+    int keep = 0;
+    for (; i + 16 <= end; i += 16) {
+        keep = vector_params(&walk, i, 3, params, lanes, keep);
+        __m512 centered = _mm512_sub_ps(load16(x + i * item, is_bf16), lanes[0]); /* x − μ */
+        stream16(y + i * item, _mm512_fmadd_ps(centered, lanes[1], lanes[2]), is_bf16);
+    }
+    for (; i < end; i++) {
+        ptrdiff_t c = channel_of(i, run, channels);
+        store_one(y, is_bf16, i, (load_one(x, is_bf16, i) - shift[c]) * scale[c] + offset[c]);
+    }
+    _mm_sfence(); /* streaming stores are visible to other threads once the call returns */
+}
+
+AVX512 static void grad_avx512(const char *dy, const char *x, char *dx, ptrdiff_t start,
+                               ptrdiff_t end, ptrdiff_t run, ptrdiff_t channels, int is_bf16,
+                               const float *mean, const float *gain, const float *mean_term,
+                               const float *slope) {
+    const float *params[4] = {mean, gain, mean_term, slope};
+    size_t item = is_bf16 ? 2 : 4;
+    ptrdiff_t body = aligned_start(dx, start, end, item), i;
+#define GRAD_ONE(j)                                                                            \
+    do {                                                                                       \
+        ptrdiff_t c = channel_of(j, run, channels);                                            \
+        float centered = load_one(x, is_bf16, j) - mean[c];                                    \
+        store_one(dx, is_bf16, j,                                                              \
+                  gain[c] * ((load_one(dy, is_bf16, j) - mean_term[c]) - centered * slope[c])); \
+    } while (0)
+    for (i = start; i < body; i++) GRAD_ONE(i);
+    __m512 lanes[4];
+    walk_t walk = walk_from(i, run, channels);
+    int keep = 0;
+    for (; i + 16 <= end; i += 16) {
+        keep = vector_params(&walk, i, 4, params, lanes, keep);
+        __m512 centered = _mm512_sub_ps(load16(x + i * item, is_bf16), lanes[0]); /* x − μ */
+        __m512 shifted = _mm512_sub_ps(load16(dy + i * item, is_bf16), lanes[2]); /* dy − dβ/M */
+        __m512 inner = _mm512_fnmadd_ps(centered, lanes[3], shifted);
+        stream16(dx + i * item, _mm512_mul_ps(lanes[1], inner), is_bf16);
+    }
+    for (; i < end; i++) GRAD_ONE(i);
+#undef GRAD_ONE
+    _mm_sfence();
+}
+
+/* Up to 16 values from address, lanes outside `mask` zero. */
+AVX512 static inline __m512 load16_masked(const char *address, int is_bf16, __mmask16 mask) {
+    if (!is_bf16) return _mm512_maskz_loadu_ps(mask, (const float *)address);
+    __m256i bits = _mm256_maskz_loadu_epi16(mask, (const __m256i *)address);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+static inline __mmask16 lanes_below(ptrdiff_t count) {
+    return count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
+}
+
+/* Run sums: float32 lanes, four independent accumulators (the add latency, not memory, bounds
+ * one accumulator on runs of a few hundred values), chunks of at most CHUNK_VALUES values
+ * added in float64. */
+#define CHUNK_VALUES (64 * 256)
+
+/* Σ v over a run of n values. */
+AVX512 static double run_sum(const char *row, ptrdiff_t n, int is_bf16) {
+    size_t item = is_bf16 ? 2 : 4;
+    double total = 0.0;
+    ptrdiff_t i = 0;
+    do {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        ptrdiff_t stop = i + CHUNK_VALUES < n ? i + CHUNK_VALUES : n;
+        for (; i + 64 <= stop; i += 64) {
+            a0 = _mm512_add_ps(a0, load16(row + i * item, is_bf16));
+            a1 = _mm512_add_ps(a1, load16(row + (i + 16) * item, is_bf16));
+            a2 = _mm512_add_ps(a2, load16(row + (i + 32) * item, is_bf16));
+            a3 = _mm512_add_ps(a3, load16(row + (i + 48) * item, is_bf16));
+        }
+        for (; i + 16 <= stop; i += 16) a0 = _mm512_add_ps(a0, load16(row + i * item, is_bf16));
+        if (i < stop) { /* the last few values, as one masked vector */
+            a1 = _mm512_add_ps(a1, load16_masked(row + i * item, is_bf16, lanes_below(stop - i)));
+            i = stop;
+        }
+        total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    } while (i < n);
+    return total;
+}
+
+/* Σ (v − center)² over a run of n values. */
+AVX512 static double run_sum_squares(const char *row, ptrdiff_t n, int is_bf16, float center) {
+    size_t item = is_bf16 ? 2 : 4;
+    __m512 shift = _mm512_set1_ps(center);
+    double total = 0.0;
+    ptrdiff_t i = 0;
+#define SQUARE_INTO(acc, at)                                                   \
+    do {                                                                       \
+        __m512 d = _mm512_sub_ps(load16(row + (at) * item, is_bf16), shift);   \
+        acc = _mm512_fmadd_ps(d, d, acc);                                      \
+    } while (0)
+    do {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        ptrdiff_t stop = i + CHUNK_VALUES < n ? i + CHUNK_VALUES : n;
+        for (; i + 64 <= stop; i += 64) {
+            SQUARE_INTO(a0, i);
+            SQUARE_INTO(a1, i + 16);
+            SQUARE_INTO(a2, i + 32);
+            SQUARE_INTO(a3, i + 48);
+        }
+        for (; i + 16 <= stop; i += 16) SQUARE_INTO(a0, i);
+        if (i < stop) {
+            __mmask16 mask = lanes_below(stop - i);
+            __m512 d = _mm512_maskz_sub_ps(mask, load16_masked(row + i * item, is_bf16, mask), shift);
+            a1 = _mm512_fmadd_ps(d, d, a1);
+            i = stop;
+        }
+        total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    } while (i < n);
+#undef SQUARE_INTO
+    return total;
+}
+
+/* (Σ dy, Σ dy·(x − center)) over runs of n values, added to *sum_dy, *sum_dy_xmu. */
+AVX512 static void run_grad_sums(const char *dy, const char *x, ptrdiff_t n, int is_bf16,
+                                 float center, double *sum_dy, double *sum_dy_xmu) {
+    size_t item = is_bf16 ? 2 : 4;
+    __m512 shift = _mm512_set1_ps(center);
+    double total = 0.0, total_xmu = 0.0;
+    ptrdiff_t i = 0;
+    /* dy is zero in lanes outside `mask`, so those lanes add nothing to either sum. */
+#define GRAD_INTO(acc, acc_xmu, at, mask)                                                        \
+    do {                                                                                         \
+        __m512 g = load16_masked(dy + (at) * item, is_bf16, mask);                               \
+        acc = _mm512_add_ps(acc, g);                                                             \
+        __m512 centered = _mm512_sub_ps(load16_masked(x + (at) * item, is_bf16, mask), shift);  \
+        acc_xmu = _mm512_fmadd_ps(g, centered, acc_xmu);                                         \
+    } while (0)
+    do {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+        ptrdiff_t stop = i + CHUNK_VALUES < n ? i + CHUNK_VALUES : n;
+        for (; i + 32 <= stop; i += 32) {
+            GRAD_INTO(a0, b0, i, 0xFFFF);
+            GRAD_INTO(a1, b1, i + 16, 0xFFFF);
+        }
+        for (; i + 16 <= stop; i += 16) GRAD_INTO(a0, b0, i, 0xFFFF);
+        if (i < stop) {
+            GRAD_INTO(a1, b1, i, lanes_below(stop - i));
+            i = stop;
+        }
+        total += _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+        total_xmu += _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+    } while (i < n);
+#undef GRAD_INTO
+    *sum_dy += total;
+    *sum_dy_xmu += total_xmu;
+}
+
+/* Four runs at once (consecutive channels of one sample, `stride` bytes apart): the same sums
+ * as run_sum / run_sum_squares / run_grad_sums, one accumulator per run, so that the four
+ * dependency chains of short runs overlap. */
+#define GROUP 4
+
+AVX512 static void group_sums(const char *first, ptrdiff_t stride, ptrdiff_t n, int is_bf16,
+                              double *out) {
+    size_t item = is_bf16 ? 2 : 4;
+    for (int g = 0; g < GROUP; g++) out[g] = 0.0;
+    ptrdiff_t i = 0;
+    do {
+        __m512 acc[GROUP];
+        for (int g = 0; g < GROUP; g++) acc[g] = _mm512_setzero_ps();
+        ptrdiff_t stop = i + CHUNK_VALUES < n ? i + CHUNK_VALUES : n;
+        for (; i + 16 <= stop; i += 16)
+            for (int g = 0; g < GROUP; g++)
+                acc[g] = _mm512_add_ps(acc[g], load16(first + g * stride + i * item, is_bf16));
+        if (i < stop) {
+            __mmask16 mask = lanes_below(stop - i);
+            for (int g = 0; g < GROUP; g++)
+                acc[g] = _mm512_add_ps(acc[g], load16_masked(first + g * stride + i * item, is_bf16, mask));
+            i = stop;
+        }
+        for (int g = 0; g < GROUP; g++) out[g] += _mm512_reduce_add_ps(acc[g]);
+    } while (i < n);
+}
+
+AVX512 static void group_sum_squares(const char *first, ptrdiff_t stride, ptrdiff_t n, int is_bf16,
+                                     const float *centers, double *out) {
+    size_t item = is_bf16 ? 2 : 4;
+    __m512 shift[GROUP];
+    for (int g = 0; g < GROUP; g++) {
+        shift[g] = _mm512_set1_ps(centers[g]);
+        out[g] = 0.0;
+    }
+    ptrdiff_t i = 0;
+    do {
+        __m512 acc[GROUP];
+        for (int g = 0; g < GROUP; g++) acc[g] = _mm512_setzero_ps();
+        ptrdiff_t stop = i + CHUNK_VALUES < n ? i + CHUNK_VALUES : n;
+        for (; i + 16 <= stop; i += 16)
+            for (int g = 0; g < GROUP; g++) {
+                __m512 d = _mm512_sub_ps(load16(first + g * stride + i * item, is_bf16), shift[g]);
+                acc[g] = _mm512_fmadd_ps(d, d, acc[g]);
+            }
+        if (i < stop) {
+            __mmask16 mask = lanes_below(stop - i);
+            for (int g = 0; g < GROUP; g++) {
+                __m512 v = load16_masked(first + g * stride + i * item, is_bf16, mask);
+                __m512 d = _mm512_maskz_sub_ps(mask, v, shift[g]);
+                acc[g] = _mm512_fmadd_ps(d, d, acc[g]);
+            }
+            i = stop;
+        }
+        for (int g = 0; g < GROUP; g++) out[g] += _mm512_reduce_add_ps(acc[g]);
+    } while (i < n);
+}
+
+AVX512 static void group_grad_sums(const char *dy, const char *x, ptrdiff_t stride, ptrdiff_t n,
+                                   int is_bf16, const float *centers, double *sum_dy,
+                                   double *sum_dy_xmu) {
+    size_t item = is_bf16 ? 2 : 4;
+    __m512 shift[GROUP];
+    for (int g = 0; g < GROUP; g++) shift[g] = _mm512_set1_ps(centers[g]);
+    ptrdiff_t i = 0;
+    do {
+        __m512 acc[GROUP], acc_xmu[GROUP];
+        for (int g = 0; g < GROUP; g++) acc[g] = acc_xmu[g] = _mm512_setzero_ps();
+        ptrdiff_t stop = i + CHUNK_VALUES < n ? i + CHUNK_VALUES : n;
+        while (i < stop) {
+            __mmask16 mask = lanes_below(stop - i);
+            for (int g = 0; g < GROUP; g++) {
+                ptrdiff_t at = g * stride + i * (ptrdiff_t)item;
+                __m512 grad = load16_masked(dy + at, is_bf16, mask); /* zero outside mask */
+                acc[g] = _mm512_add_ps(acc[g], grad);
+                __m512 centered = _mm512_sub_ps(load16_masked(x + at, is_bf16, mask), shift[g]);
+                acc_xmu[g] = _mm512_fmadd_ps(grad, centered, acc_xmu[g]);
+            }
+            i += 16;
+        }
+        i = stop;
+        for (int g = 0; g < GROUP; g++) {
+            sum_dy[g] += _mm512_reduce_add_ps(acc[g]);
+            sum_dy_xmu[g] += _mm512_reduce_add_ps(acc_xmu[g]);
+        }
+    } while (i < n);
+}
+
+/* Samples [n0, n1) of x (N, C, L) in memory order: per channel, the mean and M2 = Σ (x − mean)²
+ * of those samples' values. Each run of L values is summed twice while it is in L1 (its mean,
+ * then M2 about it) and merged into the channel's running (mean, M2) by Chan's rule. */
+AVX512 static void moments_ncl_avx512(const char *x, ptrdiff_t n0, ptrdiff_t n1, ptrdiff_t channels,
+                                      ptrdiff_t run, int is_bf16, double *mean, double *m2) {
+    size_t item = is_bf16 ? 2 : 4;
+    ptrdiff_t stride = run * (ptrdiff_t)item; /* bytes from one channel's run to the next */
+    double inverse_run = 1.0 / (double)run;
+    for (ptrdiff_t c = 0; c < channels; c++) mean[c] = m2[c] = 0.0;
+    for (ptrdiff_t n = n0; n < n1; n++) {
+        double runs_before = (double)(n - n0);     /* k: runs of L values merged so far */
+        double weight = 1.0 / (runs_before + 1.0); /* L / (k·L + L) */
+        double between = runs_before * (double)run * weight; /* k·L·L / (k·L + L) */
+        const char *sample = x + n * channels * stride;
+        for (ptrdiff_t c = 0; c < channels;) {
+            double run_mean[GROUP], run_m2[GROUP];
+            float centers[GROUP];
+            int count = channels - c >= GROUP ? GROUP : 1;
+            if (count == GROUP) {
+                group_sums(sample + c * stride, stride, run, is_bf16, run_mean);
+                for (int g = 0; g < GROUP; g++) {
+                    run_mean[g] *= inverse_run;
+                    centers[g] = (float)run_mean[g];
+                }
+                group_sum_squares(sample + c * stride, stride, run, is_bf16, centers, run_m2);
+            } else {
+                run_mean[0] = run_sum(sample + c * stride, run, is_bf16) * inverse_run;
+                run_m2[0] = run_sum_squares(sample + c * stride, run, is_bf16, (float)run_mean[0]);
+            }
+            for (int g = 0; g < count; g++, c++) {
+                double delta = run_mean[g] - mean[c];
+                mean[c] += delta * weight;
+                m2[c] += run_m2[g] + delta * delta * between;
+            }
+        }
+    }
+}
+
+/* Samples [n0, n1) of dy and x (N, C, L): per channel, Σ dy and Σ dy·(x − mean) added to
+ * sum_dy, sum_dy_xmu (float64). */
+AVX512 static void grad_sums_ncl_avx512(const char *dy, const char *x, ptrdiff_t n0, ptrdiff_t n1,
+                                        ptrdiff_t channels, ptrdiff_t run, int is_bf16,
+                                        const float *mean, double *sum_dy, double *sum_dy_xmu) {
+    ptrdiff_t stride = run * (is_bf16 ? 2 : 4); /* bytes from one channel's run to the next */
+    for (ptrdiff_t n = n0; n < n1; n++) {
+        ptrdiff_t c = 0;
+        for (; c + GROUP <= channels; c += GROUP) {
+            ptrdiff_t offset = (n * channels + c) * stride;
+            group_grad_sums(dy + offset, x + offset, stride, run, is_bf16, mean + c, sum_dy + c,
+                            sum_dy_xmu + c);
+        }
+        for (; c < channels; c++) {
+            ptrdiff_t offset = (n * channels + c) * stride;
+            run_grad_sums(dy + offset, x + offset, run, is_bf16, mean[c], sum_dy + c, sum_dy_xmu + c);
+        }
+    }
+}
+
+/* Rows per block of an (M, C) matrix: about 256 KiB, at most 1024 rows (float32 sums). */
+static ptrdiff_t block_rows(ptrdiff_t channels, size_t item) {
+    ptrdiff_t rows = (ptrdiff_t)((256 * 1024) / ((size_t)channels * item));
+    return rows < 1 ? 1 : rows > 1024 ? 1024 : rows;
+}
+
+/* Per channel mean and M2 of an (M, C) matrix, in memory order: each block of rows (in L2 after
+ * the first pass) is summed twice in float32, one accumulator per channel (in L1): its mean,
+ * then M2 about it; blocks merge by Chan's rule in float64. `work` holds 2·C floats. */
+AVX512 static void moments_mc_avx512(const char *x, ptrdiff_t rows, ptrdiff_t channels, int is_bf16,
+                                     double *mean, double *m2, float *work) {
+    size_t item = is_bf16 ? 2 : 4;
+    ptrdiff_t step = block_rows(channels, item);
+    float *sums = work, *centers = work + channels;
+    double count = 0.0;
+    for (ptrdiff_t c = 0; c < channels; c++) mean[c] = m2[c] = 0.0;
+    for (ptrdiff_t r0 = 0; r0 < rows; r0 += step) {
+        ptrdiff_t r1 = r0 + step < rows ? r0 + step : rows;
+        for (ptrdiff_t c = 0; c < channels; c++) sums[c] = 0.0f;
+        for (ptrdiff_t r = r0; r < r1; r++) {
+            const char *row = x + r * channels * item;
+            for (ptrdiff_t c = 0; c < channels; c += 16) {
+                __mmask16 mask = lanes_below(channels - c);
+                __m512 acc = _mm512_maskz_loadu_ps(mask, sums + c);
+                acc = _mm512_add_ps(acc, load16_masked(row + c * item, is_bf16, mask));
+                _mm512_mask_storeu_ps(sums + c, mask, acc);
+            }
+        }
+        float inverse = 1.0f / (float)(r1 - r0);
+        for (ptrdiff_t c = 0; c < channels; c++) {
+            centers[c] = sums[c] * inverse;
+            sums[c] = 0.0f;
+        }
+        for (ptrdiff_t r = r0; r < r1; r++) {
+            const char *row = x + r * channels * item;
+            for (ptrdiff_t c = 0; c < channels; c += 16) {
+                __mmask16 mask = lanes_below(channels - c);
+                __m512 d = _mm512_sub_ps(load16_masked(row + c * item, is_bf16, mask),
+                                         _mm512_maskz_loadu_ps(mask, centers + c));
+                __m512 acc = _mm512_fmadd_ps(d, d, _mm512_maskz_loadu_ps(mask, sums + c));
+                _mm512_mask_storeu_ps(sums + c, mask, acc);
+            }
+        }
+        double block = (double)(r1 - r0), weight = block / (count + block);
+        for (ptrdiff_t c = 0; c < channels; c++) {
+            double delta = (double)centers[c] - mean[c];
+            mean[c] += delta * weight;
+            m2[c] += (double)sums[c] + delta * delta * count * weight;
+        }
+        count += block;
+    }
+}
+
+/* Per channel Σ dy and Σ dy·(x − mean) of (M, C) matrices in memory order: float32 sums per
+ * block of rows, added in float64 into sum_dy, sum_dy_xmu (zeroed here). `work` holds 2·C
+ * floats. */
+AVX512 static void grad_sums_mc_avx512(const char *dy, const char *x, ptrdiff_t rows,
+                                       ptrdiff_t channels, int is_bf16, const float *mean,
+                                       double *sum_dy, double *sum_dy_xmu, float *work) {
+    size_t item = is_bf16 ? 2 : 4;
+    ptrdiff_t step = block_rows(channels, item);
+    float *block_dy = work, *block_xmu = work + channels;
+    for (ptrdiff_t c = 0; c < channels; c++) sum_dy[c] = sum_dy_xmu[c] = 0.0;
+    for (ptrdiff_t r0 = 0; r0 < rows; r0 += step) {
+        ptrdiff_t r1 = r0 + step < rows ? r0 + step : rows;
+        for (ptrdiff_t c = 0; c < channels; c++) block_dy[c] = block_xmu[c] = 0.0f;
+        for (ptrdiff_t r = r0; r < r1; r++) {
+            ptrdiff_t at = r * channels * (ptrdiff_t)item;
+            for (ptrdiff_t c = 0; c < channels; c += 16) {
+                __mmask16 mask = lanes_below(channels - c);
+                __m512 g = load16_masked(dy + at + c * item, is_bf16, mask);
+                __m512 centered = _mm512_sub_ps(load16_masked(x + at + c * item, is_bf16, mask),
+                                                _mm512_maskz_loadu_ps(mask, mean + c));
+                _mm512_mask_storeu_ps(block_dy + c, mask,
+                                      _mm512_add_ps(_mm512_maskz_loadu_ps(mask, block_dy + c), g));
+                _mm512_mask_storeu_ps(
+                    block_xmu + c, mask,
+                    _mm512_fmadd_ps(g, centered, _mm512_maskz_loadu_ps(mask, block_xmu + c)));
+            }
+        }
+        for (ptrdiff_t c = 0; c < channels; c++) {
+            sum_dy[c] += block_dy[c];
+            sum_dy_xmu[c] += block_xmu[c];
+        }
+    }
+}
+
+/* The whole training forward on one thread: statistics in memory order (float64 per channel),
+ * y = (x − μ)·γr + β streamed, μ and r out (float32), the running buffers moved (float32, in
+ * place, unbiased variance) when given. Returns 0, or −1 when out of memory. */
+AVX512 static int train_forward_avx512(const char *x, char *y, ptrdiff_t n_batch,
+                                       ptrdiff_t channels, ptrdiff_t run, int is_bf16,
+                                       const float *weight, const float *bias, double eps,
+                                       double momentum, float *running_mean, float *running_var,
+                                       float *mean_out, float *invstd_out) {
+    ptrdiff_t total = run ? n_batch * channels * run : n_batch * channels;
+    double count = (double)(total / channels); /* M */
+    double *mean = malloc(sizeof(double) * 2 * (size_t)channels);
+    float *params = malloc(sizeof(float) * 3 * (size_t)channels);
+    if (mean == NULL || params == NULL) {
+        free(mean);
+        free(params);
+        return -1;
+    }
+    double *m2 = mean + channels;
+    if (run)
+        moments_ncl_avx512(x, 0, n_batch, channels, run, is_bf16, mean, m2);
+    else
+        moments_mc_avx512(x, n_batch, channels, is_bf16, mean, m2, params); /* params as work */
+    float *shift = params, *scale = params + channels, *offset = params + 2 * channels;
+    for (ptrdiff_t c = 0; c < channels; c++) {
+        double var = m2[c] / count, r = 1.0 / sqrt(var + eps);
+        shift[c] = (float)mean[c];
+        scale[c] = (float)((weight ? (double)weight[c] : 1.0) * r);
+        offset[c] = bias ? bias[c] : 0.0f;
+        mean_out[c] = (float)mean[c];
+        invstd_out[c] = (float)r;
+        if (running_mean != NULL) {
+            running_mean[c] = (float)((1.0 - momentum) * running_mean[c] + momentum * mean[c]);
+            running_var[c] = (float)((1.0 - momentum) * running_var[c] +
+                                     momentum * var * (count / (count - 1.0)));
+        }
+    }
+    affine_avx512(x, y, 0, total, run, channels, is_bf16, shift, scale, offset);
+    free(mean);
+    free(params);
+    return 0;
+}
+
+/* The whole backward on one thread: sums in memory order, dx streamed, dγ and dβ out
+ * (float32). Returns 0, or −1 when out of memory. */
+AVX512 static int train_backward_avx512(const char *dy, const char *x, char *dx, ptrdiff_t n_batch,
+                                        ptrdiff_t channels, ptrdiff_t run, int is_bf16,
+                                        const float *weight, const float *mean,
+                                        const float *invstd, float *dweight_out,
+                                        float *dbias_out) {
+    ptrdiff_t total = run ? n_batch * channels * run : n_batch * channels;
+    double count = (double)(total / channels); /* M */
+    double *sum_dy = malloc(sizeof(double) * 2 * (size_t)channels);
+    float *params = malloc(sizeof(float) * 4 * (size_t)channels);
+    if (sum_dy == NULL || params == NULL) {
+        free(sum_dy);
+        free(params);
+        return -1;
+    }
+    double *sum_dy_xmu = sum_dy + channels;
+    if (run) {
+        for (ptrdiff_t c = 0; c < channels; c++) sum_dy[c] = sum_dy_xmu[c] = 0.0;
+        grad_sums_ncl_avx512(dy, x, 0, n_batch, channels, run, is_bf16, mean, sum_dy, sum_dy_xmu);
+    } else {
+        grad_sums_mc_avx512(dy, x, n_batch, channels, is_bf16, mean, sum_dy, sum_dy_xmu, params);
+    }
+    float *centers = params, *gain = params + channels, *mean_term = params + 2 * channels;
+    float *slope = params + 3 * channels;
+    for (ptrdiff_t c = 0; c < channels; c++) {
+        double r = invstd[c];
+        centers[c] = mean[c];
+        gain[c] = (float)((weight ? (double)weight[c] : 1.0) * r);
+        mean_term[c] = (float)(sum_dy[c] / count);
+        slope[c] = (float)(sum_dy_xmu[c] * r * r / count);
+        dweight_out[c] = (float)(sum_dy_xmu[c] * r);
+        dbias_out[c] = (float)sum_dy[c];
+    }
+    grad_avx512(dy, x, dx, 0, total, run, channels, is_bf16, centers, gain, mean_term, slope);
+    free(sum_dy);
+    free(params);
+    return 0;
+}
+
+/* Evaluation on one thread: y = (x − μ)·γ/sqrt(var + ε) + β from float32 per-channel values.
+ * Returns 0, or −1 when out of memory. */
+AVX512 static int inference_avx512(const char *x, char *y, ptrdiff_t total, ptrdiff_t run,
+                                   ptrdiff_t channels, int is_bf16, const float *weight,
+                                   const float *bias, const float *running_mean,
+                                   const float *running_var, double eps) {
+    float *params = malloc(sizeof(float) * 3 * (size_t)channels);
+    if (params == NULL) return -1;
+    float *scale = params + channels, *offset = params + 2 * channels;
+    for (ptrdiff_t c = 0; c < channels; c++) {
+        params[c] = running_mean[c];
+        scale[c] = (float)((weight ? (double)weight[c] : 1.0) / sqrt((double)running_var[c] + eps));
+        offset[c] = bias ? bias[c] : 0.0f;
+    }
+    affine_avx512(x, y, 0, total, run, channels, is_bf16, params, scale, offset);
+    free(params);
+    return 0;
+}
+
+static int cpu_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+}
+
+#else
+
+static int cpu_supported(void) { return 0; }
+
+#endif
+
+static int supported;
+
+static PyObject *require_support(void) {
+    PyErr_SetString(PyExc_RuntimeError,
+                    "batchnorm.kernels._cpu_stream: this CPU or build has no AVX-512 F/BW");
+    return NULL;
+}
+
+static PyObject *affine(PyObject *self, PyObject *args) {
+    unsigned long long x, y, shift, scale, offset;
+    Py_ssize_t start, end, run, channels;
+    int is_bf16;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKnnnnpKKK", &x, &y, &start, &end, &run, &channels, &is_bf16,
+                          &shift, &scale, &offset))
+        return NULL;
+    if (!supported) return require_support();
+#if HAVE_AVX512_BUILD
+    Py_BEGIN_ALLOW_THREADS
+    affine_avx512((const char *)(uintptr_t)x, (char *)(uintptr_t)y, start, end, run, channels,
+                  is_bf16, (const float *)(uintptr_t)shift, (const float *)(uintptr_t)scale,
+                  (const float *)(uintptr_t)offset);
+    Py_END_ALLOW_THREADS
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyObject *grad(PyObject *self, PyObject *args) {
+    unsigned long long dy, x, dx, mean, gain, mean_term, slope;
+    Py_ssize_t start, end, run, channels;
+    int is_bf16;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKnnnnpKKKK", &dy, &x, &dx, &start, &end, &run, &channels,
+                          &is_bf16, &mean, &gain, &mean_term, &slope))
+        return NULL;
+    if (!supported) return require_support();
+#if HAVE_AVX512_BUILD
+    Py_BEGIN_ALLOW_THREADS
+    grad_avx512((const char *)(uintptr_t)dy, (const char *)(uintptr_t)x, (char *)(uintptr_t)dx,
+                start, end, run, channels, is_bf16, (const float *)(uintptr_t)mean,
+                (const float *)(uintptr_t)gain, (const float *)(uintptr_t)mean_term,
+                (const float *)(uintptr_t)slope);
+    Py_END_ALLOW_THREADS
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyObject *moments_ncl(PyObject *self, PyObject *args) {
+    unsigned long long x, mean, m2;
+    Py_ssize_t n0, n1, channels, run;
+    int is_bf16;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KnnnnpKK", &x, &n0, &n1, &channels, &run, &is_bf16, &mean, &m2))
+        return NULL;
+    if (!supported) return require_support();
+#if HAVE_AVX512_BUILD
+    Py_BEGIN_ALLOW_THREADS
+    moments_ncl_avx512((const char *)(uintptr_t)x, n0, n1, channels, run, is_bf16,
+                       (double *)(uintptr_t)mean, (double *)(uintptr_t)m2);
+    Py_END_ALLOW_THREADS
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyObject *grad_sums_ncl(PyObject *self, PyObject *args) {
+    unsigned long long dy, x, mean, sum_dy, sum_dy_xmu;
+    Py_ssize_t n0, n1, channels, run;
+    int is_bf16;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKnnnnpKKK", &dy, &x, &n0, &n1, &channels, &run, &is_bf16, &mean,
+                          &sum_dy, &sum_dy_xmu))
+        return NULL;
+    if (!supported) return require_support();
+#if HAVE_AVX512_BUILD
+    Py_BEGIN_ALLOW_THREADS
+    grad_sums_ncl_avx512((const char *)(uintptr_t)dy, (const char *)(uintptr_t)x, n0, n1, channels,
+                         run, is_bf16, (const float *)(uintptr_t)mean,
+                         (double *)(uintptr_t)sum_dy, (double *)(uintptr_t)sum_dy_xmu);
+    Py_END_ALLOW_THREADS
+#endif
+    Py_RETURN_NONE;
+}
+
+#define PTR(type, value) ((type)(uintptr_t)(value))
+
+static PyObject *out_of_memory_or_none(int status) {
+    if (status != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *train_forward(PyObject *self, PyObject *args) {
+    unsigned long long x, y, weight, bias, running_mean, running_var, mean_out, invstd_out;
+    Py_ssize_t n_batch, channels, run;
+    int is_bf16, status = 0;
+    double eps, momentum;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKnnnpKKddKKKK", &x, &y, &n_batch, &channels, &run, &is_bf16,
+                          &weight, &bias, &eps, &momentum, &running_mean, &running_var,
+                          &mean_out, &invstd_out))
+        return NULL;
+    if (!supported) return require_support();
+#if HAVE_AVX512_BUILD
+    Py_BEGIN_ALLOW_THREADS
+    status = train_forward_avx512(PTR(const char *, x), PTR(char *, y), n_batch, channels, run,
+                                  is_bf16, PTR(const float *, weight), PTR(const float *, bias),
+                                  eps, momentum, PTR(float *, running_mean),
+                                  PTR(float *, running_var), PTR(float *, mean_out),
+                                  PTR(float *, invstd_out));
+    Py_END_ALLOW_THREADS
+#endif
+    return out_of_memory_or_none(status);
+}
+
+static PyObject *train_backward(PyObject *self, PyObject *args) {
+    unsigned long long dy, x, dx, weight, mean, invstd, dweight_out, dbias_out;
+    Py_ssize_t n_batch, channels, run;
+    int is_bf16, status = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKKnnnpKKKKK", &dy, &x, &dx, &n_batch, &channels, &run, &is_bf16,
+                          &weight, &mean, &invstd, &dweight_out, &dbias_out))
+        return NULL;
+    if (!supported) return require_support();
+#if HAVE_AVX512_BUILD
+    Py_BEGIN_ALLOW_THREADS
+    status = train_backward_avx512(PTR(const char *, dy), PTR(const char *, x), PTR(char *, dx),
+                                   n_batch, channels, run, is_bf16, PTR(const float *, weight),
+                                   PTR(const float *, mean), PTR(const float *, invstd),
+                                   PTR(float *, dweight_out), PTR(float *, dbias_out));
+    Py_END_ALLOW_THREADS
+#endif
+    return out_of_memory_or_none(status);
+}
+
+static PyObject *inference(PyObject *self, PyObject *args) {
+    unsigned long long x, y, weight, bias, running_mean, running_var;
+    Py_ssize_t total, run, channels;
+    int is_bf16, status = 0;
+    double eps;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "KKnnnpKKKKd", &x, &y, &total, &run, &channels, &is_bf16, &weight,
+                          &bias, &running_mean, &running_var, &eps))
+        return NULL;
+    if (!supported) return require_support();
+#if HAVE_AVX512_BUILD
+    Py_BEGIN_ALLOW_THREADS
+    status = inference_avx512(PTR(const char *, x), PTR(char *, y), total, run, channels, is_bf16,
+                              PTR(const float *, weight), PTR(const float *, bias),
+                              PTR(const float *, running_mean), PTR(const float *, running_var),
+                              eps);
+    Py_END_ALLOW_THREADS
+#endif
+    return out_of_memory_or_none(status);
+}
+
+static PyMethodDef methods[] = {
+    {"affine", affine, METH_VARARGS,
+     "affine(x, y, start, end, run, channels, is_bf16, shift, scale, offset): "
+     "y = (x - shift)*scale + offset over flat values [start, end) (addresses as ints)."},
+    {"grad", grad, METH_VARARGS,
+     "grad(dy, x, dx, start, end, run, channels, is_bf16, mean, gain, mean_term, slope): "
+     "dx = gain*((dy - mean_term) - (x - mean)*slope) over flat values [start, end)."},
+    {"moments_ncl", moments_ncl, METH_VARARGS,
+     "moments_ncl(x, n0, n1, channels, run, is_bf16, mean, m2): per channel, the mean and "
+     "M2 of samples [n0, n1) of x (N, C, L), into float64 (C,) arrays."},
+    {"grad_sums_ncl", grad_sums_ncl, METH_VARARGS,
+     "grad_sums_ncl(dy, x, n0, n1, channels, run, is_bf16, mean, sum_dy, sum_dy_xmu): per "
+     "channel, adds sum(dy) and sum(dy*(x - mean)) over samples [n0, n1) to float64 (C,) arrays."},
+    {"train_forward", train_forward, METH_VARARGS,
+     "train_forward(x, y, n_batch, channels, run, is_bf16, weight, bias, eps, momentum, "
+     "running_mean, running_var, mean_out, invstd_out): the whole training forward on one "
+     "thread (float32 per-channel arrays, 0 for none; running buffers moved in place)."},
+    {"train_backward", train_backward, METH_VARARGS,
+     "train_backward(dy, x, dx, n_batch, channels, run, is_bf16, weight, mean, invstd, "
+     "dweight_out, dbias_out): the whole backward on one thread (float32 per-channel arrays)."},
+    {"inference", inference, METH_VARARGS,
+     "inference(x, y, total, run, channels, is_bf16, weight, bias, running_mean, running_var, "
+     "eps): evaluation on one thread (float32 per-channel arrays, 0 for no weight/bias)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_cpu_stream",
+    "Output passes of the CPU batch-norm kernels with streaming stores (see cpu_stream.c).", -1,
+    methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__cpu_stream(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    supported = cpu_supported();
+    if (PyModule_AddObject(m, "SUPPORTED", PyBool_FromLong(supported)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
