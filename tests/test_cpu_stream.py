@@ -4,7 +4,7 @@ Each is called directly on tensors' memory and checked against float64 formulas:
 walk (runs shorter than a vector, runs that straddle vectors, channels innermost with fewer or
 more channels than a vector and with a wrap), misaligned input and output addresses, odd lengths
 (scalar head and tail), threads, bfloat16 rounding against torch's own, and non-finite values.
-Skipped where the extension is not built or the CPU lacks AVX-512 F/BW.
+Skipped where the extension is not built or the CPU lacks AVX-512 F/BW/VL.
 """
 
 from __future__ import annotations

@@ -1,20 +1,35 @@
-"""Numba backend: fused, cache-aware CPU kernels (:mod:`batchnorm.kernels.cpu_numba`).
+"""Numba backend: cache-aware CPU kernels, ATen's where those are faster.
 
-The kernels cover float32, float64 and bfloat16 (as its bit pattern, computed in float32) in the
-two dense layouts of the ``(N, C, L)`` view: contiguous ``(N, C, L)`` and channels innermost
-(``channels_last``, ``(N, C)``), for training forward, backward and evaluation. By default they
-run only where they measured faster than ATen (:data:`MEASURED_KERNEL_CASES`), with outputs on
-huge pages (:mod:`batchnorm.backends.memory`); every other case goes to the ATen backend
-(float16 and other strides always do), and tensors under ``torch.func`` transforms (whose
-storage Numba cannot see) to the pure-torch backend, which those transforms differentiate and
-batch.
+Two sets of kernels cover the two dense layouts of the ``(N, C, L)`` view, contiguous
+``(N, C, L)`` and channels innermost (``channels_last``, ``(N, C)``: an ``(M, C)`` matrix), for
+training forward, backward and evaluation:
 
-Every call decides from sizes and strides alone (:func:`kernel_layout`) and makes NumPy views
-only when a kernel runs: once a large tensor has flushed the caches, each torch or NumPy
+* the streaming kernels (:mod:`batchnorm.kernels.cpu_stream`, C with AVX-512, built with the
+  package where a compiler is present) for float32 and bfloat16: each pass reads its input in
+  memory order (statistics of each run of ``L`` values, or of each block of rows, while it is in
+  cache, merged per channel by Chan's rule) and writes its output with streaming stores; on one
+  thread a pass is one C call, the training forward moving the running buffers itself;
+* Numba's fused kernels (:mod:`batchnorm.kernels.cpu_numba`) for float64, and for every dtype
+  where the streaming kernels do not run (not built, or no AVX-512).
+
+By default they run only where they measured faster than ATen (:data:`MEASURED_KERNEL_CASES`,
+or :data:`MEASURED_NUMBA_CASES` without the streaming kernels), with outputs on huge pages
+(:mod:`batchnorm.backends.memory`); every other case goes to the ATen backend (float16 and
+other strides always do), and tensors under ``torch.func`` transforms (whose storage the kernels
+cannot see) to the pure-torch backend, which those transforms differentiate and batch.
+
+A training call the kernels take in either direction runs through
+:meth:`NumbaBackend.native_batch_norm` (:func:`batchnorm.autograd.native_forward_train`): one
+forward on the input as given, running update included, like ``F.batch_norm``'s, and this
+backend's backward.
+
+Every call decides from sizes and strides alone (:func:`kernel_layout`) and makes views or
+arrays only when a kernel runs: once a large tensor has flushed the caches, each torch or NumPy
 operation costs microseconds, which is what a call that ATen runs pays on top of ATen.
 
-The first call for each dtype and layout compiles its kernels (a few seconds; ``cache=True``
-keeps the machine code in ``__pycache__`` for later processes).
+The first call for each dtype and layout of the Numba kernels compiles them (a few seconds;
+``cache=True`` keeps the machine code in ``__pycache__`` for later processes); the C extension is
+compiled when the package is installed (about 7 s).
 
 Raises:
     ImportError: on import, if Numba is not installed.
@@ -118,16 +133,17 @@ ALL_KERNEL_CASES: Mapping[KernelCase, int] = {
 #: dynamic mmap threshold, 32 MiB on 64-bit Linux): ATen then pays a page fault per 4 KiB of
 #: output, the kernels' huge-page outputs one per 2 MiB (:mod:`batchnorm.backends.memory`).
 FRESH_MAPPING_BYTES = ADVISE_FROM_BYTES
-#: Where the kernels measured faster than ATen's, case → smallest input in bytes. Whole calls:
-#: ``benchmarks/cpu.py --threads 1`` (2-core Xeon, 2026-11-26, ``benchmarks/results/``); kernels
-#: alone: ``benchmarks/cpu_kernels.py``.
+#: Where Numba's kernels alone (no streaming kernels: not built, or no AVX-512) measured faster
+#: than ATen's, case → smallest input in bytes. Whole calls: ``benchmarks/cpu.py --threads 1``
+#: (2-core Xeon, 2026-11-26, ``benchmarks/results/cpu-2026-11-26.*``); kernels alone:
+#: ``benchmarks/cpu_kernels.py``.
 #:
 #: * contiguous (N, C, L) float32/float64 training forward, whose channel slice is re-read from
 #:   L2: 1.5–2.5× ATen from 512 KiB (kernel alone 2.6–4.7×; below 512 KiB Numba's call
 #:   overhead is more than it saves);
 #: * contiguous float32 backward from 512 KiB (kernel alone 1.05–2.1×, 1.0–1.1× whole calls on
 #:   mid-sized inputs) and bfloat16 backward from 2 MiB (1.0–2.0×: ATen's bfloat16 backward of
-#:   this layout is slow; :meth:`NumbaBackend.native_forward` keeps ATen's forward for it);
+#:   this layout is slow; ATen's forward runs there, see :meth:`NumbaBackend.native_forward`);
 #: * every float32 pass in both layouts once outputs are fresh mappings (64×64×56×56: 1.4–2.5×,
 #:   mostly page faults avoided).
 #:
@@ -328,7 +344,7 @@ class NumbaBackend:
         """
         if streaming and not cpu_stream.SUPPORTED:
             raise ValueError(
-                "streaming: the streaming kernels are not built or this CPU lacks AVX-512 F/BW"
+                "streaming: the streaming kernels are not built or this CPU lacks AVX-512 F/BW/VL"
             )
         self.streaming = cpu_stream.SUPPORTED if streaming is None else streaming
         if kernel_cases is None:
@@ -563,7 +579,7 @@ class NumbaBackend:
         """:meth:`native_batch_norm` in one C call (one thread; float32 buffers or none)."""
         keep: list[torch.Tensor] = []
         y = empty_like(x)  # like x (dense), huge pages
-        stats = torch.empty(2, x.shape[1])  # (2, C) float32: μ, r
+        mean, invstd = torch.empty(x.shape[1]), torch.empty(x.shape[1])  # (C,) float32 each
         rows, run = _kernel_rows_and_run(x, layout == "rows")
         running = (0, 0)
         if running_mean is not None and running_var is not None:
@@ -580,9 +596,8 @@ class NumbaBackend:
             float(eps),
             float(momentum),
             running,
-            (stats[0].data_ptr(), stats[1].data_ptr()),
+            (mean.data_ptr(), invstd.data_ptr()),
         )
-        mean, invstd = stats.unbind(0)  # (C,) each
         return y, mean, invstd
 
     def inference(
@@ -673,7 +688,7 @@ class NumbaBackend:
             # dy in x's layout (no copy when autograd hands it over that way)
             dy = dy.transpose(1, 2).contiguous().transpose(1, 2) if is_rows else dy.contiguous()
             keep: list[torch.Tensor] = []
-            grads_out = torch.empty(2, channels)  # (2, C) float32: dγ, dβ
+            dweight_out, dbias_out = torch.empty(channels), torch.empty(channels)  # (C,) float32
             rows, run = _kernel_rows_and_run(x, is_rows)
             cpu_stream.train_backward(
                 dy.data_ptr(),
@@ -685,9 +700,8 @@ class NumbaBackend:
                 x.dtype == torch.bfloat16,
                 _float32_address(weight, keep),
                 (_float32_address(mean, keep), _float32_address(invstd, keep)),
-                (grads_out[0].data_ptr(), grads_out[1].data_ptr()),
+                (dweight_out.data_ptr(), dbias_out.data_ptr()),
             )
-            dweight_out, dbias_out = grads_out.unbind(0)  # (C,) each
             return dx, dweight_out, dbias_out
         array = _kernel_array(x, layout)  # (N, C, L) or (M, C)
         if is_rows:

@@ -1,29 +1,43 @@
 /*
- * batchnorm.kernels._cpu_stream: the output passes of the CPU kernels, with streaming stores.
+ * batchnorm.kernels._cpu_stream: CPU batch-norm kernels in memory order, with streaming stores.
  *
- * Every batch-norm pass ends with one elementwise pass that writes a tensor of the input's size:
+ * Every batch-norm pass reads the input once or twice and writes one tensor of its size:
  *
- *   affine:  y  = (x − shift)·scale + offset                     (evaluation; training forward)
- *   grad:    dx = gain·((dy − mean_term) − (x − mean)·slope)       (training backward)
+ *   statistics:   per channel μ and M2 = Σ (x − μ)²               (training forward)
+ *                 per channel Σ dy and Σ dy·(x − μ)                 (training backward)
+ *   affine:       y  = (x − shift)·scale + offset                   (evaluation; forward)
+ *   grad:         dx = gain·((dy − mean_term) − (x − mean)·slope)   (backward)
  *
- * with per-channel float32 parameters (design.md §2: shift = μ, scale = γ·r, offset = β; gain = γ·r,
- * mean_term = dβ/M, slope = r·dγ/M). A plain store first reads each cache line it writes (a read
- * for ownership), so such a pass moves 3S bytes for S written; streaming (non-temporal) stores
- * write whole lines without reading them: 2S. On the 2-core Xeon of benchmarks/results/ the pass
- * measured 1.2–1.9× ATen's evaluation kernel (benchmarks/cpu_kernels.py).
+ * with per-channel parameters (design.md §2: shift = μ, scale = γ·r, offset = β; gain = γ·r,
+ * mean_term = dβ/M, slope = r·dγ/M).
  *
- * Layout: the tensor is a flat run of values [start, end) of a dense (N, C, L) array
- * (`run` = L: value i belongs to channel (i / L) mod C) or of an (M, C) matrix (`run` = 0,
- * channels innermost: channel i mod C). Each call walks its range in vectors of 16 values,
- * tracking the channel without divisions; a vector that spans two channels blends their
- * parameters. The values before the first 64-byte-aligned output address and after the last
- * whole vector use plain scalar stores.
+ * Statistics read the input in memory order, so the hardware prefetcher streams it: for
+ * (N, C, L), each run of L values is summed twice while it is in L1 (its mean, then M2 about
+ * it; four runs at once, so that the dependency chains of short runs overlap) and merged into
+ * its channel's (mean, M2) by Chan's rule in float64; for an (M, C) matrix, each block of rows
+ * (at most 1024, about 256 KiB) is summed twice while it is in L2, one float32 accumulator per
+ * channel, and the blocks are merged the same way. Sums within a run or block are float32
+ * (chunks of at most 16384 values), across them float64 (Chan, Golub & LeVeque, "Algorithms for
+ * computing the sample variance", 1983).
+ *
+ * Outputs: a plain store first reads each cache line it writes (a read for ownership), so an
+ * output pass moves 3S bytes for S written; streaming (non-temporal) stores write whole lines
+ * without reading them, 2S. The output is a flat run of values [start, end) of a dense
+ * (N, C, L) array (`run` = L: value i belongs to channel (i / L) mod C) or of an (M, C) matrix
+ * (`run` = 0: channel i mod C), walked in vectors of 16 values that track the channel without
+ * divisions; a vector that spans two channels blends their parameters. The values before the
+ * first 64-byte-aligned output address and after the last whole vector use plain stores.
+ *
+ * Whole calls (train_forward, train_backward, inference) run a pass on the calling thread in
+ * one call: statistics, parameters, output and, in training, the running buffers (float32, in
+ * place). The other functions are the parts, for the caller to spread over threads.
  *
  * Element types: float32, or bfloat16 (`is_bf16`) widened exactly to float32 (bits << 16) and
  * rounded back to nearest even on store, NaN as the quiet NaN 0x7FC0, exactly as
- * batchnorm.kernels.cpu_numba does. Arithmetic is float32 (the fused multiply-adds of AVX-512).
+ * batchnorm.kernels.cpu_numba does. Arithmetic is float32 (AVX-512 fused multiply-adds), the
+ * per-channel combinations float64.
  *
- * The vector code needs AVX-512 F and BW (checked at import: SUPPORTED); elsewhere, and on
+ * The vector code needs AVX-512 F, BW and VL (checked at import: SUPPORTED); elsewhere, and on
  * other architectures, SUPPORTED is False and the module's functions raise RuntimeError.
  * Pointers come as integers from the caller (batchnorm.backends.numba_backend), which checks
  * dtypes, sizes and density; the functions release the GIL, so threads can share a pass.
@@ -685,7 +699,7 @@ static int supported;
 
 static PyObject *require_support(void) {
     PyErr_SetString(PyExc_RuntimeError,
-                    "batchnorm.kernels._cpu_stream: this CPU or build has no AVX-512 F/BW");
+                    "batchnorm.kernels._cpu_stream: this CPU or build has no AVX-512 F/BW/VL");
     return NULL;
 }
 

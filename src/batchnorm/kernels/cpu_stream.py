@@ -1,19 +1,22 @@
-"""Launching the streaming-store output passes (``cpu_stream.c``) over tensors' memory.
+"""Launching the streaming CPU kernels (``cpu_stream.c``) over tensors' memory.
 
-The C extension ``batchnorm.kernels._cpu_stream`` writes each pass's output with streaming
-(non-temporal) stores, which skip the read for ownership a plain store makes of every line it
-writes: the pass moves ``2S`` bytes instead of ``3S`` (see the C file). It is built with the
-package where a C compiler is present and runs where the CPU has AVX-512 F/BW (:data:`SUPPORTED`);
-elsewhere the Numba kernels (:mod:`batchnorm.kernels.cpu_numba`) and ATen run every pass.
+The C extension ``batchnorm.kernels._cpu_stream`` reads each pass's input in memory order and
+writes its output with streaming (non-temporal) stores, which skip the read for ownership a
+plain store makes of every line it writes (see the C file). It is built with the package where a
+C compiler is present and runs where the CPU has AVX-512 F/BW/VL (:data:`SUPPORTED`); elsewhere
+the Numba kernels (:mod:`batchnorm.kernels.cpu_numba`) and ATen run every pass.
 
-A pass over ``S`` values is split into contiguous ranges, one per thread (at least
-:data:`GRAIN` values each, like ATen's grain size); the calling thread runs the first range and
-a pool the rest (the C functions release the GIL). Range boundaries fall on multiples of 64
-values, so each thread writes whole cache lines.
+On one thread (:func:`single_call`) a whole pass is one C call: :func:`train_forward`,
+:func:`train_backward`, :func:`inference`. On several, the caller combines the parts:
+:func:`moments_ncl` and :func:`grad_sums_ncl` split the samples, :func:`affine` and :func:`grad`
+the values, into contiguous ranges, one per thread (at least :data:`GRAIN` values each, like
+ATen's grain size); the calling thread runs the first range and a pool the rest (the C
+functions release the GIL). Output ranges start on multiples of 64 values, so each thread
+writes whole cache lines.
 
 Tensors come as addresses (the caller checks that they are dense, float32 or bfloat16, of one
-layout: ``(N, C, L)`` or ``(M, C)`` with channels innermost); the per-channel parameters as one
-float32 NumPy array, a row per parameter.
+layout: ``(N, C, L)`` or ``(M, C)`` with channels innermost); the per-channel values as float32
+arrays (NumPy rows or tensors' memory).
 """
 
 from __future__ import annotations
