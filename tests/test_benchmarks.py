@@ -83,6 +83,30 @@ def test_cpu_overhead_runs() -> None:
     assert rows == ["inference", "training", "module"]
 
 
+def test_cpu_sizes_runs() -> None:
+    """``cpu_sizes.py`` exits 0 and prints the three passes' ratios for every size asked."""
+    pytest.importorskip("numba")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [sys.executable, str(ROOT / "benchmarks" / "cpu_sizes.py"), "--rounds", "1"]
+    completed = subprocess.run(
+        [*command, "--batches", "2", "--dtypes", "float32", "bfloat16"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()[1:]
+    assert [line.split()[:2] for line in lines] == [
+        ["float32", "ncl"], ["float32", "rows"], ["bfloat16", "ncl"], ["bfloat16", "rows"]
+    ]  # fmt: skip
+    assert all("forward ×" in line and "inference ×" in line for line in lines)
+
+
 def _load_harness():
     """``benchmarks/harness.py`` as a module (the benchmarks folder is not a package)."""
     spec = importlib.util.spec_from_file_location("harness", ROOT / "benchmarks" / "harness.py")
