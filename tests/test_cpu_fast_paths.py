@@ -624,3 +624,33 @@ def test_bfloat16_without_per_channel_tensors_keeps_float32_statistics(
     x64 = x.detach().double().requires_grad_()
     (dx64,) = torch.autograd.grad(TF.batch_norm(x64, None, None, training=True), x64, dy.double())
     assert float((dx.double() - dx64).abs().max() / dx64.abs().max()) < 0.02
+
+
+@NEEDS_NUMBA
+@pytest.mark.parametrize("buffers", ["bfloat16", "mean-only"])
+def test_kernel_calls_with_unusual_buffers_take_the_generic_path(monkeypatch, buffers) -> None:
+    """Running buffers the kernels' forward does not move itself (bfloat16 ones, or a mean
+    without a variance): the generic path runs the kernels and moves them as torch does."""
+    from batchnorm.backends import numba_backend
+
+    backend = numba_backend.NumbaBackend(numba_backend.ALL_KERNEL_CASES)
+    monkeypatch.setattr("batchnorm.backends._INSTANCES", {"numba": backend})
+    x = (2.0 * torch.randn(6, 4, 9, 5) + 1.0).requires_grad_()
+    if buffers == "bfloat16":
+        mean, var = torch.zeros(4, dtype=torch.bfloat16), torch.ones(4, dtype=torch.bfloat16)
+    else:
+        mean, var = torch.zeros(4), None
+    assert not backend.native_forward(x, None, None, mean, var)
+    x64 = x.detach().double()
+    batch_mean, batch_var = x64.mean((0, 2, 3)), x64.var((0, 2, 3), unbiased=False)
+    expected_mean = 0.5 * mean.double() + 0.5 * batch_mean
+    expected_var = None if var is None else 0.5 * var.double() + 0.5 * x64.var((0, 2, 3))
+    y = batch_norm(x, mean, var, training=True, momentum=0.5, backend="numba")
+    expected = (x64 - batch_mean[:, None, None]) / torch.sqrt(batch_var[:, None, None] + EPS)
+    torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert dx.abs().max() < 1e-4  # a channel's sum of normalized values has no gradient
+    tolerance = {"atol": 1e-2, "rtol": 1e-2} if buffers == "bfloat16" else {}
+    torch.testing.assert_close(mean.double(), expected_mean, **tolerance)
+    if var is not None:
+        torch.testing.assert_close(var.double(), expected_var, **tolerance)
