@@ -280,3 +280,187 @@ def test_backend_paths_agree_across_threads(dtype, memory_format, buffers) -> No
             torch.testing.assert_close(
                 value.double(), reference.detach(), **tolerance, msg=lambda m, n=name: f"{n}: {m}"
             )
+
+
+def _kernels_everywhere(monkeypatch):
+    """Installs ``NumbaBackend(ALL_KERNEL_CASES)`` as the ``numba`` backend; returns it."""
+    pytest.importorskip("numba")
+    from batchnorm.backends import numba_backend
+
+    backend = numba_backend.NumbaBackend(numba_backend.ALL_KERNEL_CASES)
+    monkeypatch.setattr("batchnorm.backends._INSTANCES", {"numba": backend})
+    return backend
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    """Runs a test on one thread (one C call per pass) and on two (the parts)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(saved)
+
+
+def test_strided_running_buffers_move_like_torchs(monkeypatch, threads) -> None:
+    """Buffers that are views with a stride (every other element of a longer tensor) move as
+    torch moves them, and the elements between them are left alone."""
+    from batchnorm.functional import batch_norm
+
+    _kernels_everywhere(monkeypatch)
+    x = torch.randn(32, 6, 8, 8) * 2 + 1
+    storage_mean, storage_var = torch.zeros(12), torch.ones(12)
+    expected_mean, expected_var = torch.zeros(6), torch.ones(6)
+    batch_norm(x, storage_mean[::2], storage_var[::2], None, None, True, 0.3, 1e-5, backend="numba")
+    torch.nn.functional.batch_norm(x, expected_mean, expected_var, None, None, True, 0.3, 1e-5)
+    torch.testing.assert_close(storage_mean[::2], expected_mean)
+    torch.testing.assert_close(storage_var[::2], expected_var)
+    assert torch.equal(storage_mean[1::2], torch.zeros(6))
+    assert torch.equal(storage_var[1::2], torch.ones(6))
+
+
+def test_float64_default_dtype_keeps_float32_statistics(monkeypatch, threads) -> None:
+    """``torch.set_default_dtype(torch.float64)`` changes nothing: the kernels' float32
+    statistics and gradients stay float32 and correct."""
+    from batchnorm.functional import batch_norm
+
+    _kernels_everywhere(monkeypatch)
+    x = (torch.randn(16, 8, 9, 9) * 2 + 1).requires_grad_()
+    weight = torch.rand(8).add_(0.5).requires_grad_()
+    bias = torch.randn(8).requires_grad_()
+    dy = torch.randn(x.shape)
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        y = batch_norm(
+            x, torch.zeros(8), torch.ones(8), weight, bias, True, 0.1, 1e-5, backend="numba"
+        )
+        grads = torch.autograd.grad(y, (x, weight, bias), dy)
+    finally:
+        torch.set_default_dtype(saved)
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    y64 = torch.nn.functional.batch_norm(leaves[0], None, None, *leaves[1:], True, 0.1, 1e-5)
+    expected = torch.autograd.grad(y64, leaves, dy.double())
+    torch.testing.assert_close(y.double(), y64.detach(), atol=1e-5, rtol=1e-5)
+    for grad, reference in zip(grads, expected, strict=True):
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad.double(), reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["ncl", "rows"])
+def test_large_offsets_keep_the_variance_precise(monkeypatch, threads, layout) -> None:
+    """|μ|/σ = 1e5 in float32: the running variance within 1e-5 of float64's (the float32 sums
+    about a rounded mean are corrected by Σ (x − mean), Chan, Golub & LeVeque's two-pass)."""
+    from batchnorm.functional import batch_norm
+
+    _kernels_everywhere(monkeypatch)
+    x = (torch.randn(2, 5, 128, 128, dtype=torch.float64) * 100 + 1e7).float()
+    if layout == "rows":
+        x = x.contiguous(memory_format=torch.channels_last)
+    running_var = torch.ones(5)
+    batch_norm(x, torch.zeros(5), running_var, None, None, True, 1.0, 1e-5, backend="numba")
+    expected = x.double().var((0, 2, 3))
+    torch.testing.assert_close(running_var.double(), expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["ncl", "rows"])
+def test_an_infinity_gives_an_infinite_running_mean(monkeypatch, threads, layout) -> None:
+    """As torch: +inf in a channel makes its running mean +inf (not NaN), its variance NaN."""
+    from batchnorm.functional import batch_norm
+
+    _kernels_everywhere(monkeypatch)
+    x = torch.randn(32, 4, 16, 16)
+    x[3, 1, 2, 5] = float("inf")
+    if layout == "rows":
+        x = x.contiguous(memory_format=torch.channels_last)
+    mean, var = torch.zeros(4), torch.ones(4)
+    expected_mean, expected_var = torch.zeros(4), torch.ones(4)
+    batch_norm(x, mean, var, None, None, True, 0.1, 1e-5, backend="numba")
+    torch.nn.functional.batch_norm(x, expected_mean, expected_var, None, None, True, 0.1, 1e-5)
+    torch.testing.assert_close(mean, expected_mean, equal_nan=True)
+    assert mean[1].item() == float("inf")
+    assert torch.equal(var.isnan(), expected_var.isnan())
+
+
+def test_torch_func_over_parameters_with_a_plain_input() -> None:
+    """``grad`` with respect to the weight (input not transformed) and ``vmap`` over weights
+    in evaluation: kernel-sized inputs give autograd's and the loop's results."""
+    from batchnorm.functional import batch_norm_pure
+
+    x = torch.randn(32, 64, 8, 8)  # 512 KiB: the kernels' sizes
+    weight = torch.rand(64) + 0.5
+
+    def loss(w):
+        return (batch_norm_pure(x, None, None, w, None, True, 0.1, 1e-5).output ** 3).sum()
+
+    leaf = weight.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(
+        (torch.nn.functional.batch_norm(x, None, None, leaf, None, True) ** 3).sum(), leaf
+    )
+    torch.testing.assert_close(torch.func.grad(loss)(weight), expected, atol=1e-3, rtol=1e-4)
+    big = torch.randn(64, 64, 8, 8)  # 1 MiB
+    mean, var = torch.randn(64), torch.rand(64) + 0.5
+    weights = torch.rand(3, 64) + 0.5
+
+    def evaluate(w):
+        return batch_norm_pure(big, mean, var, w, None, False, 0.1, 1e-5).output
+
+    batched = torch.func.vmap(evaluate)(weights)
+    looped = torch.stack([torch.nn.functional.batch_norm(big, mean, var, w) for w in weights])
+    torch.testing.assert_close(batched, looped)
+
+
+def _run_in_forked_child() -> None:
+    """Our threaded passes in a forked child. Only they run on two threads here: torch's and
+    Numba's own OpenMP pools are not fork-safe once the parent has used them (a libgomp
+    limitation, not ours), so the input comes from NumPy and the check runs in NumPy."""
+    from batchnorm.functional import batch_norm
+
+    torch.set_num_threads(2)
+    values = np.random.default_rng(0).standard_normal((8, 64, 32, 32)).astype(np.float32)
+    y = batch_norm(torch.from_numpy(values), None, None, None, None, True, 0.1, 1e-5)
+    assert abs(float(y.numpy().mean())) < 1e-4
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this platform")
+def test_a_forked_child_runs_the_threaded_passes(threads) -> None:
+    """After the parent has started the pool, a forked child's passes still finish."""
+    import multiprocessing
+
+    from batchnorm.functional import batch_norm
+
+    torch.set_num_threads(2)
+    batch_norm(torch.randn(8, 64, 32, 32), None, None, None, None, True, 0.1, 1e-5)
+    child = multiprocessing.get_context("fork").Process(target=_run_in_forked_child)
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung")
+    assert child.exitcode == 0
+
+
+def test_threaded_passes_wait_for_their_workers_when_interrupted(monkeypatch) -> None:
+    """An interrupt while the calling thread waits: the workers, which write into the caller's
+    tensors, finish before the interrupt propagates."""
+    import threading
+    import time
+    from concurrent.futures import wait as real_wait
+
+    finished = threading.Event()
+    interrupts = iter([KeyboardInterrupt()])
+
+    def interrupted_once(futures):
+        error = next(interrupts, None)
+        if error is not None:
+            raise error
+        return real_wait(futures)
+
+    def work(seconds):
+        time.sleep(seconds)
+        if seconds:
+            finished.set()
+
+    monkeypatch.setattr(cpu_stream, "wait", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        cpu_stream._run_all(work, [(0,), (0.2,)])
+    assert finished.is_set()

@@ -132,7 +132,7 @@ def statistics_weight(
         and running_var is None
         and input.dtype in _REDUCED_FLOATS
     ):
-        return torch.ones(input.shape[1], device=input.device)  # (C,) float32
+        return torch.ones(input.shape[1], dtype=torch.float32, device=input.device)  # (C,)
     return weight
 
 

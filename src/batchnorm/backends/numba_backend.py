@@ -185,9 +185,20 @@ MEASURED_KERNEL_CASES: Mapping[KernelCase, int] = {
 }
 
 
-def _is_transformed(x: torch.Tensor) -> bool:
-    """Whether ``x`` is a ``torch.func`` wrapper (vmap/grad), whose storage Numba cannot read."""
-    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+def _is_transformed(*tensors: torch.Tensor) -> bool:
+    """Whether a ``torch.func`` transform (vmap/grad) is active or a tensor is one's wrapper.
+
+    The kernels cannot read a wrapper's storage (a parameter under ``grad``, a batched one under
+    ``vmap``), and they do not tell a transform what they computed. Inside our autograd
+    functions' forward and backward the transform they run under is no longer active, and the
+    tensors are plain, so the kernels still run there.
+    """
+    if torch._C._are_functorch_transforms_active():
+        return True
+    for tensor in tensors:  # noqa: SIM110  (a loop: any() over a generator costs a frame)
+        if torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+            return True
+    return False
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -237,10 +248,14 @@ def _float32_address(values: torch.Tensor | None, keep: list[torch.Tensor]) -> i
 
 
 def _float32_or_none(running_mean: torch.Tensor | None, running_var: torch.Tensor | None) -> bool:
-    """Whether the running buffers are float32 (what the C calls move) or not given."""
+    """Whether the running buffers are dense float32 (what the C calls move) or not given."""
     if running_mean is None or running_var is None:
         return running_mean is None and running_var is None
-    return running_mean.dtype == running_var.dtype == torch.float32
+    return (
+        running_mean.dtype == running_var.dtype == torch.float32
+        and running_mean.is_contiguous()
+        and running_var.is_contiguous()
+    )
 
 
 def _kernel_rows_and_run(x: torch.Tensor, is_rows: bool) -> tuple[int, int]:
@@ -580,7 +595,9 @@ class NumbaBackend:
         """:meth:`native_batch_norm` in one C call (one thread; float32 buffers or none)."""
         keep: list[torch.Tensor] = []
         y = empty_like(x)  # like x (dense), huge pages
-        mean, invstd = torch.empty(x.shape[1]), torch.empty(x.shape[1])  # (C,) float32 each
+        channels = x.shape[1]
+        mean = torch.empty(channels, dtype=torch.float32)  # (C,)
+        invstd = torch.empty(channels, dtype=torch.float32)  # (C,)
         rows, run = _kernel_rows_and_run(x, layout == "rows")
         running = (0, 0)
         if running_mean is not None and running_var is not None:
@@ -676,7 +693,7 @@ class NumbaBackend:
         invstd: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Backward of :meth:`forward`; see :class:`Backend`."""
-        if _is_transformed(x) or _is_transformed(dy):
+        if _is_transformed(x, dy):
             return self._torch.backward(dy, x, weight, mean, invstd)
         layout = self._kernel_layout("backward", x)
         if layout is None:
@@ -689,7 +706,8 @@ class NumbaBackend:
             # dy in x's layout (no copy when autograd hands it over that way)
             dy = dy.transpose(1, 2).contiguous().transpose(1, 2) if is_rows else dy.contiguous()
             keep: list[torch.Tensor] = []
-            dweight_out, dbias_out = torch.empty(channels), torch.empty(channels)  # (C,) float32
+            dweight_out = torch.empty(channels, dtype=torch.float32)  # (C,)
+            dbias_out = torch.empty(channels, dtype=torch.float32)  # (C,)
             rows, run = _kernel_rows_and_run(x, is_rows)
             cpu_stream.train_backward(
                 dy.data_ptr(),

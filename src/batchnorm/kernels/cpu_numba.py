@@ -239,7 +239,9 @@ def _block_moments(x, rows):
     """Per row block of ``x`` ``(M, C)``: its mean and ``M2 = Σ (x − mean)²``, ``(B, C)`` each.
 
     Within a block (at most :data:`_CHUNK` rows) the sums run in the compute type, one
-    accumulator per channel (float64 ones measured 1.6–1.8× slower); blocks merge in float64.
+    accumulator per channel (float64 ones measured 1.6–1.8× slower); the second pass also sums
+    ``x − mean``, which corrects the block mean's rounding (large offsets keep the variance's
+    precision); blocks merge in float64.
     """
     total_rows, channels = x.shape
     blocks = (total_rows + rows - 1) // rows
@@ -253,22 +255,32 @@ def _block_moments(x, rows):
             row = x[i]  # (C,)
             for c in range(channels):
                 acc[c] += load(x, row[c])
-        mean_x = acc / compute(x, stop - start)  # (C,) block mean, compute type
+        count = stop - start
+        mean_x = acc / compute(x, count)  # (C,) block mean, compute type
         m2 = np.zeros_like(acc)  # (C,)  second pass reads the block from L2
+        shift = np.zeros_like(acc)  # (C,)  Σ (x − mean_x): corrects mean_x's rounding
         for i in range(start, stop):
             row = x[i]  # (C,)
             for c in range(channels):
                 d = load(x, row[c]) - mean_x[c]
                 m2[c] += d * d
+                shift[c] += d
         for c in range(channels):
-            block_mean[b, c] = mean_x[c]
-            block_m2[b, c] = m2[c]
+            shift_mean = float(shift[c]) / count
+            # corrected two-pass (Chan, Golub & LeVeque 1983); an infinity keeps the mean ±inf
+            finite = np.isfinite(mean_x[c])
+            block_mean[b, c] = float(mean_x[c]) + shift_mean if finite else float(mean_x[c])
+            block_m2[b, c] = float(m2[c]) - float(shift[c]) * shift_mean
     return block_mean, block_m2
 
 
 @njit(cache=True)
 def merge_moments(block_mean, block_m2, rows, total_rows, mean, var):
-    """Chan's merge of the blocks' (count, mean, M2); writes mean and biased var ``(C,)``."""
+    """Chan's merge of the blocks' (count, mean, M2); writes mean and biased var ``(C,)``.
+
+    A non-finite block mean (an infinity in the data) is combined directly, as a plain sum
+    would carry it, so the merged mean is ±inf like ATen's, not NaN.
+    """
     blocks, channels = block_mean.shape
     count_a = 0.0
     mean[:] = 0.0
@@ -276,10 +288,14 @@ def merge_moments(block_mean, block_m2, rows, total_rows, mean, var):
     for b in range(blocks):
         count_b = float(min(rows, total_rows - b * rows))
         count = count_a + count_b
+        weight = count_b / count
         for c in range(channels):
             delta = block_mean[b, c] - mean[c]
-            mean[c] += delta * (count_b / count)
-            m2[c] += block_m2[b, c] + delta * delta * (count_a * count_b / count)
+            if np.isfinite(delta):
+                mean[c] += delta * weight
+            else:  # an infinity in the data: combined directly (δ would turn inf into NaN)
+                mean[c] = mean[c] * (1.0 - weight) + block_mean[b, c] * weight
+            m2[c] += block_m2[b, c] + delta * delta * (count_a * weight)
         count_a = count
     for c in range(channels):
         var[c] = m2[c] / total_rows

@@ -252,6 +252,28 @@ static inline __mmask16 lanes_below(ptrdiff_t count) {
     return count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
 }
 
+/* The mean of values summed about `center` to Σ (v − center) / n = shift_mean. With an infinity
+ * among them the center is ±inf and the shift NaN: the mean is the center, as a plain sum gives. */
+static inline double corrected_mean(float center, double shift_mean) {
+    return isfinite(center) ? (double)center + shift_mean : (double)center;
+}
+
+/* Chan's merge of a part (mean_b, m2_b) holding a fraction `weight` of the merged count into
+ * (mean, m2); `between` = count_a·count_b / (count_a + count_b). A non-finite mean (an infinity
+ * in the data) is combined directly, as a plain sum would carry it, instead of through
+ * δ = mean_b − mean, which would turn inf into NaN. */
+static inline void chan_merge(double *mean, double *m2, double mean_b, double m2_b, double weight,
+                              double between) {
+    double delta = mean_b - *mean;
+    if (isfinite(delta)) {
+        *mean += delta * weight;
+        *m2 += m2_b + delta * delta * between;
+    } else {
+        *mean = *mean * (1.0 - weight) + mean_b * weight;
+        *m2 += m2_b + delta * delta * between;
+    }
+}
+
 /* Run sums: float32 lanes, four independent accumulators (the add latency, not memory, bounds
  * one accumulator on runs of a few hundred values), chunks of at most CHUNK_VALUES values
  * added in float64. */
@@ -281,37 +303,46 @@ AVX512 static double run_sum(const char *row, ptrdiff_t n, int is_bf16) {
     return total;
 }
 
-/* Σ (v − center)² over a run of n values. */
-AVX512 static double run_sum_squares(const char *row, ptrdiff_t n, int is_bf16, float center) {
+/* The corrected second pass over a run of n values (Chan, Golub & LeVeque 1983): with
+ * d = v − center, M2 = Σ d² − (Σ d)²/n about the run's mean center + Σ d / n, which *mean_out
+ * receives. The center (the first pass's float32 mean) may be off by the first pass's rounding;
+ * Σ d corrects that, so large offsets (|μ| ≫ σ) keep the variance's precision. */
+AVX512 static double run_sum_squares(const char *row, ptrdiff_t n, int is_bf16, float center,
+                                     double *mean_out) {
     size_t item = is_bf16 ? 2 : 4;
     __m512 shift = _mm512_set1_ps(center);
-    double total = 0.0;
+    double total = 0.0, total_d = 0.0;
     ptrdiff_t i = 0;
-#define SQUARE_INTO(acc, at)                                                   \
+#define SQUARE_INTO(acc, acc_d, at)                                            \
     do {                                                                       \
         __m512 d = _mm512_sub_ps(load16(row + (at) * item, is_bf16), shift);   \
         acc = _mm512_fmadd_ps(d, d, acc);                                      \
+        acc_d = _mm512_add_ps(acc_d, d);                                       \
     } while (0)
     do {
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0;
         ptrdiff_t stop = i + CHUNK_VALUES < n ? i + CHUNK_VALUES : n;
         for (; i + 64 <= stop; i += 64) {
-            SQUARE_INTO(a0, i);
-            SQUARE_INTO(a1, i + 16);
-            SQUARE_INTO(a2, i + 32);
-            SQUARE_INTO(a3, i + 48);
+            SQUARE_INTO(a0, b0, i);
+            SQUARE_INTO(a1, b1, i + 16);
+            SQUARE_INTO(a2, b0, i + 32);
+            SQUARE_INTO(a3, b1, i + 48);
         }
-        for (; i + 16 <= stop; i += 16) SQUARE_INTO(a0, i);
+        for (; i + 16 <= stop; i += 16) SQUARE_INTO(a0, b0, i);
         if (i < stop) {
             __mmask16 mask = lanes_below(stop - i);
             __m512 d = _mm512_maskz_sub_ps(mask, load16_masked(row + i * item, is_bf16, mask), shift);
             a1 = _mm512_fmadd_ps(d, d, a1);
+            b1 = _mm512_add_ps(b1, d);
             i = stop;
         }
         total += _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        total_d += _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
     } while (i < n);
 #undef SQUARE_INTO
-    return total;
+    double shift_mean = n > 0 ? total_d / (double)n : 0.0;
+    *mean_out = corrected_mean(center, shift_mean);
+    return total - total_d * shift_mean;
 }
 
 /* (Σ dy, Σ dy·(x − center)) over runs of n values, added to *sum_dy, *sum_dy_xmu. */
@@ -376,23 +407,26 @@ AVX512 static void group_sums(const char *first, ptrdiff_t stride, ptrdiff_t n, 
     } while (i < n);
 }
 
+/* run_sum_squares for GROUP runs: M2 about each run's corrected mean, which means[] receives. */
 AVX512 static void group_sum_squares(const char *first, ptrdiff_t stride, ptrdiff_t n, int is_bf16,
-                                     const float *centers, double *out) {
+                                     const float *centers, double *out, double *means) {
     size_t item = is_bf16 ? 2 : 4;
     __m512 shift[GROUP];
+    double total_d[GROUP];
     for (int g = 0; g < GROUP; g++) {
         shift[g] = _mm512_set1_ps(centers[g]);
-        out[g] = 0.0;
+        out[g] = total_d[g] = 0.0;
     }
     ptrdiff_t i = 0;
     do {
-        __m512 acc[GROUP];
-        for (int g = 0; g < GROUP; g++) acc[g] = _mm512_setzero_ps();
+        __m512 acc[GROUP], acc_d[GROUP];
+        for (int g = 0; g < GROUP; g++) acc[g] = acc_d[g] = _mm512_setzero_ps();
         ptrdiff_t stop = i + CHUNK_VALUES < n ? i + CHUNK_VALUES : n;
         for (; i + 16 <= stop; i += 16)
             for (int g = 0; g < GROUP; g++) {
                 __m512 d = _mm512_sub_ps(load16(first + g * stride + i * item, is_bf16), shift[g]);
                 acc[g] = _mm512_fmadd_ps(d, d, acc[g]);
+                acc_d[g] = _mm512_add_ps(acc_d[g], d);
             }
         if (i < stop) {
             __mmask16 mask = lanes_below(stop - i);
@@ -400,11 +434,20 @@ AVX512 static void group_sum_squares(const char *first, ptrdiff_t stride, ptrdif
                 __m512 v = load16_masked(first + g * stride + i * item, is_bf16, mask);
                 __m512 d = _mm512_maskz_sub_ps(mask, v, shift[g]);
                 acc[g] = _mm512_fmadd_ps(d, d, acc[g]);
+                acc_d[g] = _mm512_add_ps(acc_d[g], d);
             }
             i = stop;
         }
-        for (int g = 0; g < GROUP; g++) out[g] += _mm512_reduce_add_ps(acc[g]);
+        for (int g = 0; g < GROUP; g++) {
+            out[g] += _mm512_reduce_add_ps(acc[g]);
+            total_d[g] += _mm512_reduce_add_ps(acc_d[g]);
+        }
     } while (i < n);
+    for (int g = 0; g < GROUP; g++) {
+        double shift_mean = n > 0 ? total_d[g] / (double)n : 0.0;
+        means[g] = corrected_mean(centers[g], shift_mean);
+        out[g] -= total_d[g] * shift_mean;
+    }
 }
 
 AVX512 static void group_grad_sums(const char *dy, const char *x, ptrdiff_t stride, ptrdiff_t n,
@@ -457,20 +500,15 @@ AVX512 static void moments_ncl_avx512(const char *x, ptrdiff_t n0, ptrdiff_t n1,
             int count = channels - c >= GROUP ? GROUP : 1;
             if (count == GROUP) {
                 group_sums(sample + c * stride, stride, run, is_bf16, run_mean);
-                for (int g = 0; g < GROUP; g++) {
-                    run_mean[g] *= inverse_run;
-                    centers[g] = (float)run_mean[g];
-                }
-                group_sum_squares(sample + c * stride, stride, run, is_bf16, centers, run_m2);
+                for (int g = 0; g < GROUP; g++) centers[g] = (float)(run_mean[g] * inverse_run);
+                group_sum_squares(sample + c * stride, stride, run, is_bf16, centers, run_m2,
+                                  run_mean);
             } else {
-                run_mean[0] = run_sum(sample + c * stride, run, is_bf16) * inverse_run;
-                run_m2[0] = run_sum_squares(sample + c * stride, run, is_bf16, (float)run_mean[0]);
+                float center = (float)(run_sum(sample + c * stride, run, is_bf16) * inverse_run);
+                run_m2[0] = run_sum_squares(sample + c * stride, run, is_bf16, center, run_mean);
             }
-            for (int g = 0; g < count; g++, c++) {
-                double delta = run_mean[g] - mean[c];
-                mean[c] += delta * weight;
-                m2[c] += run_m2[g] + delta * delta * between;
-            }
+            for (int g = 0; g < count; g++, c++)
+                chan_merge(mean + c, m2 + c, run_mean[g], run_m2[g], weight, between);
         }
     }
 }
@@ -503,12 +541,13 @@ static ptrdiff_t block_rows(ptrdiff_t channels, size_t item) {
 
 /* Per channel mean and M2 of an (M, C) matrix, in memory order: each block of rows (in L2 after
  * the first pass) is summed twice in float32, one accumulator per channel (in L1): its mean,
- * then M2 about it; blocks merge by Chan's rule in float64. `work` holds 2·C floats. */
+ * then M2 about it (corrected by Σ (x − mean), see run_sum_squares); blocks merge by Chan's rule
+ * in float64. `work` holds 3·C floats. */
 AVX512 static void moments_mc_avx512(const char *x, ptrdiff_t rows, ptrdiff_t channels, int is_bf16,
                                      double *mean, double *m2, float *work) {
     size_t item = is_bf16 ? 2 : 4;
     ptrdiff_t step = block_rows(channels, item);
-    float *sums = work, *centers = work + channels;
+    float *sums = work, *centers = work + channels, *shifts = work + 2 * channels;
     double count = 0.0;
     for (ptrdiff_t c = 0; c < channels; c++) mean[c] = m2[c] = 0.0;
     for (ptrdiff_t r0 = 0; r0 < rows; r0 += step) {
@@ -526,7 +565,7 @@ AVX512 static void moments_mc_avx512(const char *x, ptrdiff_t rows, ptrdiff_t ch
         float inverse = 1.0f / (float)(r1 - r0);
         for (ptrdiff_t c = 0; c < channels; c++) {
             centers[c] = sums[c] * inverse;
-            sums[c] = 0.0f;
+            sums[c] = shifts[c] = 0.0f;
         }
         for (ptrdiff_t r = r0; r < r1; r++) {
             const char *row = x + r * channels * item;
@@ -536,13 +575,18 @@ AVX512 static void moments_mc_avx512(const char *x, ptrdiff_t rows, ptrdiff_t ch
                                          _mm512_maskz_loadu_ps(mask, centers + c));
                 __m512 acc = _mm512_fmadd_ps(d, d, _mm512_maskz_loadu_ps(mask, sums + c));
                 _mm512_mask_storeu_ps(sums + c, mask, acc);
+                __m512 acc_d = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, shifts + c), d);
+                _mm512_mask_storeu_ps(shifts + c, mask, acc_d);
             }
         }
         double block = (double)(r1 - r0), weight = block / (count + block);
         for (ptrdiff_t c = 0; c < channels; c++) {
-            double delta = (double)centers[c] - mean[c];
-            mean[c] += delta * weight;
-            m2[c] += (double)sums[c] + delta * delta * count * weight;
+            /* corrected two-pass: Σ d about the float32 block mean corrects it (see
+             * run_sum_squares) */
+            double shift_mean = (double)shifts[c] / block;
+            double block_m2 = (double)sums[c] - (double)shifts[c] * shift_mean;
+            chan_merge(mean + c, m2 + c, corrected_mean(centers[c], shift_mean), block_m2, weight,
+                       count * weight);
         }
         count += block;
     }

@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from types import ModuleType
 
 import numpy as np
@@ -68,6 +68,16 @@ def _executor() -> ThreadPoolExecutor:
                 max_workers=os.cpu_count() or 1, thread_name_prefix="batchnorm-stream"
             )
         return _pool
+
+
+def _forget_pool_after_fork() -> None:
+    """In a forked child the parent's pool has no threads (it would wait forever): start anew."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _ranges(total: int, threads: int) -> list[tuple[int, int]]:
@@ -219,15 +229,35 @@ def grad_sums_ncl(
 
 
 def _run_all(function: Callable[..., None], calls: list[tuple[object, ...]]) -> None:
-    """Calls ``function(*args)`` for each argument tuple, in parallel when several."""
+    """Calls ``function(*args)`` for each argument tuple, in parallel when several.
+
+    Returns only once every call has finished, even when interrupted (``KeyboardInterrupt``):
+    the calls hold raw addresses of the caller's tensors, which must outlive them.
+    """
     if len(calls) == 1:
         function(*calls[0])
         return
     pool = _executor()
     futures = [pool.submit(function, *args) for args in calls[1:]]
-    function(*calls[0])
+    try:
+        function(*calls[0])
+    finally:
+        _wait_through_interrupts(futures)
     for future in futures:
-        future.result()
+        future.result()  # re-raises a worker's exception
+
+
+def _wait_through_interrupts(futures: list[Future[None]]) -> None:
+    """Waits for ``futures``; an interrupt during the wait is re-raised once they are done."""
+    interrupted: BaseException | None = None
+    while True:
+        try:
+            wait(futures)
+            break
+        except KeyboardInterrupt as error:  # keep waiting: the workers use the caller's memory
+            interrupted = error
+    if interrupted is not None:
+        raise interrupted
 
 
 def single_call(total: int, threads: int) -> bool:
