@@ -236,15 +236,13 @@ def test_kernel_layout_matches_views(shape, order_seed, sliced) -> None:
 
 
 def _count_backward_kernels(monkeypatch) -> list[int]:
-    """A list that gets an item each time the Numba backend's (N, C, L) backward kernels run:
-    Numba's fused one, or the streaming ones where this machine runs them (one C call on one
-    thread, the output pass of several)."""
+    """A list that gets an item each time the Numba backend's (N, C, L) backward kernel runs:
+    Numba's fused one, or the streaming one where this machine runs it (one thread)."""
     from batchnorm.backends import numba_backend
 
     calls: list[int] = []
     entries = (
         (numba_backend.cpu_numba, "backward_ncl"),
-        (numba_backend.cpu_stream, "grad"),
         (numba_backend.cpu_stream, "train_backward"),
     )
     for module, name in entries:

@@ -1,4 +1,4 @@
-"""The streaming-store CPU kernels (``batchnorm.kernels.cpu_stream``, C with AVX-512).
+"""The streaming CPU kernels (``batchnorm.kernels.cpu_stream``, C with AVX-512) and their use.
 
 Each is called directly on tensors' memory and checked against float64 formulas: every layout
 walk (runs shorter than a vector, runs that straddle vectors, channels innermost with fewer or
@@ -9,7 +9,6 @@ Skipped where the extension is not built or the CPU lacks AVX-512 F/BW/VL.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -26,11 +25,14 @@ LAYOUTS = [
     ((3, 4, 17), "ncl"),
     ((2, 3, 100), "ncl"),
     ((2, 2, 196), "ncl"),
+    ((3, 9, 70), "ncl"),  # groups of four runs and one left over, masked tails
+    ((2, 5, 20000), "ncl"),  # runs longer than one float32 chunk of sums
     ((37, 1), "rows"),
     ((29, 3), "rows"),
     ((11, 16), "rows"),
     ((9, 17), "rows"),
     ((7, 40), "rows"),
+    ((3000, 5), "rows"),  # several blocks of rows, merged
 ]
 # Element offsets of the input and output from a 64-byte-aligned allocation.
 OFFSETS = [(0, 0), (1, 0), (0, 3), (5, 7)]
@@ -49,142 +51,121 @@ def _at_offset(values: torch.Tensor, offset: int) -> torch.Tensor:
     return out
 
 
-def _run(shape, layout):
-    return 0 if layout == "rows" else shape[2]
+def _rows_and_run(shape, layout):
+    """The C calls' ``(rows, run)``: ``(N, L)`` for ``(N, C, L)``, ``(M, 0)`` for ``(M, C)``."""
+    return (shape[0], 0) if layout == "rows" else (shape[0], shape[2])
 
 
-def _channel_index(shape, layout):
-    """The channel of each flat value, as an int64 tensor of ``shape``."""
-    channels = shape[1]
-    index = torch.arange(int(np.prod(shape)))
-    if layout == "rows":
-        return (index % channels).view(shape)
-    return ((index // shape[2]) % channels).view(shape)
+def _by_channel(values: torch.Tensor, shape, layout) -> torch.Tensor:
+    """Per-channel ``values`` ``(C,)`` broadcast against an array of ``shape`` (float64)."""
+    values = values.double()
+    return values[None, :] if layout == "rows" else values[None, :, None]
+
+
+def _reduce(values: torch.Tensor, layout) -> torch.Tensor:
+    """Per-channel sums of an ``(N, C, L)`` or ``(M, C)`` array."""
+    return values.sum(0) if layout == "rows" else values.sum((0, 2))
+
+
+def _address(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("shape", "layout"), LAYOUTS)
 @pytest.mark.parametrize(("x_offset", "y_offset"), OFFSETS)
-def test_affine_matches_float64(dtype, shape, layout, x_offset, y_offset) -> None:
+def test_inference_matches_float64(dtype, shape, layout, x_offset, y_offset) -> None:
+    """y = (x − μ)·γ/sqrt(var + ε) + β through every walk of the output pass."""
     gen = torch.Generator().manual_seed(0)
     channels = shape[1]
     x = _at_offset((torch.randn(shape, generator=gen) * 3 + 1).to(dtype), x_offset)
     y = _at_offset(torch.full(shape, float("nan")).to(dtype), y_offset)
-    params = torch.randn(3, channels, generator=gen).numpy()  # float32 (3, C)
-    cpu_stream.affine(
-        x.data_ptr(), y.data_ptr(), x.numel(), _run(shape, layout), channels,
-        dtype == torch.bfloat16, params, 1,
+    weight, bias, mean = torch.randn(3, channels, generator=gen)
+    var = torch.rand(channels, generator=gen) + 0.5
+    _rows, run = _rows_and_run(shape, layout)
+    cpu_stream.inference(
+        x.data_ptr(), y.data_ptr(), x.numel(), run, channels, dtype == torch.bfloat16,
+        weight.data_ptr(), bias.data_ptr(), (mean.data_ptr(), var.data_ptr()), 1e-5,
     )  # fmt: skip
-    shift, scale, offset = (
-        torch.from_numpy(p).double()[_channel_index(shape, layout)] for p in params
-    )
-    expected = (x.double() - shift) * scale + offset
+    scale = _by_channel(weight / torch.sqrt(var.double() + 1e-5), shape, layout)
+    expected = (x.double() - _by_channel(mean, shape, layout)) * scale
+    expected = expected + _by_channel(bias, shape, layout)
     torch.testing.assert_close(y.double(), expected, **_tolerance(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("shape", "layout"), LAYOUTS)
 @pytest.mark.parametrize(("x_offset", "y_offset"), OFFSETS)
-def test_grad_matches_float64(dtype, shape, layout, x_offset, y_offset) -> None:
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_train_forward_matches_float64(dtype, shape, layout, x_offset, y_offset, affine) -> None:
+    """Statistics, output and running buffers of a training forward, against float64."""
     gen = torch.Generator().manual_seed(1)
+    channels = shape[1]
+    x = _at_offset((torch.randn(shape, generator=gen) * 2 + 5).to(dtype), x_offset)
+    y = _at_offset(torch.full(shape, float("nan")).to(dtype), y_offset)
+    weight = torch.rand(channels, generator=gen) + 0.5 if affine else None
+    bias = torch.randn(channels, generator=gen) if affine else None
+    running_mean, running_var = torch.randn(channels), torch.rand(channels) + 0.5
+    expected_running = (running_mean.double(), running_var.double())
+    mean_out, invstd_out = torch.empty(channels), torch.empty(channels)
+    rows, run = _rows_and_run(shape, layout)
+    cpu_stream.train_forward(
+        x.data_ptr(), y.data_ptr(), rows, channels, run, dtype == torch.bfloat16,
+        _address(weight), _address(bias), 1e-5, 0.3,
+        (running_mean.data_ptr(), running_var.data_ptr()),
+        (mean_out.data_ptr(), invstd_out.data_ptr()),
+    )  # fmt: skip
+    x64 = x.double()
+    count = x.numel() // channels
+    mean = _reduce(x64, layout) / count
+    var = _reduce((x64 - _by_channel(mean, shape, layout)) ** 2, layout) / count
+    torch.testing.assert_close(mean_out.double(), mean, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(invstd_out.double(), 1 / torch.sqrt(var + 1e-5), rtol=1e-5, atol=0)
+    expected = (x64 - _by_channel(mean, shape, layout)) * _by_channel(
+        1 / torch.sqrt(var + 1e-5), shape, layout
+    )
+    if affine:
+        expected = expected * _by_channel(weight, shape, layout) + _by_channel(bias, shape, layout)
+    torch.testing.assert_close(y.double(), expected, **_tolerance(dtype))
+    new_mean = 0.7 * expected_running[0] + 0.3 * mean
+    new_var = 0.7 * expected_running[1] + 0.3 * var * count / (count - 1)
+    torch.testing.assert_close(running_mean.double(), new_mean, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(running_var.double(), new_var, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("shape", "layout"), LAYOUTS)
+@pytest.mark.parametrize(("x_offset", "y_offset"), OFFSETS)
+def test_train_backward_matches_float64(dtype, shape, layout, x_offset, y_offset) -> None:
+    """dx, dγ, dβ from the saved μ and r, against the float64 formulas."""
+    gen = torch.Generator().manual_seed(2)
     channels = shape[1]
     x = _at_offset(torch.randn(shape, generator=gen).to(dtype), x_offset)
     dy = _at_offset(torch.randn(shape, generator=gen).to(dtype), x_offset)
     dx = _at_offset(torch.full(shape, float("nan")).to(dtype), y_offset)
-    params = torch.randn(4, channels, generator=gen).numpy()  # μ, γ·r, dβ/M, r·dγ/M
-    cpu_stream.grad(
-        dy.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel(), _run(shape, layout), channels,
-        dtype == torch.bfloat16, params, 1,
+    weight, mean = torch.rand(channels, generator=gen) + 0.5, torch.randn(channels, generator=gen)
+    invstd = torch.rand(channels, generator=gen) + 0.5
+    dweight, dbias = torch.empty(channels), torch.empty(channels)
+    rows, run = _rows_and_run(shape, layout)
+    cpu_stream.train_backward(
+        dy.data_ptr(), x.data_ptr(), dx.data_ptr(), rows, channels, run,
+        dtype == torch.bfloat16, weight.data_ptr(), (mean.data_ptr(), invstd.data_ptr()),
+        (dweight.data_ptr(), dbias.data_ptr()),
     )  # fmt: skip
-    index = _channel_index(shape, layout)
-    mean, gain, mean_term, slope = (torch.from_numpy(p).double()[index] for p in params)
-    expected = gain * ((dy.double() - mean_term) - (x.double() - mean) * slope)
+    count = x.numel() // channels
+    dy64, centered = dy.double(), x.double() - _by_channel(mean, shape, layout)
+    sum_dy, sum_dy_xmu = _reduce(dy64, layout), _reduce(dy64 * centered, layout)
+    r = invstd.double()
+    # float32 partial sums: a few ulps of the sums of absolute values
+    assert torch.all((dbias.double() - sum_dy).abs() <= 1e-6 * _reduce(dy64.abs(), layout))
+    bound = 1e-6 * _reduce((dy64 * centered).abs(), layout) * r
+    assert torch.all((dweight.double() - sum_dy_xmu * r).abs() <= bound + 1e-12)
+    expected = _by_channel(weight.double() * r, shape, layout) * (
+        dy64
+        - _by_channel(sum_dy / count, shape, layout)
+        - centered * _by_channel(sum_dy_xmu * r * r / count, shape, layout)
+    )
     torch.testing.assert_close(dx.double(), expected, **_tolerance(dtype))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(3, 5, 1), (4, 3, 7), (5, 2, 33), (2, 3, 300), (70, 4, 250)])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_moments_ncl_matches_float64(dtype, shape, threads) -> None:
-    """Mean and M2 per channel of each sample range, merged: the float64 two-pass values."""
-    from batchnorm.kernels.cpu_numba import merge_moments
-
-    gen = torch.Generator().manual_seed(2)
-    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1000).to(dtype)
-    part_mean, part_m2, samples = cpu_stream.moments_ncl(
-        x.data_ptr(), shape, dtype == torch.bfloat16, threads
-    )
-    n_batch, channels, length = shape
-    assert part_mean.shape == part_m2.shape
-    assert part_mean.shape[1] == channels
-    assert (part_mean.shape[0] > 1) == (threads > 1 and x.numel() >= 2 * cpu_stream.GRAIN)
-    mean, var = np.empty(channels), np.empty(channels)
-    merge_moments(part_mean, part_m2, samples * length, n_batch * length, mean, var)
-    x64 = x.double()
-    torch.testing.assert_close(torch.from_numpy(mean), x64.mean((0, 2)), atol=0, rtol=1e-7)
-    expected_var = x64.var((0, 2), unbiased=False)
-    torch.testing.assert_close(torch.from_numpy(var), expected_var, atol=0, rtol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(3, 5, 1), (4, 3, 7), (5, 2, 33), (70, 4, 250)])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_grad_sums_ncl_matches_float64(dtype, shape, threads) -> None:
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(shape, generator=gen).to(dtype)
-    dy = torch.randn(shape, generator=gen).to(dtype)
-    mean = torch.randn(shape[1], generator=gen).numpy()  # float32 (C,)
-    sum_dy, sum_dy_xmu = cpu_stream.grad_sums_ncl(
-        dy.data_ptr(), x.data_ptr(), shape, dtype == torch.bfloat16, mean, threads
-    )
-    dy64, centered = dy.double(), x.double() - torch.from_numpy(mean).double()[None, :, None]
-    # Float32 partial sums: errors bounded by a few ulps of the sums of absolute values.
-    bound_dy = 1e-6 * dy64.abs().sum((0, 2))
-    bound_dy_xmu = 1e-6 * (dy64 * centered).abs().sum((0, 2))
-    assert torch.all((torch.from_numpy(sum_dy) - dy64.sum((0, 2))).abs() <= bound_dy)
-    error = (torch.from_numpy(sum_dy_xmu) - (dy64 * centered).sum((0, 2))).abs()
-    assert torch.all(error <= bound_dy_xmu)
-
-
-def test_grad_sums_ncl_checks_mean() -> None:
-    x = torch.randn(2, 3, 4)
-    with pytest.raises(ValueError, match="mean"):
-        cpu_stream.grad_sums_ncl(x.data_ptr(), x.data_ptr(), (2, 3, 4), False, np.zeros(3), 1)
-
-
-def test_params_are_checked() -> None:
-    x = torch.randn(2, 3, 4)
-    with pytest.raises(ValueError, match="params"):
-        cpu_stream.affine(x.data_ptr(), x.data_ptr(), 24, 4, 3, False, np.zeros((3, 3)), 1)
-    with pytest.raises(ValueError, match="params"):
-        cpu_stream.grad(
-            x.data_ptr(),
-            x.data_ptr(),
-            x.data_ptr(),
-            24,
-            4,
-            3,
-            False,
-            np.zeros((3, 3), np.float32),
-            1,
-        )
-
-
-@pytest.mark.parametrize("layout", ["ncl", "rows"])
-def test_threads_split_the_pass_exactly(layout) -> None:
-    """Several threads write the same bits as one (each value is computed alike)."""
-    shape = (8, 5, 4099) if layout == "ncl" else (8 * 4099, 5)
-    x = torch.randn(shape)
-    params = torch.randn(3, 5).numpy()
-    outputs = []
-    for threads in (1, 3):
-        y = torch.empty_like(x)
-        cpu_stream.affine(
-            x.data_ptr(), y.data_ptr(), x.numel(), _run(shape, layout), 5, False, params, threads
-        )
-        outputs.append(y)
-    assert len(cpu_stream._ranges(x.numel(), 3)) == 3
-    assert torch.equal(outputs[0], outputs[1])
 
 
 def test_bfloat16_rounds_like_torch() -> None:
@@ -192,9 +173,12 @@ def test_bfloat16_rounds_like_torch() -> None:
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(4, 3, 1000, generator=gen).bfloat16()
     scale = 1.0 + 2.0**-9  # x·scale lands on or near bfloat16 ties
-    params = np.array([[0.0] * 3, [scale] * 3, [0.0] * 3], dtype=np.float32)
+    weight, zeros, ones = torch.full((3,), scale), torch.zeros(3), torch.ones(3)
     y = torch.empty_like(x)
-    cpu_stream.affine(x.data_ptr(), y.data_ptr(), x.numel(), 1000, 3, True, params, 1)
+    cpu_stream.inference(
+        x.data_ptr(), y.data_ptr(), x.numel(), 1000, 3, True, weight.data_ptr(), 0,
+        (zeros.data_ptr(), ones.data_ptr()), 0.0,
+    )  # fmt: skip
     expected = (x.float() * scale).bfloat16()
     assert torch.equal(y.view(torch.int16), expected.view(torch.int16))
 
@@ -203,11 +187,12 @@ def test_bfloat16_rounds_like_torch() -> None:
 def test_non_finite_values_propagate(dtype) -> None:
     x = torch.randn(2, 3, 40).to(dtype)
     x[0, 1, 5], x[1, 2, 30], x[1, 0, 17] = float("nan"), float("inf"), float("-inf")
-    params = np.array([[0.0] * 3, [1.0] * 3, [0.0] * 3], dtype=np.float32)
+    zeros, ones = torch.zeros(3), torch.ones(3)
     y = torch.empty_like(x)
-    cpu_stream.affine(
-        x.data_ptr(), y.data_ptr(), x.numel(), 40, 3, dtype == torch.bfloat16, params, 1
-    )
+    cpu_stream.inference(
+        x.data_ptr(), y.data_ptr(), x.numel(), 40, 3, dtype == torch.bfloat16, 0, 0,
+        (zeros.data_ptr(), ones.data_ptr()), 0.0,
+    )  # fmt: skip
     assert torch.equal(y.isnan(), x.isnan())
     assert torch.equal(y.isinf(), x.isinf())
     assert torch.equal(y[y.isfinite()], x[x.isfinite()])
@@ -230,8 +215,8 @@ def test_numba_backend_refuses_streaming_without_support(monkeypatch) -> None:
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("buffers", [torch.float32, torch.float64], ids=str)
 def test_backend_paths_agree_across_threads(dtype, memory_format, buffers) -> None:
-    """One C call per pass (one thread) and the multi-threaded passes (statistics by parts,
-    merged; float64 buffers moved in NumPy) give torch's outputs, gradients and buffers."""
+    """One C call per pass (one thread) and Numba's kernels (two threads; float64 buffers moved
+    in NumPy) give torch's outputs, gradients and buffers."""
     pytest.importorskip("numba")
     from batchnorm.backends import numba_backend
     from batchnorm.functional import batch_norm
@@ -249,7 +234,7 @@ def test_backend_paths_agree_across_threads(dtype, memory_format, buffers) -> No
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            assert cpu_stream.single_call(x.numel(), count) == (count == 1)
+            assert backend._streams(x) == (count == 1)  # C on one thread, Numba on two
             leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
             mean, var = torch.zeros(5, dtype=buffers), torch.ones(5, dtype=buffers)
             with pytest.MonkeyPatch.context() as patch:
@@ -294,7 +279,7 @@ def _kernels_everywhere(monkeypatch):
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
 def threads(request):
-    """Runs a test on one thread (one C call per pass) and on two (the parts)."""
+    """Runs a test on one thread (the C kernels) and on two (Numba's)."""
     saved = torch.get_num_threads()
     torch.set_num_threads(request.param)
     yield request.param
@@ -407,60 +392,3 @@ def test_torch_func_over_parameters_with_a_plain_input() -> None:
     batched = torch.func.vmap(evaluate)(weights)
     looped = torch.stack([torch.nn.functional.batch_norm(big, mean, var, w) for w in weights])
     torch.testing.assert_close(batched, looped)
-
-
-def _run_in_forked_child() -> None:
-    """Our threaded passes in a forked child. Only they run on two threads here: torch's and
-    Numba's own OpenMP pools are not fork-safe once the parent has used them (a libgomp
-    limitation, not ours), so the input comes from NumPy and the check runs in NumPy."""
-    from batchnorm.functional import batch_norm
-
-    torch.set_num_threads(2)
-    values = np.random.default_rng(0).standard_normal((8, 64, 32, 32)).astype(np.float32)
-    y = batch_norm(torch.from_numpy(values), None, None, None, None, True, 0.1, 1e-5)
-    assert abs(float(y.numpy().mean())) < 1e-4
-
-
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this platform")
-def test_a_forked_child_runs_the_threaded_passes(threads) -> None:
-    """After the parent has started the pool, a forked child's passes still finish."""
-    import multiprocessing
-
-    from batchnorm.functional import batch_norm
-
-    torch.set_num_threads(2)
-    batch_norm(torch.randn(8, 64, 32, 32), None, None, None, None, True, 0.1, 1e-5)
-    child = multiprocessing.get_context("fork").Process(target=_run_in_forked_child)
-    child.start()
-    child.join(timeout=120)
-    if child.is_alive():
-        child.kill()
-        pytest.fail("the forked child hung")
-    assert child.exitcode == 0
-
-
-def test_threaded_passes_wait_for_their_workers_when_interrupted(monkeypatch) -> None:
-    """An interrupt while the calling thread waits: the workers, which write into the caller's
-    tensors, finish before the interrupt propagates."""
-    import threading
-    import time
-    from concurrent.futures import wait as real_wait
-
-    finished = threading.Event()
-    interrupts = iter([KeyboardInterrupt()])
-
-    def interrupted_once(futures):
-        error = next(interrupts, None)
-        if error is not None:
-            raise error
-        return real_wait(futures)
-
-    def work(seconds):
-        time.sleep(seconds)
-        if seconds:
-            finished.set()
-
-    monkeypatch.setattr(cpu_stream, "wait", interrupted_once)
-    with pytest.raises(KeyboardInterrupt):
-        cpu_stream._run_all(work, [(0,), (0.2,)])
-    assert finished.is_set()

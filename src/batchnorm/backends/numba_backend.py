@@ -5,15 +5,17 @@ Two sets of kernels cover the two dense layouts of the ``(N, C, L)`` view, conti
 training forward, backward and evaluation:
 
 * the streaming kernels (:mod:`batchnorm.kernels.cpu_stream`, C with AVX-512, built with the
-  package where a compiler is present) for float32 and bfloat16: each pass reads its input in
-  memory order (statistics of each run of ``L`` values, or of each block of rows, while it is in
-  cache, merged per channel by Chan's rule) and writes its output with streaming stores; on one
-  thread a pass is one C call, the training forward moving the running buffers itself;
-* Numba's fused kernels (:mod:`batchnorm.kernels.cpu_numba`) for float64, and for every dtype
-  where the streaming kernels do not run (not built, or no AVX-512).
+  package where a compiler is present) for float32 and bfloat16 on one thread: each pass reads
+  its input in memory order (statistics of each run of ``L`` values, or of each block of rows,
+  while it is in cache, merged per channel by Chan's rule), writes its output with streaming
+  stores and is one C call, the training forward moving the running buffers itself;
+* Numba's fused kernels (:mod:`batchnorm.kernels.cpu_numba`), parallel over ``torch``'s thread
+  count, for float64, on several threads, and where the streaming kernels do not run (not
+  built, or no AVX-512).
 
-By default they run only where they measured faster than ATen (:data:`MEASURED_KERNEL_CASES`,
-or :data:`MEASURED_NUMBA_CASES` without the streaming kernels), with outputs on huge pages
+By default they run only where they measured faster than ATen (on one thread
+:data:`MEASURED_KERNEL_CASES`, or :data:`MEASURED_NUMBA_CASES` without the streaming kernels;
+on several :data:`MEASURED_NUMBA_CASES`), with outputs on huge pages
 (:mod:`batchnorm.backends.memory`); every other case goes to the ATen backend (float16 and
 other strides always do), and tensors under ``torch.func`` transforms (whose storage the kernels
 cannot see) to the pure-torch backend, which those transforms differentiate and batch.
@@ -166,7 +168,7 @@ MEASURED_NUMBA_CASES: Mapping[KernelCase, int] = {
 #: checks), ``(N, 64, 14, 14)`` contiguous and channels_last, one thread, 2-core Xeon,
 #: 2026-11-27: ``python benchmarks/cpu_sizes.py``; below these sizes the per-call work in Python
 #: costs more than the kernels save. On the shapes of ``benchmarks/cpu.py`` (3–51 MB) every case
-#: then measured 1.06–3.7× ATen (``benchmarks/results/cpu-2026-11-27.*``). Float64 keeps Numba's
+#: then measured 1.06–4.25× ATen (``benchmarks/results/cpu-2026-11-27.*``). Float64 keeps Numba's
 #: fused forward (:data:`MEASURED_NUMBA_CASES`).
 MEASURED_KERNEL_CASES: Mapping[KernelCase, int] = {
     ("forward", "ncl", torch.float32): 1 << 19,
@@ -278,41 +280,12 @@ def _move_in_place(buffer: torch.Tensor, batch_stat: np.ndarray, momentum: float
     values[...] = (1.0 - momentum) * values + momentum * batch_stat
 
 
-def _stream_moments(x: torch.Tensor, mean: np.ndarray, var: np.ndarray) -> None:
-    """Mean and biased variance of contiguous ``x`` ``(N, C, L)`` per channel, in memory order.
-
-    Args:
-        x: the contiguous input, float32 or bfloat16.
-        mean, var: float64 ``(C,)`` outputs.
-    """
-    n_batch, _channels, length = x.shape
-    part_mean, part_m2, samples = cpu_stream.moments_ncl(
-        x.data_ptr(), x.shape, x.dtype == torch.bfloat16, torch.get_num_threads()
-    )  # (P, C), (P, C): parts of `samples` samples each
-    cpu_numba.merge_moments(part_mean, part_m2, samples * length, n_batch * length, mean, var)
-
-
-def _stream_affine(x: torch.Tensor, y: torch.Tensor, is_rows: bool, params: np.ndarray) -> None:
-    """``y = (x − shift)·scale + offset`` per channel by :func:`cpu_stream.affine`.
-
-    Args:
-        x: the input ``(N, C, *)``, dense in the kernel layout (``is_rows``: channels innermost).
-        y: an empty tensor with ``x``'s shape, dtype and strides.
-        is_rows: whether ``x`` is read as its ``(M, C)`` matrix, else as ``(N, C, L)``.
-        params: float32 ``(3, C)``: ``shift``, ``scale``, ``offset``.
-    """
-    numel, channels = x.numel(), x.shape[1]
-    run = 0 if is_rows else numel // (x.shape[0] * channels)  # L
-    cpu_stream.affine(
-        x.data_ptr(),
-        y.data_ptr(),
-        numel,
-        run,
-        channels,
-        x.dtype == torch.bfloat16,
-        params,
-        torch.get_num_threads(),
-    )
+def _smallest_inputs(cases: Mapping[KernelCase, int]) -> dict[tuple[str, torch.dtype], int]:
+    """(pass, dtype) → the smallest input of any layout a table's cases take."""
+    smallest: dict[tuple[str, torch.dtype], int] = {}
+    for (pass_name, _layout, dtype), size in cases.items():
+        smallest[(pass_name, dtype)] = min(size, smallest.get((pass_name, dtype), size))
+    return smallest
 
 
 def _launch(kernel: Callable[..., None], work: int, *args: Any) -> None:
@@ -363,20 +336,29 @@ class NumbaBackend:
                 "streaming: the streaming kernels are not built or this CPU lacks AVX-512 F/BW/VL"
             )
         self.streaming = cpu_stream.SUPPORTED if streaming is None else streaming
-        if kernel_cases is None:
-            kernel_cases = MEASURED_KERNEL_CASES if self.streaming else MEASURED_NUMBA_CASES
-        self.kernel_cases = kernel_cases
-        # (pass, dtype) → smallest input of any layout: one dict lookup turns most calls away.
-        self._smallest: dict[tuple[str, torch.dtype], int] = {}
-        for (pass_name, _layout, dtype), smallest in self.kernel_cases.items():
-            key = (pass_name, dtype)
-            self._smallest[key] = min(smallest, self._smallest.get(key, smallest))
+        # Cases on one thread (the streaming kernels', where they run) and on several (Numba's).
+        self.kernel_cases = (
+            kernel_cases
+            if kernel_cases is not None
+            else MEASURED_KERNEL_CASES
+            if self.streaming
+            else MEASURED_NUMBA_CASES
+        )
+        self.threaded_kernel_cases = (
+            kernel_cases if kernel_cases is not None else MEASURED_NUMBA_CASES
+        )
+        # (pass, dtype) → smallest input of any layout, per table: one dict lookup turns most
+        # calls away.
+        self._smallest = {
+            False: _smallest_inputs(self.kernel_cases),
+            True: _smallest_inputs(self.threaded_kernel_cases),
+        }
         self._aten = AtenBackend()
         self._torch = TorchBackend()
 
     def _may_run(self, pass_name: str, x: torch.Tensor) -> bool:
         """Whether the kernels may take ``x`` in this pass by its dtype and size (layout aside)."""
-        smallest = self._smallest.get((pass_name, x.dtype))
+        smallest = self._smallest[torch.get_num_threads() > 1].get((pass_name, x.dtype))
         return smallest is not None and 0 < x.numel() * x.element_size() >= smallest
 
     def _kernel_layout(self, pass_name: str, x: torch.Tensor) -> str | None:
@@ -388,16 +370,18 @@ class NumbaBackend:
 
     def _takes(self, pass_name: str, layout: str, x: torch.Tensor) -> bool:
         """Whether the kernels run ``pass_name`` on ``x`` read in ``layout`` (by size)."""
-        smallest = self.kernel_cases.get((pass_name, layout, x.dtype))
+        table = self.threaded_kernel_cases if torch.get_num_threads() > 1 else self.kernel_cases
+        smallest = table.get((pass_name, layout, x.dtype))
         return smallest is not None and x.numel() * x.element_size() >= smallest
 
     def _streams(self, x: torch.Tensor) -> bool:
-        """Whether the output pass for ``x`` runs in :mod:`batchnorm.kernels.cpu_stream`."""
-        return self.streaming and x.dtype in _STREAM_DTYPES
+        """Whether the streaming kernels run the pass on ``x``: one C call, on one thread.
 
-    def _single_call(self, x: torch.Tensor) -> bool:
-        """Whether one C call runs the pass on ``x`` (streaming kernels, one thread's work)."""
-        return self._streams(x) and cpu_stream.single_call(x.numel(), torch.get_num_threads())
+        On several threads Numba's kernels run instead: spread over a pool of Python threads,
+        the streaming passes measured slower than ATen's threaded kernels (0.45–0.8× on two
+        threads, ``benchmarks/results/cpu-2026-11-27-threads2.log``).
+        """
+        return self.streaming and x.dtype in _STREAM_DTYPES and torch.get_num_threads() == 1
 
     def _runs_kernels(
         self, input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
@@ -440,7 +424,7 @@ class NumbaBackend:
         bias: torch.Tensor | None,
         eps: float,
     ) -> tuple[torch.Tensor, np.ndarray]:
-        """The kernels' training forward on ``x`` ``(N, C, *)`` read in ``layout``.
+        """Numba's training forward on ``x`` ``(N, C, *)`` read in ``layout``.
 
         Returns:
             ``y`` like ``x`` (same shape and strides) and the float64 statistics ``(3, C)``:
@@ -453,23 +437,11 @@ class NumbaBackend:
         stats = np.empty((3, channels))  # rows: mean, var, invstd, (C,) each
         mean, var, invstd = stats
         weight64, bias64 = _per_channel_float64(channels, (weight, 1.0), (bias, 0.0))
-        if self._streams(x):  # statistics in memory order, then y streamed
-            if is_rows:
-                array = _kernel_array(x3, layout)  # (M, C)
-                _launch(cpu_numba.moments_mc, x.numel(), array, float(eps), mean, var, invstd)
-            else:
-                _stream_moments(x3, mean, var)
-                invstd[:] = 1.0 / np.sqrt(var + eps)
-            params = np.stack((mean, weight64 * invstd, bias64)).astype(np.float32)  # (3, C)
-            _stream_affine(x, y, is_rows, params)
-        else:
-            kernel = cpu_numba.forward_mc if is_rows else cpu_numba.forward_ncl
-            y3 = channel_view(y)  # (N, C, L), a view
-            array = _kernel_array(x3, layout)  # (N, C, L) or (M, C)
-            y_array = _as_array(channel_rows(y3) if is_rows else y3)  # type: ignore[arg-type]
-            _launch(
-                kernel, x.numel(), array, weight64, bias64, float(eps), y_array, mean, var, invstd
-            )
+        kernel = cpu_numba.forward_mc if is_rows else cpu_numba.forward_ncl
+        y3 = channel_view(y)  # (N, C, L), a view
+        array = _kernel_array(x3, layout)  # (N, C, L) or (M, C)
+        y_array = _as_array(channel_rows(y3) if is_rows else y3)  # type: ignore[arg-type]
+        _launch(kernel, x.numel(), array, weight64, bias64, float(eps), y_array, mean, var, invstd)
         return y, stats
 
     def forward_update(
@@ -567,7 +539,7 @@ class NumbaBackend:
                 operand, weight, bias, running_mean, running_var, True, momentum, eps
             )
             return (rows_as_input(y, x) if is_rows else y), mean, invstd
-        if self._single_call(x) and _float32_or_none(running_mean, running_var):
+        if self._streams(x) and _float32_or_none(running_mean, running_var):
             return self._train_single_call(
                 x, layout, weight, bias, running_mean, running_var, momentum, eps
             )
@@ -639,7 +611,7 @@ class NumbaBackend:
         layout = self._kernel_layout("inference", x)
         if layout is None or _needs_grad(x, weight, bias):
             return self._aten.inference(x, weight, bias, running_mean, running_var, eps)
-        if self._single_call(x):
+        if self._streams(x):
             keep: list[torch.Tensor] = []
             y = empty_like(x)  # like x (dense), huge pages
             _rows, run = _kernel_rows_and_run(x, layout == "rows")
@@ -655,16 +627,6 @@ class NumbaBackend:
                 (_float32_address(running_mean, keep), _float32_address(running_var, keep)),
                 float(eps),
             )
-            return y
-        if self._streams(x):  # one pass in memory order: no NumPy views needed
-            per_channel = _per_channel_float64(
-                x.shape[1], (weight, 1.0), (bias, 0.0), (running_mean, 0.0), (running_var, 1.0)
-            )  # (4, C): γ, β, μ, var
-            weight64, bias64, mean64, var64 = per_channel
-            scale = weight64 / np.sqrt(var64 + eps)  # (C,)  γ·r
-            y = empty_like(x)  # like x (dense), huge pages
-            params = np.stack((mean64, scale, bias64)).astype(np.float32)  # (3, C)
-            _stream_affine(x, y, layout == "rows", params)
             return y
         is_rows = layout == "rows"
         x3 = channel_view(x)  # (N, C, L), a view for the dense layouts the kernels take
@@ -702,7 +664,7 @@ class NumbaBackend:
         channels = x.shape[1]
         dx = empty_like(x)  # (N, C, L), strides of x (dense), huge pages
         dy = dy.to(x.dtype)  # autograd hands dy in y's dtype, which is x's
-        if self._single_call(x):
+        if self._streams(x):
             # dy in x's layout (no copy when autograd hands it over that way)
             dy = dy.transpose(1, 2).contiguous().transpose(1, 2) if is_rows else dy.contiguous()
             keep: list[torch.Tensor] = []
@@ -730,43 +692,8 @@ class NumbaBackend:
         grads = np.empty((2, channels))  # rows: dweight, dbias, (C,) each
         dweight, dbias = grads
         per_channel = _per_channel_float64(channels, (weight, 1.0), (mean, 0.0), (invstd, 1.0))
-        if self._streams(x):  # sums in memory order, then dx streamed
-            weight64, mean64, invstd64 = per_channel  # (C,) each
-            is_bf16, threads = x.dtype == torch.bfloat16, torch.get_num_threads()
-            if is_rows:
-                sum_dy_xmu = np.empty(channels)  # (C,)  Σ dy·(x − μ)
-                _launch(
-                    cpu_numba.grad_sums_mc, x.numel(), dy_array, array, mean64, dbias, sum_dy_xmu
-                )
-            else:
-                dbias[:], sum_dy_xmu = cpu_stream.grad_sums_ncl(
-                    dy_array.ctypes.data,
-                    array.ctypes.data,
-                    array.shape,
-                    is_bf16,
-                    mean64.astype(np.float32),
-                    threads,
-                )
-            dweight[:] = sum_dy_xmu * invstd64  # dγ = r·Σ dy·(x − μ)
-            count = x.numel() // channels  # M
-            params = np.stack(
-                (mean64, weight64 * invstd64, dbias / count, dweight * invstd64 / count)
-            ).astype(np.float32)  # (4, C): μ, γ·r, dβ/M, r·dγ/M
-            run = 0 if is_rows else array.shape[2]  # L, or 0: channels innermost
-            cpu_stream.grad(
-                dy_array.ctypes.data,
-                array.ctypes.data,
-                dx.data_ptr(),
-                x.numel(),
-                run,
-                channels,
-                is_bf16,
-                params,
-                threads,
-            )
-        else:
-            kernel = cpu_numba.backward_mc if is_rows else cpu_numba.backward_ncl
-            dx_array = _as_array(channel_rows(dx) if is_rows else dx)  # type: ignore[arg-type]
-            _launch(kernel, x.numel(), dy_array, array, *per_channel, dx_array, dweight, dbias)
+        kernel = cpu_numba.backward_mc if is_rows else cpu_numba.backward_ncl
+        dx_array = _as_array(channel_rows(dx) if is_rows else dx)  # type: ignore[arg-type]
+        _launch(kernel, x.numel(), dy_array, array, *per_channel, dx_array, dweight, dbias)
         dweight_t, dbias_t = _stats_tensors(grads, compute_dtype(x.dtype))  # (C,) each
         return dx, dweight_t, dbias_t

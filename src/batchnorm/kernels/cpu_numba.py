@@ -117,12 +117,14 @@ def _sum(values):
 
 @njit(fastmath=_REDUCE_MATH, inline="always")
 def _sum_squares(values, mu_x):
-    """``Σ (v − μ)²`` over a 1D slice, in the compute type (one chunk of a row)."""
+    """``(Σ (v − μ)², Σ (v − μ))`` over a 1D slice, in the compute type (one chunk of a row)."""
     acc = compute(values, 0.0)
+    acc_d = compute(values, 0.0)
     for i in range(values.shape[0]):
         d = load(values, values[i]) - mu_x
         acc += d * d
-    return acc
+        acc_d += d
+    return acc, acc_d
 
 
 @njit(fastmath=_REDUCE_MATH, inline="always")
@@ -148,15 +150,24 @@ def forward_ncl(x, weight, bias, eps, y, mean, var, invstd):
             x_row = x[n, c]  # (L,)
             for start in range(0, length, _CHUNK):
                 total += _sum(x_row[start : start + _CHUNK])
-        mu = total / count  # μ
+        mu = total / count  # μ, as rounded by the float32 chunk sums
         mu_x = compute(x, mu)  # μ in the compute type: x − μ is exact near μ (Sterbenz)
         squares = 0.0  # Σ (x − μ)², second read from L2
+        shift = 0.0  # Σ (x − μ): corrects μ's rounding (corrected two-pass, Chan et al. 1983)
         for n in range(n_batch):
             x_row = x[n, c]  # (L,)
             # Chunks as slices: a loop bounded by min(start + _CHUNK, L) measured 2× slower.
             for start in range(0, length, _CHUNK):
-                squares += _sum_squares(x_row[start : start + _CHUNK], mu_x)
-        sigma2 = squares / count  # biased σ²
+                chunk_squares, chunk_shift = _sum_squares(x_row[start : start + _CHUNK], mu_x)
+                squares += chunk_squares
+                shift += chunk_shift
+        shift_mean = shift / count
+        sigma2 = squares / count - shift_mean * shift_mean  # biased σ² about the corrected μ
+        if sigma2 < 0.0:  # rounding of equal values (NaN stays NaN)
+            sigma2 = 0.0
+        if np.isfinite(mu):  # an infinity keeps μ = ±inf, as a plain sum gives
+            mu += shift_mean
+        mu_x = compute(x, mu)
         r = 1.0 / np.sqrt(sigma2 + eps)  # invstd
         scale_x = compute(x, weight[c] * r)  # γ·r
         bias_x = compute(x, bias[c])  # β
@@ -298,7 +309,7 @@ def merge_moments(block_mean, block_m2, rows, total_rows, mean, var):
             m2[c] += block_m2[b, c] + delta * delta * (count_a * weight)
         count_a = count
     for c in range(channels):
-        var[c] = m2[c] / total_rows
+        var[c] = m2[c] / total_rows if m2[c] >= 0.0 or np.isnan(m2[c]) else 0.0
 
 
 @njit(parallel=True, cache=True)

@@ -28,9 +28,10 @@
  * divisions; a vector that spans two channels blends their parameters. The values before the
  * first 64-byte-aligned output address and after the last whole vector use plain stores.
  *
- * Whole calls (train_forward, train_backward, inference) run a pass on the calling thread in
- * one call: statistics, parameters, output and, in training, the running buffers (float32, in
- * place). The other functions are the parts, for the caller to spread over threads.
+ * The module's functions (train_forward, train_backward, inference) each run a whole pass on
+ * the calling thread: statistics, parameters, output and, in training, the running buffers
+ * (float32, in place). They are for one thread: split over a pool of threads the passes measured
+ * slower than ATen's own threaded kernels, so the caller runs them only on one.
  *
  * Element types: float32, or bfloat16 (`is_bf16`) widened exactly to float32 (bits << 16) and
  * rounded back to nearest even on store, NaN as the quiet NaN 0x7FC0, exactly as
@@ -40,7 +41,7 @@
  * The vector code needs AVX-512 F, BW and VL (checked at import: SUPPORTED); elsewhere, and on
  * other architectures, SUPPORTED is False and the module's functions raise RuntimeError.
  * Pointers come as integers from the caller (batchnorm.backends.numba_backend), which checks
- * dtypes, sizes and density; the functions release the GIL, so threads can share a pass.
+ * dtypes, sizes and density; the functions release the GIL.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -626,7 +627,7 @@ AVX512 static void grad_sums_mc_avx512(const char *dy, const char *x, ptrdiff_t 
     }
 }
 
-/* The whole training forward on one thread: statistics in memory order (float64 per channel),
+/* The whole training forward: statistics in memory order (float64 per channel),
  * y = (x − μ)·γr + β streamed, μ and r out (float32), the running buffers moved (float32, in
  * place, unbiased variance) when given. Returns 0, or −1 when out of memory. */
 AVX512 static int train_forward_avx512(const char *x, char *y, ptrdiff_t n_batch,
@@ -650,7 +651,9 @@ AVX512 static int train_forward_avx512(const char *x, char *y, ptrdiff_t n_batch
         moments_mc_avx512(x, n_batch, channels, is_bf16, mean, m2, params); /* params as work */
     float *shift = params, *scale = params + channels, *offset = params + 2 * channels;
     for (ptrdiff_t c = 0; c < channels; c++) {
-        double var = m2[c] / count, r = 1.0 / sqrt(var + eps);
+        double var = m2[c] / count;
+        if (var < 0.0) var = 0.0; /* rounding of equal values (NaN stays NaN) */
+        double r = 1.0 / sqrt(var + eps);
         shift[c] = (float)mean[c];
         scale[c] = (float)((weight ? (double)weight[c] : 1.0) * r);
         offset[c] = bias ? bias[c] : 0.0f;
@@ -747,81 +750,6 @@ static PyObject *require_support(void) {
     return NULL;
 }
 
-static PyObject *affine(PyObject *self, PyObject *args) {
-    unsigned long long x, y, shift, scale, offset;
-    Py_ssize_t start, end, run, channels;
-    int is_bf16;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KKnnnnpKKK", &x, &y, &start, &end, &run, &channels, &is_bf16,
-                          &shift, &scale, &offset))
-        return NULL;
-    if (!supported) return require_support();
-#if HAVE_AVX512_BUILD
-    Py_BEGIN_ALLOW_THREADS
-    affine_avx512((const char *)(uintptr_t)x, (char *)(uintptr_t)y, start, end, run, channels,
-                  is_bf16, (const float *)(uintptr_t)shift, (const float *)(uintptr_t)scale,
-                  (const float *)(uintptr_t)offset);
-    Py_END_ALLOW_THREADS
-#endif
-    Py_RETURN_NONE;
-}
-
-static PyObject *grad(PyObject *self, PyObject *args) {
-    unsigned long long dy, x, dx, mean, gain, mean_term, slope;
-    Py_ssize_t start, end, run, channels;
-    int is_bf16;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KKKnnnnpKKKK", &dy, &x, &dx, &start, &end, &run, &channels,
-                          &is_bf16, &mean, &gain, &mean_term, &slope))
-        return NULL;
-    if (!supported) return require_support();
-#if HAVE_AVX512_BUILD
-    Py_BEGIN_ALLOW_THREADS
-    grad_avx512((const char *)(uintptr_t)dy, (const char *)(uintptr_t)x, (char *)(uintptr_t)dx,
-                start, end, run, channels, is_bf16, (const float *)(uintptr_t)mean,
-                (const float *)(uintptr_t)gain, (const float *)(uintptr_t)mean_term,
-                (const float *)(uintptr_t)slope);
-    Py_END_ALLOW_THREADS
-#endif
-    Py_RETURN_NONE;
-}
-
-static PyObject *moments_ncl(PyObject *self, PyObject *args) {
-    unsigned long long x, mean, m2;
-    Py_ssize_t n0, n1, channels, run;
-    int is_bf16;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KnnnnpKK", &x, &n0, &n1, &channels, &run, &is_bf16, &mean, &m2))
-        return NULL;
-    if (!supported) return require_support();
-#if HAVE_AVX512_BUILD
-    Py_BEGIN_ALLOW_THREADS
-    moments_ncl_avx512((const char *)(uintptr_t)x, n0, n1, channels, run, is_bf16,
-                       (double *)(uintptr_t)mean, (double *)(uintptr_t)m2);
-    Py_END_ALLOW_THREADS
-#endif
-    Py_RETURN_NONE;
-}
-
-static PyObject *grad_sums_ncl(PyObject *self, PyObject *args) {
-    unsigned long long dy, x, mean, sum_dy, sum_dy_xmu;
-    Py_ssize_t n0, n1, channels, run;
-    int is_bf16;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "KKnnnnpKKK", &dy, &x, &n0, &n1, &channels, &run, &is_bf16, &mean,
-                          &sum_dy, &sum_dy_xmu))
-        return NULL;
-    if (!supported) return require_support();
-#if HAVE_AVX512_BUILD
-    Py_BEGIN_ALLOW_THREADS
-    grad_sums_ncl_avx512((const char *)(uintptr_t)dy, (const char *)(uintptr_t)x, n0, n1, channels,
-                         run, is_bf16, (const float *)(uintptr_t)mean,
-                         (double *)(uintptr_t)sum_dy, (double *)(uintptr_t)sum_dy_xmu);
-    Py_END_ALLOW_THREADS
-#endif
-    Py_RETURN_NONE;
-}
-
 #define PTR(type, value) ((type)(uintptr_t)(value))
 
 static PyObject *out_of_memory_or_none(int status) {
@@ -894,18 +822,6 @@ static PyObject *inference(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"affine", affine, METH_VARARGS,
-     "affine(x, y, start, end, run, channels, is_bf16, shift, scale, offset): "
-     "y = (x - shift)*scale + offset over flat values [start, end) (addresses as ints)."},
-    {"grad", grad, METH_VARARGS,
-     "grad(dy, x, dx, start, end, run, channels, is_bf16, mean, gain, mean_term, slope): "
-     "dx = gain*((dy - mean_term) - (x - mean)*slope) over flat values [start, end)."},
-    {"moments_ncl", moments_ncl, METH_VARARGS,
-     "moments_ncl(x, n0, n1, channels, run, is_bf16, mean, m2): per channel, the mean and "
-     "M2 of samples [n0, n1) of x (N, C, L), into float64 (C,) arrays."},
-    {"grad_sums_ncl", grad_sums_ncl, METH_VARARGS,
-     "grad_sums_ncl(dy, x, n0, n1, channels, run, is_bf16, mean, sum_dy, sum_dy_xmu): per "
-     "channel, adds sum(dy) and sum(dy*(x - mean)) over samples [n0, n1) to float64 (C,) arrays."},
     {"train_forward", train_forward, METH_VARARGS,
      "train_forward(x, y, n_batch, channels, run, is_bf16, weight, bias, eps, momentum, "
      "running_mean, running_var, mean_out, invstd_out): the whole training forward on one "
