@@ -9,11 +9,12 @@ nowhere (``NumbaBackend({})``: ATen's kernels behind the same checks, autograd a
 update). Passes: training forward (running buffers, autograd graph), backward alone and
 evaluation. Rounds alternate the two in a shuffled order after an untimed 32 MB copy (caches
 cold, as in a network); the ratio printed is ATen's median time over the kernels' (above 1: the
-kernels are faster), one thread.
+kernels are faster), on ``--threads`` torch threads (default one).
 
 Usage::
 
     python benchmarks/cpu_sizes.py [--rounds 25] [--batches 2 8 32 128] [--dtypes float32 bfloat16]
+                                   [--threads 1]
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32", "bfloat16"]
     )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
     return parser.parse_args(argv)
 
 
@@ -72,14 +74,15 @@ def _median_ms(
 def main(argv: list[str] | None = None) -> int:
     """Runs the sweep and prints one line per (dtype, layout, size); returns the exit status."""
     args = _parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     variants = {
         "kernels": numba_backend.NumbaBackend(numba_backend.ALL_KERNEL_CASES),
         "aten": numba_backend.NumbaBackend({}),
     }
     saved = dict(backends._INSTANCES)
     print(
-        f"ATen time / kernels' time (above 1: kernels faster), 1 thread, (N, {CHANNELS}, "
+        f"ATen time / kernels' time (above 1: kernels faster), {args.threads} thread(s), "
+        f"(N, {CHANNELS}, "
         f"{SPATIAL[0]}, {SPATIAL[1]}), streaming kernels: {variants['kernels'].streaming}"
     )
     try:

@@ -165,23 +165,42 @@ def test_fast_path_equals_torch_bitwise(backend, training) -> None:
 
 
 @NEEDS_NUMBA
-def test_numba_kernel_thresholds() -> None:
-    """By default the kernels take exactly the cases and sizes of the measured table: each
-    case from its smallest size on, not one element below it, and no other case."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_numba_kernel_thresholds(threads) -> None:
+    """By default the kernels take exactly the cases and sizes of the measured table for the
+    thread count: each case from its smallest size on, not one element below it, and no other
+    case."""
     from batchnorm.backends.numba_backend import (
         ALL_KERNEL_CASES,
         MEASURED_KERNEL_CASES,
         MEASURED_NUMBA_CASES,
+        MEASURED_THREADED_CASES,
         NumbaBackend,
+        cpu_stream,
     )
 
     default, everywhere = NumbaBackend(), NumbaBackend(ALL_KERNEL_CASES)
-    expected_table = MEASURED_KERNEL_CASES if default.streaming else MEASURED_NUMBA_CASES
-    assert default.kernel_cases is expected_table
+    if not default.streaming:
+        expected_table = MEASURED_NUMBA_CASES
+    elif threads == 1:
+        expected_table = MEASURED_KERNEL_CASES
+    else:
+        expected_table = MEASURED_THREADED_CASES if cpu_stream.THREADED else MEASURED_NUMBA_CASES
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_thresholds(default, everywhere, expected_table, ALL_KERNEL_CASES)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _check_thresholds(default, everywhere, expected_table, all_cases) -> None:
+    """``default`` takes the cases of ``expected_table`` from their sizes on, ``everywhere``
+    every case of ``all_cases``."""
     small = torch.randn(4, 3, 5)
     assert default._kernel_layout("forward", small) is None
     assert everywhere._kernel_layout("forward", small) == "ncl"
-    for (pass_name, layout, dtype), smallest in ALL_KERNEL_CASES.items():
+    for (pass_name, layout, dtype), smallest in all_cases.items():
         threshold = expected_table.get((pass_name, layout, dtype))
         itemsize = torch.empty((), dtype=dtype).element_size()
         values = max(threshold or 0, 64 * itemsize) // itemsize  # at the threshold (or tiny)

@@ -3,11 +3,15 @@
 Each is called directly on tensors' memory and checked against float64 formulas: every layout
 walk (runs shorter than a vector, runs that straddle vectors, channels innermost with fewer or
 more channels than a vector and with a wrap), misaligned input and output addresses, odd lengths
-(scalar head and tail), threads, bfloat16 rounding against torch's own, and non-finite values.
+(scalar head and tail), teams of threads (more threads than rows too), bfloat16 rounding against
+torch's own, and non-finite values.
 Skipped where the extension is not built or the CPU lacks AVX-512 F/BW/VL.
 """
 
 from __future__ import annotations
+
+import sys
+import threading
 
 import pytest
 import torch
@@ -36,6 +40,8 @@ LAYOUTS = [
 ]
 # Element offsets of the input and output from a 64-byte-aligned allocation.
 OFFSETS = [(0, 0), (1, 0), (0, 3), (5, 7)]
+# Teams: the calling thread alone, and three threads (more than some layouts' rows).
+THREADS = [1, 3]
 
 
 def _tolerance(dtype):
@@ -74,7 +80,8 @@ def _address(t: torch.Tensor | None) -> int:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("shape", "layout"), LAYOUTS)
 @pytest.mark.parametrize(("x_offset", "y_offset"), OFFSETS)
-def test_inference_matches_float64(dtype, shape, layout, x_offset, y_offset) -> None:
+@pytest.mark.parametrize("threads", THREADS)
+def test_inference_matches_float64(dtype, shape, layout, x_offset, y_offset, threads) -> None:
     """y = (x − μ)·γ/sqrt(var + ε) + β through every walk of the output pass."""
     gen = torch.Generator().manual_seed(0)
     channels = shape[1]
@@ -82,10 +89,10 @@ def test_inference_matches_float64(dtype, shape, layout, x_offset, y_offset) -> 
     y = _at_offset(torch.full(shape, float("nan")).to(dtype), y_offset)
     weight, bias, mean = torch.randn(3, channels, generator=gen)
     var = torch.rand(channels, generator=gen) + 0.5
-    _rows, run = _rows_and_run(shape, layout)
+    rows, run = _rows_and_run(shape, layout)
     cpu_stream.inference(
-        x.data_ptr(), y.data_ptr(), x.numel(), run, channels, dtype == torch.bfloat16,
-        weight.data_ptr(), bias.data_ptr(), (mean.data_ptr(), var.data_ptr()), 1e-5,
+        x.data_ptr(), y.data_ptr(), rows, channels, run, dtype == torch.bfloat16,
+        weight.data_ptr(), bias.data_ptr(), (mean.data_ptr(), var.data_ptr()), 1e-5, threads,
     )  # fmt: skip
     scale = _by_channel(weight / torch.sqrt(var.double() + 1e-5), shape, layout)
     expected = (x.double() - _by_channel(mean, shape, layout)) * scale
@@ -97,7 +104,10 @@ def test_inference_matches_float64(dtype, shape, layout, x_offset, y_offset) -> 
 @pytest.mark.parametrize(("shape", "layout"), LAYOUTS)
 @pytest.mark.parametrize(("x_offset", "y_offset"), OFFSETS)
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
-def test_train_forward_matches_float64(dtype, shape, layout, x_offset, y_offset, affine) -> None:
+@pytest.mark.parametrize("threads", THREADS)
+def test_train_forward_matches_float64(
+    dtype, shape, layout, x_offset, y_offset, affine, threads
+) -> None:
     """Statistics, output and running buffers of a training forward, against float64."""
     gen = torch.Generator().manual_seed(1)
     channels = shape[1]
@@ -113,7 +123,7 @@ def test_train_forward_matches_float64(dtype, shape, layout, x_offset, y_offset,
         x.data_ptr(), y.data_ptr(), rows, channels, run, dtype == torch.bfloat16,
         _address(weight), _address(bias), 1e-5, 0.3,
         (running_mean.data_ptr(), running_var.data_ptr()),
-        (mean_out.data_ptr(), invstd_out.data_ptr()),
+        (mean_out.data_ptr(), invstd_out.data_ptr()), threads,
     )  # fmt: skip
     x64 = x.double()
     count = x.numel() // channels
@@ -136,7 +146,8 @@ def test_train_forward_matches_float64(dtype, shape, layout, x_offset, y_offset,
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("shape", "layout"), LAYOUTS)
 @pytest.mark.parametrize(("x_offset", "y_offset"), OFFSETS)
-def test_train_backward_matches_float64(dtype, shape, layout, x_offset, y_offset) -> None:
+@pytest.mark.parametrize("threads", THREADS)
+def test_train_backward_matches_float64(dtype, shape, layout, x_offset, y_offset, threads) -> None:
     """dx, dγ, dβ from the saved μ and r, against the float64 formulas."""
     gen = torch.Generator().manual_seed(2)
     channels = shape[1]
@@ -150,7 +161,7 @@ def test_train_backward_matches_float64(dtype, shape, layout, x_offset, y_offset
     cpu_stream.train_backward(
         dy.data_ptr(), x.data_ptr(), dx.data_ptr(), rows, channels, run,
         dtype == torch.bfloat16, weight.data_ptr(), (mean.data_ptr(), invstd.data_ptr()),
-        (dweight.data_ptr(), dbias.data_ptr()),
+        (dweight.data_ptr(), dbias.data_ptr()), threads,
     )  # fmt: skip
     count = x.numel() // channels
     dy64, centered = dy.double(), x.double() - _by_channel(mean, shape, layout)
@@ -176,7 +187,7 @@ def test_bfloat16_rounds_like_torch() -> None:
     weight, zeros, ones = torch.full((3,), scale), torch.zeros(3), torch.ones(3)
     y = torch.empty_like(x)
     cpu_stream.inference(
-        x.data_ptr(), y.data_ptr(), x.numel(), 1000, 3, True, weight.data_ptr(), 0,
+        x.data_ptr(), y.data_ptr(), 4, 3, 1000, True, weight.data_ptr(), 0,
         (zeros.data_ptr(), ones.data_ptr()), 0.0,
     )  # fmt: skip
     expected = (x.float() * scale).bfloat16()
@@ -190,7 +201,7 @@ def test_non_finite_values_propagate(dtype) -> None:
     zeros, ones = torch.zeros(3), torch.ones(3)
     y = torch.empty_like(x)
     cpu_stream.inference(
-        x.data_ptr(), y.data_ptr(), x.numel(), 40, 3, dtype == torch.bfloat16, 0, 0,
+        x.data_ptr(), y.data_ptr(), 2, 3, 40, dtype == torch.bfloat16, 0, 0,
         (zeros.data_ptr(), ones.data_ptr()), 0.0,
     )  # fmt: skip
     assert torch.equal(y.isnan(), x.isnan())
@@ -198,6 +209,54 @@ def test_non_finite_values_propagate(dtype) -> None:
     assert torch.equal(y[y.isfinite()], x[x.isfinite()])
     if dtype == torch.bfloat16:
         assert y.view(torch.int16)[0, 1, 5].item() == 0x7FC0  # the quiet NaN, as Numba stores it
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux")
+    or "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+    reason="torch's CPU kernels run on OpenMP here, on Linux",
+)
+def test_passes_run_on_torchs_openmp_team() -> None:
+    """Where torch runs on OpenMP (Linux wheels), the extension found its runtime."""
+    assert cpu_stream.THREADED
+
+
+def test_teams_from_several_python_threads_at_once() -> None:
+    """Passes called from several Python threads at once (each with a team of its own) keep
+    their results apart: each call's scratch is its own."""
+    gen = torch.Generator().manual_seed(6)
+    inputs = [torch.randn(8, 4, 3000, generator=gen) * (k + 1) + k for k in range(4)]
+    outputs = [torch.empty_like(x) for x in inputs]
+    stats = [torch.empty(2, 4) for _ in inputs]  # rows: mean, invstd
+
+    def forward(k: int) -> None:
+        for _ in range(20):
+            cpu_stream.train_forward(
+                inputs[k].data_ptr(), outputs[k].data_ptr(), 8, 4, 3000, False, 0, 0, 1e-5,
+                0.1, (0, 0), (stats[k][0].data_ptr(), stats[k][1].data_ptr()), 2,
+            )  # fmt: skip
+
+    workers = [threading.Thread(target=forward, args=(k,)) for k in range(len(inputs))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    for x, y, (mean, invstd) in zip(inputs, outputs, stats, strict=True):
+        var, expected_mean = torch.var_mean(x.double(), (0, 2), correction=0)
+        torch.testing.assert_close(mean.double(), expected_mean, atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(invstd.double(), (var + 1e-5).rsqrt(), atol=0, rtol=1e-5)
+        expected = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
+        torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_threads_below_one_are_refused() -> None:
+    x = torch.randn(2, 3, 40)
+    zeros, ones = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="threads: expected at least 1, got 0"):
+        cpu_stream.inference(
+            x.data_ptr(), torch.empty_like(x).data_ptr(), 2, 3, 40, False, 0, 0,
+            (zeros.data_ptr(), ones.data_ptr()), 0.0, 0,
+        )  # fmt: skip
 
 
 def test_numba_backend_refuses_streaming_without_support(monkeypatch) -> None:
@@ -215,13 +274,14 @@ def test_numba_backend_refuses_streaming_without_support(monkeypatch) -> None:
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("buffers", [torch.float32, torch.float64], ids=str)
 def test_backend_paths_agree_across_threads(dtype, memory_format, buffers) -> None:
-    """One C call per pass (one thread) and Numba's kernels (two threads; float64 buffers moved
-    in NumPy) give torch's outputs, gradients and buffers."""
+    """One C call per pass on one thread and on two (torch's OpenMP team), and Numba's kernels
+    on two (float64 buffers moved in NumPy), give torch's outputs, gradients and buffers."""
     pytest.importorskip("numba")
     from batchnorm.backends import numba_backend
     from batchnorm.functional import batch_norm
 
     backend = numba_backend.NumbaBackend(numba_backend.ALL_KERNEL_CASES)
+    numba_only = numba_backend.NumbaBackend(numba_backend.ALL_KERNEL_CASES, streaming=False)
     assert backend.streaming
     gen = torch.Generator().manual_seed(5)
     x = (torch.randn(6, 5, 61, 47, generator=gen) * 2 + 3).to(dtype)  # > 2 grains of values
@@ -232,13 +292,15 @@ def test_backend_paths_agree_across_threads(dtype, memory_format, buffers) -> No
     threads = torch.get_num_threads()
     results = []
     try:
-        for count in (1, 2):
+        for count, variant in ((1, backend), (2, backend), (2, numba_only)):
             torch.set_num_threads(count)
-            assert backend._streams(x) == (count == 1)  # C on one thread, Numba on two
+            # C on one thread, and on two with torch's OpenMP runtime; Numba's kernels else
+            streams = variant is backend and (count == 1 or cpu_stream.THREADED)
+            assert variant._streams(x) == streams
             leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
             mean, var = torch.zeros(5, dtype=buffers), torch.ones(5, dtype=buffers)
             with pytest.MonkeyPatch.context() as patch:
-                patch.setattr("batchnorm.backends._INSTANCES", {"numba": backend})
+                patch.setattr("batchnorm.backends._INSTANCES", {"numba": variant})
                 y = batch_norm(
                     *leaves[:1], mean, var, *leaves[1:], True, 0.1, 1e-5, backend="numba"
                 )
@@ -279,7 +341,7 @@ def _kernels_everywhere(monkeypatch):
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
 def threads(request):
-    """Runs a test on one thread (the C kernels) and on two (Numba's)."""
+    """Runs a test on one thread and on two (the C kernels on torch's OpenMP team)."""
     saved = torch.get_num_threads()
     torch.set_num_threads(request.param)
     yield request.param

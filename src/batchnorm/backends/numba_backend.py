@@ -5,17 +5,18 @@ Two sets of kernels cover the two dense layouts of the ``(N, C, L)`` view, conti
 training forward, backward and evaluation:
 
 * the streaming kernels (:mod:`batchnorm.kernels.cpu_stream`, C with AVX-512, built with the
-  package where a compiler is present) for float32 and bfloat16 on one thread: each pass reads
-  its input in memory order (statistics of each run of ``L`` values, or of each block of rows,
-  while it is in cache, merged per channel by Chan's rule), writes its output with streaming
-  stores and is one C call, the training forward moving the running buffers itself;
+  package where a compiler is present) for float32 and bfloat16: each pass reads its input in
+  memory order (statistics of each run of ``L`` values, or of each block of rows, while it is in
+  cache, merged per channel by Chan's rule), writes its output with streaming stores and is one
+  C call, the training forward moving the running buffers itself; on several threads the call
+  splits the rows over a team of torch's own OpenMP runtime (:data:`cpu_stream.THREADED`);
 * Numba's fused kernels (:mod:`batchnorm.kernels.cpu_numba`), parallel over ``torch``'s thread
-  count, for float64, on several threads, and where the streaming kernels do not run (not
-  built, or no AVX-512).
+  count, for float64 and where the streaming kernels do not run (not built, no AVX-512, or
+  several threads without torch's OpenMP runtime).
 
-By default they run only where they measured faster than ATen (on one thread
-:data:`MEASURED_KERNEL_CASES`, or :data:`MEASURED_NUMBA_CASES` without the streaming kernels;
-on several :data:`MEASURED_NUMBA_CASES`), with outputs on huge pages
+By default they run only where they measured faster than ATen (:data:`MEASURED_KERNEL_CASES`
+on one thread, :data:`MEASURED_THREADED_CASES` on several; :data:`MEASURED_NUMBA_CASES` for
+Numba's kernels alone), with outputs on huge pages
 (:mod:`batchnorm.backends.memory`); every other case goes to the ATen backend (float16 and
 other strides always do), and tensors under ``torch.func`` transforms (whose storage the kernels
 cannot see) to the pure-torch backend, which those transforms differentiate and batch.
@@ -163,18 +164,17 @@ MEASURED_NUMBA_CASES: Mapping[KernelCase, int] = {
 }
 #: Where the kernels measured faster than ATen with the streaming kernels
 #: (:mod:`batchnorm.kernels.cpu_stream`: float32 and bfloat16 in memory order, outputs written
-#: with streaming stores, one C call per pass on one thread), case → smallest input in bytes.
+#: with streaming stores, one C call per pass), on one thread, case → smallest input in bytes.
 #: Whole calls against this backend with no kernel cases (ATen's kernels behind the same
 #: checks), ``(N, 64, 14, 14)`` contiguous and channels_last, one thread, 2-core Xeon,
 #: 2026-11-27: ``python benchmarks/cpu_sizes.py``; below these sizes the per-call work in Python
-#: costs more than the kernels save. On the shapes of ``benchmarks/cpu.py`` (3–51 MB) every case
-#: then measured 1.06–4.25× ATen (``benchmarks/results/cpu-2026-11-27.*``). Float64 keeps Numba's
-#: fused forward (:data:`MEASURED_NUMBA_CASES`).
+#: costs more than the kernels save. Float64 keeps Numba's fused forward
+#: (:data:`MEASURED_NUMBA_CASES`).
 MEASURED_KERNEL_CASES: Mapping[KernelCase, int] = {
     ("forward", "ncl", torch.float32): 1 << 19,
     ("backward", "ncl", torch.float32): 2 << 20,
     ("inference", "ncl", torch.float32): 1 << 20,
-    ("forward", "rows", torch.float32): 4 << 20,
+    ("forward", "rows", torch.float32): 2 << 20,
     ("backward", "rows", torch.float32): 4 << 20,
     ("inference", "rows", torch.float32): 1 << 20,
     ("forward", "ncl", torch.bfloat16): 2 << 20,
@@ -183,6 +183,26 @@ MEASURED_KERNEL_CASES: Mapping[KernelCase, int] = {
     ("forward", "rows", torch.bfloat16): 1 << 19,
     ("backward", "rows", torch.bfloat16): 1 << 19,
     ("inference", "rows", torch.bfloat16): 1 << 20,
+    ("forward", "ncl", torch.float64): 1 << 19,
+}
+#: The same on several threads, where the streaming kernels run on torch's OpenMP team
+#: (:data:`cpu_stream.THREADED`): ``python benchmarks/cpu_sizes.py --threads 2``, two threads,
+#: same machine and date. ATen's threaded kernels are faster than on one thread, so most cases
+#: start later; the (M, C) passes earlier (their statistics split well). Not measured on more
+#: than two threads.
+MEASURED_THREADED_CASES: Mapping[KernelCase, int] = {
+    ("forward", "ncl", torch.float32): 1 << 19,
+    ("backward", "ncl", torch.float32): 2 << 20,
+    ("inference", "ncl", torch.float32): 1 << 20,
+    ("forward", "rows", torch.float32): 1 << 20,
+    ("backward", "rows", torch.float32): 1 << 20,
+    ("inference", "rows", torch.float32): 1 << 20,
+    ("forward", "ncl", torch.bfloat16): 2 << 20,
+    ("backward", "ncl", torch.bfloat16): 1 << 19,
+    ("inference", "ncl", torch.bfloat16): 1 << 20,
+    ("forward", "rows", torch.bfloat16): 1 << 19,
+    ("backward", "rows", torch.bfloat16): 1 << 19,
+    ("inference", "rows", torch.bfloat16): 1 << 19,
     ("forward", "ncl", torch.float64): 1 << 19,
 }
 
@@ -288,6 +308,11 @@ def _smallest_inputs(cases: Mapping[KernelCase, int]) -> dict[tuple[str, torch.d
     return smallest
 
 
+def _stream_threads(x: torch.Tensor) -> int:
+    """Threads for a streaming pass over ``x``: torch's count, each with :data:`_GRAIN` values."""
+    return max(1, min(torch.get_num_threads(), x.numel() // _GRAIN))
+
+
 def _launch(kernel: Callable[..., None], work: int, *args: Any) -> None:
     """Runs ``kernel(*args)`` on up to ``torch.get_num_threads()`` threads.
 
@@ -320,8 +345,10 @@ class NumbaBackend:
 
         Args:
             kernel_cases: ``(pass, layout, dtype)`` → the smallest input (bytes) the kernels
-                take in that case, the rest going to ATen; default :data:`MEASURED_KERNEL_CASES`
-                (:data:`MEASURED_NUMBA_CASES` without the streaming kernels).
+                take in that case, the rest going to ATen, on any number of threads; default
+                :data:`MEASURED_KERNEL_CASES` on one thread and :data:`MEASURED_THREADED_CASES`
+                on several (:data:`MEASURED_NUMBA_CASES` where Numba's kernels run instead of
+                the streaming ones).
                 :data:`ALL_KERNEL_CASES` runs them wherever they can (the tests do, to check
                 every kernel).
             streaming: use the streaming-store kernels (:mod:`batchnorm.kernels.cpu_stream`)
@@ -336,7 +363,8 @@ class NumbaBackend:
                 "streaming: the streaming kernels are not built or this CPU lacks AVX-512 F/BW/VL"
             )
         self.streaming = cpu_stream.SUPPORTED if streaming is None else streaming
-        # Cases on one thread (the streaming kernels', where they run) and on several (Numba's).
+        # Cases on one thread and on several (the streaming kernels' on torch's OpenMP team, or
+        # Numba's).
         self.kernel_cases = (
             kernel_cases
             if kernel_cases is not None
@@ -345,7 +373,11 @@ class NumbaBackend:
             else MEASURED_NUMBA_CASES
         )
         self.threaded_kernel_cases = (
-            kernel_cases if kernel_cases is not None else MEASURED_NUMBA_CASES
+            kernel_cases
+            if kernel_cases is not None
+            else MEASURED_THREADED_CASES
+            if self.streaming and cpu_stream.THREADED
+            else MEASURED_NUMBA_CASES
         )
         # (pass, dtype) → smallest input of any layout, per table: one dict lookup turns most
         # calls away.
@@ -375,13 +407,19 @@ class NumbaBackend:
         return smallest is not None and x.numel() * x.element_size() >= smallest
 
     def _streams(self, x: torch.Tensor) -> bool:
-        """Whether the streaming kernels run the pass on ``x``: one C call, on one thread.
+        """Whether the streaming kernels run the pass on ``x``: one C call.
 
-        On several threads Numba's kernels run instead: spread over a pool of Python threads,
-        the streaming passes measured slower than ATen's threaded kernels (0.45–0.8× on two
-        threads, ``benchmarks/results/cpu-2026-11-27-threads2-pool.log``, at 0d35e58).
+        On several threads they need torch's OpenMP runtime (:data:`cpu_stream.THREADED`), whose
+        workers ATen's kernels leave spinning: on threads of their own (a pool of Python
+        threads) the passes measured 0.45–0.8× ATen's threaded kernels on two threads
+        (``benchmarks/results/cpu-2026-11-27-threads2-pool.log``, at 0d35e58). Without that
+        runtime, Numba's kernels run on several threads.
         """
-        return self.streaming and x.dtype in _STREAM_DTYPES and torch.get_num_threads() == 1
+        return (
+            self.streaming
+            and x.dtype in _STREAM_DTYPES
+            and (cpu_stream.THREADED or torch.get_num_threads() == 1)
+        )
 
     def _runs_kernels(
         self, input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
@@ -564,7 +602,7 @@ class NumbaBackend:
         momentum: float,
         eps: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """:meth:`native_batch_norm` in one C call (one thread; float32 buffers or none)."""
+        """:meth:`native_batch_norm` in one C call (float32 buffers or none)."""
         keep: list[torch.Tensor] = []
         y = empty_like(x)  # like x (dense), huge pages
         channels = x.shape[1]
@@ -587,6 +625,7 @@ class NumbaBackend:
             float(momentum),
             running,
             (mean.data_ptr(), invstd.data_ptr()),
+            _stream_threads(x),
         )
         return y, mean, invstd
 
@@ -614,18 +653,19 @@ class NumbaBackend:
         if self._streams(x):
             keep: list[torch.Tensor] = []
             y = empty_like(x)  # like x (dense), huge pages
-            _rows, run = _kernel_rows_and_run(x, layout == "rows")
+            rows, run = _kernel_rows_and_run(x, layout == "rows")
             cpu_stream.inference(
                 x.data_ptr(),
                 y.data_ptr(),
-                x.numel(),
-                run,
+                rows,
                 x.shape[1],
+                run,
                 x.dtype == torch.bfloat16,
                 _float32_address(weight, keep),
                 _float32_address(bias, keep),
                 (_float32_address(running_mean, keep), _float32_address(running_var, keep)),
                 float(eps),
+                _stream_threads(x),
             )
             return y
         is_rows = layout == "rows"
@@ -682,6 +722,7 @@ class NumbaBackend:
                 _float32_address(weight, keep),
                 (_float32_address(mean, keep), _float32_address(invstd, keep)),
                 (dweight_out.data_ptr(), dbias_out.data_ptr()),
+                _stream_threads(x),
             )
             return dx, dweight_out, dbias_out
         array = _kernel_array(x, layout)  # (N, C, L) or (M, C)

@@ -28,10 +28,10 @@
  * divisions; a vector that spans two channels blends their parameters. The values before the
  * first 64-byte-aligned output address and after the last whole vector use plain stores.
  *
- * The module's functions (train_forward, train_backward, inference) each run a whole pass on
- * the calling thread: statistics, parameters, output and, in training, the running buffers
- * (float32, in place). They are for one thread: split over a pool of threads the passes measured
- * slower than ATen's own threaded kernels, so the caller runs them only on one.
+ * The module's functions (train_forward, train_backward, inference) each run a whole pass:
+ * statistics, parameters, output and, in training, the running buffers (float32, in place), on
+ * a team of up to `threads` threads of torch's own OpenMP runtime (see "Threads" below; on the
+ * calling thread alone until use_openmp has found it).
  *
  * Element types: float32, or bfloat16 (`is_bf16`) widened exactly to float32 (bits << 16) and
  * rounded back to nearest even on store, NaN as the quiet NaN 0x7FC0, exactly as
@@ -44,7 +44,13 @@
  * dtypes, sizes and density; the functions release the GIL.
  */
 #define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include <Python.h> /* first: its pyconfig.h defines _GNU_SOURCE (RTLD_NOLOAD) */
+#if defined(__linux__)
+#include <dlfcn.h>
+#define HAVE_OPENMP_LOOKUP 1
+#else
+#define HAVE_OPENMP_LOOKUP 0
+#endif
 #include <stdint.h>
 #include <math.h>
 #include <stddef.h>
@@ -81,6 +87,90 @@ static inline void store_one(char *base, int is_bf16, ptrdiff_t i, float value) 
 /* The channel of flat value i: (i / run) mod C for (N, C, L), i mod C for (M, C) (run = 0). */
 static inline ptrdiff_t channel_of(ptrdiff_t i, ptrdiff_t run, ptrdiff_t channels) {
     return run ? (i / run) % channels : i % channels;
+}
+
+/* ---- Threads ----
+ *
+ * Each pass runs in phases over the team of threads the caller asks for: per-thread partial
+ * statistics over a share of the rows (samples of (N, C, L), rows of (M, C)), merged on the
+ * calling thread, then the output over the same shares (each thread writes what it read, so a
+ * share that fits in cache is still there). The team comes from the OpenMP runtime that torch
+ * runs its own kernels on (use_openmp: GOMP_parallel of the libgomp torch's library loaded), so
+ * that ATen's workers, still spinning after their last kernel, take our work instead of
+ * competing with our threads for the cores. Without that runtime, or for one thread, each phase
+ * runs on the calling thread. */
+
+typedef void (*gomp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*omp_query_t)(void);
+static gomp_parallel_t gomp_parallel;
+static omp_query_t omp_thread_num, omp_team_size;
+
+/* Runs body(job) on a team of up to `threads` threads (one: the calling thread alone). */
+static void run_team(void (*body)(void *), void *job, int threads) {
+    if (threads > 1 && gomp_parallel != NULL)
+        gomp_parallel(body, job, (unsigned)threads, 0);
+    else
+        body(job);
+}
+
+/* This thread's place in its team: outside a parallel region, thread 0 of 1. */
+static void team_place(int *thread, int *team) {
+    *thread = omp_thread_num != NULL ? omp_thread_num() : 0;
+    *team = omp_team_size != NULL ? omp_team_size() : 1;
+}
+
+/* One pass's arguments and its threads' partial results. */
+typedef struct {
+    const char *x, *dy;
+    char *out;
+    ptrdiff_t rows, channels, run; /* (N, C, L): N, C, L; (M, C): M, C, 0 */
+    int is_bf16;
+    const float *params[4]; /* per-channel parameters of the output phase */
+    double *part_a, *part_b; /* threads × C: mean and M2, or Σ dy and Σ dy·(x − μ) */
+    double *part_count;      /* threads: values per channel in each thread's share */
+    float *work;             /* threads × 3C: (M, C) block sums */
+    int team;                /* threads that ran the statistics phase (thread 0 writes it) */
+} pass_t;
+
+/* Thread `thread` of `team`'s share of the rows: [first, last). */
+static void share(const pass_t *pass, int thread, int team, ptrdiff_t *first, ptrdiff_t *last) {
+    *first = pass->rows * thread / team;
+    *last = pass->rows * (thread + 1) / team;
+}
+
+static size_t item_size(const pass_t *pass) { return pass->is_bf16 ? 2 : 4; }
+
+/* Values per row: C·L for (N, C, L), C for (M, C). */
+static ptrdiff_t row_values(const pass_t *pass) {
+    return pass->run ? pass->channels * pass->run : pass->channels;
+}
+
+/* Scratch for a pass on up to `threads` threads: 4C floats of parameters (params[0..3]), and,
+ * with `partials`, the threads' partial sums and (M, C) block sums. Returns 0, or −1 when out
+ * of memory (nothing to free then). */
+static int pass_scratch(pass_t *pass, int threads, int partials) {
+    size_t channels = (size_t)pass->channels, parts = (size_t)threads * channels;
+    float *params = malloc(sizeof(float) * 4 * channels);
+    double *doubles = partials ? malloc(sizeof(double) * (2 * parts + (size_t)threads)) : NULL;
+    float *work = partials ? malloc(sizeof(float) * 3 * parts) : NULL;
+    if (params == NULL || (partials && (doubles == NULL || work == NULL))) {
+        free(params);
+        free(doubles);
+        free(work);
+        return -1;
+    }
+    for (int p = 0; p < 4; p++) pass->params[p] = params + p * channels;
+    pass->part_a = doubles;
+    pass->part_b = doubles ? doubles + parts : NULL;
+    pass->part_count = doubles ? doubles + 2 * parts : NULL;
+    pass->work = work;
+    return 0;
+}
+
+static void free_scratch(pass_t *pass) {
+    free((void *)pass->params[0]);
+    free(pass->part_a);
+    free(pass->work);
 }
 
 #if HAVE_AVX512_BUILD
@@ -540,6 +630,18 @@ static ptrdiff_t block_rows(ptrdiff_t channels, size_t item) {
     return rows < 1 ? 1 : rows > 1024 ? 1024 : rows;
 }
 
+/* Rows of an (M, C) matrix added into per-channel float32 accumulators (in L1) four at a time:
+ * each accumulator is loaded and stored once per four rows, so the chains through memory (a
+ * store, then the next row's load of it) are a quarter as long. */
+#define ROWS_AT_ONCE 4
+
+/* Values of channels [c, c + 16) (lanes outside `mask` zero) of four consecutive rows from
+ * `row`, `row_bytes` apart. */
+AVX512 static inline void load_rows4(const char *row, ptrdiff_t row_bytes, int is_bf16,
+                                     __mmask16 mask, __m512 *values) {
+    for (int k = 0; k < ROWS_AT_ONCE; k++) values[k] = load16_masked(row + k * row_bytes, is_bf16, mask);
+}
+
 /* Per channel mean and M2 of an (M, C) matrix, in memory order: each block of rows (in L2 after
  * the first pass) is summed twice in float32, one accumulator per channel (in L1): its mean,
  * then M2 about it (corrected by Σ (x − mean), see run_sum_squares); blocks merge by Chan's rule
@@ -547,19 +649,29 @@ static ptrdiff_t block_rows(ptrdiff_t channels, size_t item) {
 AVX512 static void moments_mc_avx512(const char *x, ptrdiff_t rows, ptrdiff_t channels, int is_bf16,
                                      double *mean, double *m2, float *work) {
     size_t item = is_bf16 ? 2 : 4;
-    ptrdiff_t step = block_rows(channels, item);
+    ptrdiff_t step = block_rows(channels, item), row_bytes = channels * (ptrdiff_t)item;
     float *sums = work, *centers = work + channels, *shifts = work + 2 * channels;
     double count = 0.0;
     for (ptrdiff_t c = 0; c < channels; c++) mean[c] = m2[c] = 0.0;
     for (ptrdiff_t r0 = 0; r0 < rows; r0 += step) {
-        ptrdiff_t r1 = r0 + step < rows ? r0 + step : rows;
+        ptrdiff_t r1 = r0 + step < rows ? r0 + step : rows, r;
         for (ptrdiff_t c = 0; c < channels; c++) sums[c] = 0.0f;
-        for (ptrdiff_t r = r0; r < r1; r++) {
-            const char *row = x + r * channels * item;
+        for (r = r0; r < r1; r += ROWS_AT_ONCE) {
+            int four = r + ROWS_AT_ONCE <= r1;
+            const char *row = x + r * row_bytes;
             for (ptrdiff_t c = 0; c < channels; c += 16) {
                 __mmask16 mask = lanes_below(channels - c);
                 __m512 acc = _mm512_maskz_loadu_ps(mask, sums + c);
-                acc = _mm512_add_ps(acc, load16_masked(row + c * item, is_bf16, mask));
+                if (four) {
+                    __m512 v[ROWS_AT_ONCE];
+                    load_rows4(row + c * item, row_bytes, is_bf16, mask, v);
+                    acc = _mm512_add_ps(acc, _mm512_add_ps(_mm512_add_ps(v[0], v[1]),
+                                                           _mm512_add_ps(v[2], v[3])));
+                } else {
+                    for (ptrdiff_t k = 0; k < r1 - r; k++)
+                        acc = _mm512_add_ps(acc, load16_masked(row + k * row_bytes + c * item,
+                                                               is_bf16, mask));
+                }
                 _mm512_mask_storeu_ps(sums + c, mask, acc);
             }
         }
@@ -568,15 +680,33 @@ AVX512 static void moments_mc_avx512(const char *x, ptrdiff_t rows, ptrdiff_t ch
             centers[c] = sums[c] * inverse;
             sums[c] = shifts[c] = 0.0f;
         }
-        for (ptrdiff_t r = r0; r < r1; r++) {
-            const char *row = x + r * channels * item;
+        for (r = r0; r < r1; r += ROWS_AT_ONCE) {
+            ptrdiff_t count_rows = r1 - r < ROWS_AT_ONCE ? r1 - r : ROWS_AT_ONCE;
+            const char *row = x + r * row_bytes;
             for (ptrdiff_t c = 0; c < channels; c += 16) {
                 __mmask16 mask = lanes_below(channels - c);
-                __m512 d = _mm512_sub_ps(load16_masked(row + c * item, is_bf16, mask),
-                                         _mm512_maskz_loadu_ps(mask, centers + c));
-                __m512 acc = _mm512_fmadd_ps(d, d, _mm512_maskz_loadu_ps(mask, sums + c));
+                __m512 center = _mm512_maskz_loadu_ps(mask, centers + c);
+                __m512 acc = _mm512_maskz_loadu_ps(mask, sums + c);
+                __m512 acc_d = _mm512_maskz_loadu_ps(mask, shifts + c);
+                if (count_rows == ROWS_AT_ONCE) {
+                    __m512 v[ROWS_AT_ONCE];
+                    load_rows4(row + c * item, row_bytes, is_bf16, mask, v);
+                    for (int k = 0; k < ROWS_AT_ONCE; k++) v[k] = _mm512_maskz_sub_ps(mask, v[k], center);
+                    __m512 squares = _mm512_fmadd_ps(
+                        v[0], v[0], _mm512_fmadd_ps(v[1], v[1], _mm512_mul_ps(v[2], v[2])));
+                    acc = _mm512_add_ps(acc, _mm512_fmadd_ps(v[3], v[3], squares));
+                    acc_d = _mm512_add_ps(acc_d, _mm512_add_ps(_mm512_add_ps(v[0], v[1]),
+                                                               _mm512_add_ps(v[2], v[3])));
+                } else {
+                    for (ptrdiff_t k = 0; k < count_rows; k++) {
+                        __m512 d = _mm512_maskz_sub_ps(
+                            mask, load16_masked(row + k * row_bytes + c * item, is_bf16, mask),
+                            center);
+                        acc = _mm512_fmadd_ps(d, d, acc);
+                        acc_d = _mm512_add_ps(acc_d, d);
+                    }
+                }
                 _mm512_mask_storeu_ps(sums + c, mask, acc);
-                __m512 acc_d = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, shifts + c), d);
                 _mm512_mask_storeu_ps(shifts + c, mask, acc_d);
             }
         }
@@ -594,30 +724,48 @@ AVX512 static void moments_mc_avx512(const char *x, ptrdiff_t rows, ptrdiff_t ch
 }
 
 /* Per channel Σ dy and Σ dy·(x − mean) of (M, C) matrices in memory order: float32 sums per
- * block of rows, added in float64 into sum_dy, sum_dy_xmu (zeroed here). `work` holds 2·C
- * floats. */
+ * block of rows (four rows per accumulator update), added in float64 into sum_dy, sum_dy_xmu
+ * (zeroed here). `work` holds 2·C floats. */
 AVX512 static void grad_sums_mc_avx512(const char *dy, const char *x, ptrdiff_t rows,
                                        ptrdiff_t channels, int is_bf16, const float *mean,
                                        double *sum_dy, double *sum_dy_xmu, float *work) {
     size_t item = is_bf16 ? 2 : 4;
-    ptrdiff_t step = block_rows(channels, item);
+    ptrdiff_t step = block_rows(channels, item), row_bytes = channels * (ptrdiff_t)item;
     float *block_dy = work, *block_xmu = work + channels;
     for (ptrdiff_t c = 0; c < channels; c++) sum_dy[c] = sum_dy_xmu[c] = 0.0;
     for (ptrdiff_t r0 = 0; r0 < rows; r0 += step) {
         ptrdiff_t r1 = r0 + step < rows ? r0 + step : rows;
         for (ptrdiff_t c = 0; c < channels; c++) block_dy[c] = block_xmu[c] = 0.0f;
-        for (ptrdiff_t r = r0; r < r1; r++) {
-            ptrdiff_t at = r * channels * (ptrdiff_t)item;
+        for (ptrdiff_t r = r0; r < r1; r += ROWS_AT_ONCE) {
+            ptrdiff_t count_rows = r1 - r < ROWS_AT_ONCE ? r1 - r : ROWS_AT_ONCE;
+            ptrdiff_t at = r * row_bytes;
             for (ptrdiff_t c = 0; c < channels; c += 16) {
                 __mmask16 mask = lanes_below(channels - c);
-                __m512 g = load16_masked(dy + at + c * item, is_bf16, mask);
-                __m512 centered = _mm512_sub_ps(load16_masked(x + at + c * item, is_bf16, mask),
-                                                _mm512_maskz_loadu_ps(mask, mean + c));
-                _mm512_mask_storeu_ps(block_dy + c, mask,
-                                      _mm512_add_ps(_mm512_maskz_loadu_ps(mask, block_dy + c), g));
-                _mm512_mask_storeu_ps(
-                    block_xmu + c, mask,
-                    _mm512_fmadd_ps(g, centered, _mm512_maskz_loadu_ps(mask, block_xmu + c)));
+                __m512 center = _mm512_maskz_loadu_ps(mask, mean + c);
+                __m512 acc = _mm512_maskz_loadu_ps(mask, block_dy + c);
+                __m512 acc_xmu = _mm512_maskz_loadu_ps(mask, block_xmu + c);
+                if (count_rows == ROWS_AT_ONCE) {
+                    __m512 g[ROWS_AT_ONCE], v[ROWS_AT_ONCE];
+                    load_rows4(dy + at + c * item, row_bytes, is_bf16, mask, g);
+                    load_rows4(x + at + c * item, row_bytes, is_bf16, mask, v);
+                    for (int k = 0; k < ROWS_AT_ONCE; k++) v[k] = _mm512_sub_ps(v[k], center);
+                    __m512 products = _mm512_fmadd_ps(
+                        g[0], v[0], _mm512_fmadd_ps(g[1], v[1], _mm512_mul_ps(g[2], v[2])));
+                    acc_xmu = _mm512_add_ps(acc_xmu, _mm512_fmadd_ps(g[3], v[3], products));
+                    acc = _mm512_add_ps(acc, _mm512_add_ps(_mm512_add_ps(g[0], g[1]),
+                                                           _mm512_add_ps(g[2], g[3])));
+                } else {
+                    for (ptrdiff_t k = 0; k < count_rows; k++) {
+                        ptrdiff_t offset = at + k * row_bytes + c * (ptrdiff_t)item;
+                        __m512 grad = load16_masked(dy + offset, is_bf16, mask); /* 0 outside */
+                        __m512 centered = _mm512_sub_ps(load16_masked(x + offset, is_bf16, mask),
+                                                        center);
+                        acc = _mm512_add_ps(acc, grad);
+                        acc_xmu = _mm512_fmadd_ps(grad, centered, acc_xmu);
+                    }
+                }
+                _mm512_mask_storeu_ps(block_dy + c, mask, acc);
+                _mm512_mask_storeu_ps(block_xmu + c, mask, acc_xmu);
             }
         }
         for (ptrdiff_t c = 0; c < channels; c++) {
@@ -627,29 +775,97 @@ AVX512 static void grad_sums_mc_avx512(const char *dy, const char *x, ptrdiff_t 
     }
 }
 
-/* The whole training forward: statistics in memory order (float64 per channel),
- * y = (x − μ)·γr + β streamed, μ and r out (float32), the running buffers moved (float32, in
- * place, unbiased variance) when given. Returns 0, or −1 when out of memory. */
-AVX512 static int train_forward_avx512(const char *x, char *y, ptrdiff_t n_batch,
-                                       ptrdiff_t channels, ptrdiff_t run, int is_bf16,
-                                       const float *weight, const float *bias, double eps,
-                                       double momentum, float *running_mean, float *running_var,
-                                       float *mean_out, float *invstd_out) {
-    ptrdiff_t total = run ? n_batch * channels * run : n_batch * channels;
-    double count = (double)(total / channels); /* M */
-    double *mean = malloc(sizeof(double) * 2 * (size_t)channels);
-    float *params = malloc(sizeof(float) * 3 * (size_t)channels);
-    if (mean == NULL || params == NULL) {
-        free(mean);
-        free(params);
-        return -1;
-    }
-    double *m2 = mean + channels;
-    if (run)
-        moments_ncl_avx512(x, 0, n_batch, channels, run, is_bf16, mean, m2);
+AVX512 static void moments_share(void *arg) {
+    pass_t *pass = arg;
+    int thread, team;
+    ptrdiff_t first, last, channels = pass->channels;
+    team_place(&thread, &team);
+    if (thread == 0) pass->team = team;
+    share(pass, thread, team, &first, &last);
+    double *mean = pass->part_a + thread * channels, *m2 = pass->part_b + thread * channels;
+    if (pass->run)
+        moments_ncl_avx512(pass->x, first, last, channels, pass->run, pass->is_bf16, mean, m2);
     else
-        moments_mc_avx512(x, n_batch, channels, is_bf16, mean, m2, params); /* params as work */
-    float *shift = params, *scale = params + channels, *offset = params + 2 * channels;
+        moments_mc_avx512(pass->x + first * channels * (ptrdiff_t)item_size(pass), last - first,
+                          channels, pass->is_bf16, mean, m2, pass->work + 3 * thread * channels);
+    pass->part_count[thread] = (double)((last - first) * (pass->run ? pass->run : 1));
+}
+
+AVX512 static void grad_sums_share(void *arg) {
+    pass_t *pass = arg;
+    int thread, team;
+    ptrdiff_t first, last, channels = pass->channels;
+    team_place(&thread, &team);
+    if (thread == 0) pass->team = team;
+    share(pass, thread, team, &first, &last);
+    double *sum_dy = pass->part_a + thread * channels;
+    double *sum_dy_xmu = pass->part_b + thread * channels;
+    const float *mean = pass->params[0];
+    if (pass->run) {
+        for (ptrdiff_t c = 0; c < channels; c++) sum_dy[c] = sum_dy_xmu[c] = 0.0;
+        grad_sums_ncl_avx512(pass->dy, pass->x, first, last, channels, pass->run, pass->is_bf16,
+                             mean, sum_dy, sum_dy_xmu);
+    } else {
+        ptrdiff_t offset = first * channels * (ptrdiff_t)item_size(pass);
+        grad_sums_mc_avx512(pass->dy + offset, pass->x + offset, last - first, channels,
+                            pass->is_bf16, mean, sum_dy, sum_dy_xmu,
+                            pass->work + 3 * thread * channels);
+    }
+}
+
+AVX512 static void affine_share(void *arg) {
+    pass_t *pass = arg;
+    int thread, team;
+    ptrdiff_t first, last;
+    team_place(&thread, &team);
+    share(pass, thread, team, &first, &last);
+    affine_avx512(pass->x, pass->out, first * row_values(pass), last * row_values(pass), pass->run,
+                  pass->channels, pass->is_bf16, pass->params[0], pass->params[1],
+                  pass->params[2]);
+}
+
+AVX512 static void grad_share(void *arg) {
+    pass_t *pass = arg;
+    int thread, team;
+    ptrdiff_t first, last;
+    team_place(&thread, &team);
+    share(pass, thread, team, &first, &last);
+    grad_avx512(pass->dy, pass->x, pass->out, first * row_values(pass), last * row_values(pass),
+                pass->run, pass->channels, pass->is_bf16, pass->params[0], pass->params[1],
+                pass->params[2], pass->params[3]);
+}
+
+/* The whole training forward: statistics in memory order (float64 per channel, the threads'
+ * shares merged by Chan's rule), y = (x − μ)·γr + β streamed, μ and r out (float32), the
+ * running buffers moved (float32, in place, unbiased variance) when given. Returns 0, or −1
+ * when out of memory. */
+AVX512 static int train_forward_avx512(pass_t *pass, int threads, const float *weight,
+                                       const float *bias, double eps, double momentum,
+                                       float *running_mean, float *running_var, float *mean_out,
+                                       float *invstd_out) {
+    if (pass_scratch(pass, threads, 1) != 0) return -1;
+    ptrdiff_t channels = pass->channels;
+    run_team(moments_share, pass, threads);
+    /* Merge the shares into thread 0's slots: mean, m2 (C,) each. */
+    double *mean = pass->part_a, *m2 = pass->part_b, count = 0.0;
+    for (int t = 0; t < pass->team; t++) {
+        double part = pass->part_count[t];
+        const double *mean_b = pass->part_a + t * channels, *m2_b = pass->part_b + t * channels;
+        if (part == 0.0) continue; /* no rows (fewer rows than threads) */
+        if (count == 0.0) {        /* the first share with rows: taken as it is */
+            for (ptrdiff_t c = 0; c < channels && t > 0; c++) {
+                mean[c] = mean_b[c];
+                m2[c] = m2_b[c];
+            }
+        } else {
+            double weight_b = part / (count + part);
+            for (ptrdiff_t c = 0; c < channels; c++)
+                chan_merge(mean + c, m2 + c, mean_b[c], m2_b[c], weight_b, count * weight_b);
+        }
+        count += part;
+    }
+    float *shift = (float *)pass->params[0], *scale = (float *)pass->params[1];
+    float *offset = (float *)pass->params[2];
     for (ptrdiff_t c = 0; c < channels; c++) {
         double var = m2[c] / count;
         if (var < 0.0) var = 0.0; /* rounding of equal values (NaN stays NaN) */
@@ -665,68 +881,57 @@ AVX512 static int train_forward_avx512(const char *x, char *y, ptrdiff_t n_batch
                                      momentum * var * (count / (count - 1.0)));
         }
     }
-    affine_avx512(x, y, 0, total, run, channels, is_bf16, shift, scale, offset);
-    free(mean);
-    free(params);
+    run_team(affine_share, pass, threads);
+    free_scratch(pass);
     return 0;
 }
 
-/* The whole backward on one thread: sums in memory order, dx streamed, dγ and dβ out
- * (float32). Returns 0, or −1 when out of memory. */
-AVX512 static int train_backward_avx512(const char *dy, const char *x, char *dx, ptrdiff_t n_batch,
-                                        ptrdiff_t channels, ptrdiff_t run, int is_bf16,
-                                        const float *weight, const float *mean,
-                                        const float *invstd, float *dweight_out,
-                                        float *dbias_out) {
-    ptrdiff_t total = run ? n_batch * channels * run : n_batch * channels;
-    double count = (double)(total / channels); /* M */
-    double *sum_dy = malloc(sizeof(double) * 2 * (size_t)channels);
-    float *params = malloc(sizeof(float) * 4 * (size_t)channels);
-    if (sum_dy == NULL || params == NULL) {
-        free(sum_dy);
-        free(params);
-        return -1;
-    }
-    double *sum_dy_xmu = sum_dy + channels;
-    if (run) {
-        for (ptrdiff_t c = 0; c < channels; c++) sum_dy[c] = sum_dy_xmu[c] = 0.0;
-        grad_sums_ncl_avx512(dy, x, 0, n_batch, channels, run, is_bf16, mean, sum_dy, sum_dy_xmu);
-    } else {
-        grad_sums_mc_avx512(dy, x, n_batch, channels, is_bf16, mean, sum_dy, sum_dy_xmu, params);
-    }
-    float *centers = params, *gain = params + channels, *mean_term = params + 2 * channels;
-    float *slope = params + 3 * channels;
+/* The whole backward: sums in memory order (the threads' shares added in float64), dx
+ * streamed, dγ and dβ out (float32). Returns 0, or −1 when out of memory. */
+AVX512 static int train_backward_avx512(pass_t *pass, int threads, const float *weight,
+                                        const float *mean, const float *invstd,
+                                        float *dweight_out, float *dbias_out) {
+    if (pass_scratch(pass, threads, 1) != 0) return -1;
+    ptrdiff_t channels = pass->channels;
+    float *centers = (float *)pass->params[0], *gain = (float *)pass->params[1];
+    float *mean_term = (float *)pass->params[2], *slope = (float *)pass->params[3];
+    for (ptrdiff_t c = 0; c < channels; c++) centers[c] = mean[c];
+    run_team(grad_sums_share, pass, threads);
+    double *sum_dy = pass->part_a, *sum_dy_xmu = pass->part_b; /* thread 0's: the totals */
+    for (int t = 1; t < pass->team; t++)
+        for (ptrdiff_t c = 0; c < channels; c++) {
+            sum_dy[c] += pass->part_a[t * channels + c];
+            sum_dy_xmu[c] += pass->part_b[t * channels + c];
+        }
+    double count = (double)(pass->rows * (pass->run ? pass->run : 1)); /* M */
     for (ptrdiff_t c = 0; c < channels; c++) {
         double r = invstd[c];
-        centers[c] = mean[c];
         gain[c] = (float)((weight ? (double)weight[c] : 1.0) * r);
         mean_term[c] = (float)(sum_dy[c] / count);
         slope[c] = (float)(sum_dy_xmu[c] * r * r / count);
         dweight_out[c] = (float)(sum_dy_xmu[c] * r);
         dbias_out[c] = (float)sum_dy[c];
     }
-    grad_avx512(dy, x, dx, 0, total, run, channels, is_bf16, centers, gain, mean_term, slope);
-    free(sum_dy);
-    free(params);
+    run_team(grad_share, pass, threads);
+    free_scratch(pass);
     return 0;
 }
 
-/* Evaluation on one thread: y = (x − μ)·γ/sqrt(var + ε) + β from float32 per-channel values.
- * Returns 0, or −1 when out of memory. */
-AVX512 static int inference_avx512(const char *x, char *y, ptrdiff_t total, ptrdiff_t run,
-                                   ptrdiff_t channels, int is_bf16, const float *weight,
+/* Evaluation: y = (x − μ)·γ/sqrt(var + ε) + β from float32 per-channel values. Returns 0, or
+ * −1 when out of memory. */
+AVX512 static int inference_avx512(pass_t *pass, int threads, const float *weight,
                                    const float *bias, const float *running_mean,
                                    const float *running_var, double eps) {
-    float *params = malloc(sizeof(float) * 3 * (size_t)channels);
-    if (params == NULL) return -1;
-    float *scale = params + channels, *offset = params + 2 * channels;
-    for (ptrdiff_t c = 0; c < channels; c++) {
-        params[c] = running_mean[c];
+    if (pass_scratch(pass, threads, 0) != 0) return -1;
+    float *shift = (float *)pass->params[0], *scale = (float *)pass->params[1];
+    float *offset = (float *)pass->params[2];
+    for (ptrdiff_t c = 0; c < pass->channels; c++) {
+        shift[c] = running_mean[c];
         scale[c] = (float)((weight ? (double)weight[c] : 1.0) / sqrt((double)running_var[c] + eps));
         offset[c] = bias ? bias[c] : 0.0f;
     }
-    affine_avx512(x, y, 0, total, run, channels, is_bf16, params, scale, offset);
-    free(params);
+    run_team(affine_share, pass, threads);
+    free_scratch(pass);
     return 0;
 }
 
@@ -757,24 +962,46 @@ static PyObject *out_of_memory_or_none(int status) {
     Py_RETURN_NONE;
 }
 
+/* The pass over a dense (N, C, L) (run = L) or (M, C) (run = 0; rows = M) tensor. */
+static pass_t pass_of(unsigned long long x, unsigned long long dy, unsigned long long out,
+                      Py_ssize_t rows, Py_ssize_t channels, Py_ssize_t run, int is_bf16) {
+    pass_t pass = {0};
+    pass.x = PTR(const char *, x);
+    pass.dy = PTR(const char *, dy);
+    pass.out = PTR(char *, out);
+    pass.rows = rows;
+    pass.channels = channels;
+    pass.run = run;
+    pass.is_bf16 = is_bf16;
+    pass.team = 1;
+    return pass;
+}
+
+static int threads_or_error(int threads) {
+    if (threads >= 1) return 0;
+    PyErr_Format(PyExc_ValueError, "threads: expected at least 1, got %d", threads);
+    return -1;
+}
+
 static PyObject *train_forward(PyObject *self, PyObject *args) {
     unsigned long long x, y, weight, bias, running_mean, running_var, mean_out, invstd_out;
-    Py_ssize_t n_batch, channels, run;
-    int is_bf16, status = 0;
+    Py_ssize_t rows, channels, run;
+    int is_bf16, threads, status = 0;
     double eps, momentum;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKnnnpKKddKKKK", &x, &y, &n_batch, &channels, &run, &is_bf16,
+    if (!PyArg_ParseTuple(args, "KKnnnpKKddKKKKi", &x, &y, &rows, &channels, &run, &is_bf16,
                           &weight, &bias, &eps, &momentum, &running_mean, &running_var,
-                          &mean_out, &invstd_out))
+                          &mean_out, &invstd_out, &threads))
         return NULL;
     if (!supported) return require_support();
+    if (threads_or_error(threads) != 0) return NULL;
 #if HAVE_AVX512_BUILD
+    pass_t pass = pass_of(x, 0, y, rows, channels, run, is_bf16);
     Py_BEGIN_ALLOW_THREADS
-    status = train_forward_avx512(PTR(const char *, x), PTR(char *, y), n_batch, channels, run,
-                                  is_bf16, PTR(const float *, weight), PTR(const float *, bias),
-                                  eps, momentum, PTR(float *, running_mean),
-                                  PTR(float *, running_var), PTR(float *, mean_out),
-                                  PTR(float *, invstd_out));
+    status = train_forward_avx512(&pass, threads, PTR(const float *, weight),
+                                  PTR(const float *, bias), eps, momentum,
+                                  PTR(float *, running_mean), PTR(float *, running_var),
+                                  PTR(float *, mean_out), PTR(float *, invstd_out));
     Py_END_ALLOW_THREADS
 #endif
     return out_of_memory_or_none(status);
@@ -782,17 +1009,18 @@ static PyObject *train_forward(PyObject *self, PyObject *args) {
 
 static PyObject *train_backward(PyObject *self, PyObject *args) {
     unsigned long long dy, x, dx, weight, mean, invstd, dweight_out, dbias_out;
-    Py_ssize_t n_batch, channels, run;
-    int is_bf16, status = 0;
+    Py_ssize_t rows, channels, run;
+    int is_bf16, threads, status = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKKnnnpKKKKK", &dy, &x, &dx, &n_batch, &channels, &run, &is_bf16,
-                          &weight, &mean, &invstd, &dweight_out, &dbias_out))
+    if (!PyArg_ParseTuple(args, "KKKnnnpKKKKKi", &dy, &x, &dx, &rows, &channels, &run, &is_bf16,
+                          &weight, &mean, &invstd, &dweight_out, &dbias_out, &threads))
         return NULL;
     if (!supported) return require_support();
+    if (threads_or_error(threads) != 0) return NULL;
 #if HAVE_AVX512_BUILD
+    pass_t pass = pass_of(x, dy, dx, rows, channels, run, is_bf16);
     Py_BEGIN_ALLOW_THREADS
-    status = train_backward_avx512(PTR(const char *, dy), PTR(const char *, x), PTR(char *, dx),
-                                   n_batch, channels, run, is_bf16, PTR(const float *, weight),
+    status = train_backward_avx512(&pass, threads, PTR(const float *, weight),
                                    PTR(const float *, mean), PTR(const float *, invstd),
                                    PTR(float *, dweight_out), PTR(float *, dbias_out));
     Py_END_ALLOW_THREADS
@@ -802,18 +1030,19 @@ static PyObject *train_backward(PyObject *self, PyObject *args) {
 
 static PyObject *inference(PyObject *self, PyObject *args) {
     unsigned long long x, y, weight, bias, running_mean, running_var;
-    Py_ssize_t total, run, channels;
-    int is_bf16, status = 0;
+    Py_ssize_t rows, run, channels;
+    int is_bf16, threads, status = 0;
     double eps;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKnnnpKKKKd", &x, &y, &total, &run, &channels, &is_bf16, &weight,
-                          &bias, &running_mean, &running_var, &eps))
+    if (!PyArg_ParseTuple(args, "KKnnnpKKKKdi", &x, &y, &rows, &channels, &run, &is_bf16,
+                          &weight, &bias, &running_mean, &running_var, &eps, &threads))
         return NULL;
     if (!supported) return require_support();
+    if (threads_or_error(threads) != 0) return NULL;
 #if HAVE_AVX512_BUILD
+    pass_t pass = pass_of(x, 0, y, rows, channels, run, is_bf16);
     Py_BEGIN_ALLOW_THREADS
-    status = inference_avx512(PTR(const char *, x), PTR(char *, y), total, run, channels, is_bf16,
-                              PTR(const float *, weight), PTR(const float *, bias),
+    status = inference_avx512(&pass, threads, PTR(const float *, weight), PTR(const float *, bias),
                               PTR(const float *, running_mean), PTR(const float *, running_var),
                               eps);
     Py_END_ALLOW_THREADS
@@ -821,17 +1050,49 @@ static PyObject *inference(PyObject *self, PyObject *args) {
     return out_of_memory_or_none(status);
 }
 
+/* use_openmp(library): takes the OpenMP runtime that `library` (a shared library already
+ * loaded, torch's libtorch_cpu) is linked with: GOMP_parallel, omp_get_thread_num and
+ * omp_get_num_threads as the library's dependencies resolve them. Returns whether they were
+ * found; passes on more than one thread need them (else they run on the calling thread). */
+static PyObject *use_openmp(PyObject *self, PyObject *args) {
+    const char *library;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "s", &library)) return NULL;
+#if HAVE_OPENMP_LOOKUP
+    void *handle = dlopen(library, RTLD_NOW | RTLD_NOLOAD); /* only if already loaded */
+    if (handle != NULL) {
+        gomp_parallel_t parallel = (gomp_parallel_t)dlsym(handle, "GOMP_parallel");
+        omp_query_t thread_num = (omp_query_t)dlsym(handle, "omp_get_thread_num");
+        omp_query_t team_size = (omp_query_t)dlsym(handle, "omp_get_num_threads");
+        if (parallel != NULL && thread_num != NULL && team_size != NULL) {
+            /* the handle stays open: the runtime is used from now on */
+            omp_thread_num = thread_num;
+            omp_team_size = team_size;
+            gomp_parallel = parallel;
+            Py_RETURN_TRUE;
+        }
+        dlclose(handle);
+    }
+#else
+    (void)library;
+#endif
+    Py_RETURN_FALSE;
+}
+
 static PyMethodDef methods[] = {
     {"train_forward", train_forward, METH_VARARGS,
-     "train_forward(x, y, n_batch, channels, run, is_bf16, weight, bias, eps, momentum, "
-     "running_mean, running_var, mean_out, invstd_out): the whole training forward on one "
-     "thread (float32 per-channel arrays, 0 for none; running buffers moved in place)."},
+     "train_forward(x, y, rows, channels, run, is_bf16, weight, bias, eps, momentum, "
+     "running_mean, running_var, mean_out, invstd_out, threads): the whole training forward "
+     "(float32 per-channel arrays, 0 for none; running buffers moved in place)."},
     {"train_backward", train_backward, METH_VARARGS,
-     "train_backward(dy, x, dx, n_batch, channels, run, is_bf16, weight, mean, invstd, "
-     "dweight_out, dbias_out): the whole backward on one thread (float32 per-channel arrays)."},
+     "train_backward(dy, x, dx, rows, channels, run, is_bf16, weight, mean, invstd, "
+     "dweight_out, dbias_out, threads): the whole backward (float32 per-channel arrays)."},
     {"inference", inference, METH_VARARGS,
-     "inference(x, y, total, run, channels, is_bf16, weight, bias, running_mean, running_var, "
-     "eps): evaluation on one thread (float32 per-channel arrays, 0 for no weight/bias)."},
+     "inference(x, y, rows, channels, run, is_bf16, weight, bias, running_mean, running_var, "
+     "eps, threads): evaluation (float32 per-channel arrays, 0 for no weight/bias)."},
+    {"use_openmp", use_openmp, METH_VARARGS,
+     "use_openmp(library): run passes on several threads with the OpenMP runtime `library` "
+     "(already loaded) is linked with; returns whether it was found."},
     {NULL, NULL, 0, NULL},
 };
 

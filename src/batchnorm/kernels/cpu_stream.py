@@ -6,15 +6,23 @@ plain store makes of every line it writes (see the C file). It is built with the
 C compiler is present and runs where the CPU has AVX-512 F/BW/VL (:data:`SUPPORTED`); elsewhere
 the Numba kernels (:mod:`batchnorm.kernels.cpu_numba`) and ATen run every pass.
 
-Each function here is one whole pass on the calling thread, in one C call: :func:`train_forward`,
+Each function here is one whole pass in one C call: :func:`train_forward`,
 :func:`train_backward`, :func:`inference`. Tensors come as addresses (the caller checks that
 they are dense, float32 or bfloat16, of one layout: ``(N, C, L)`` or ``(M, C)`` with channels
 innermost); the per-channel values as addresses of float32 arrays (0 where absent).
+
+``threads`` > 1 splits a pass's rows (samples of ``(N, C, L)``, rows of ``(M, C)``) over a team
+of the OpenMP runtime torch's own CPU kernels run on (:data:`THREADED`): ATen leaves that
+runtime's workers spinning after each kernel, and threads of our own would compete with them
+for the cores. Without it a pass runs on the calling thread whatever ``threads`` says.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import ModuleType
+
+import torch
 
 _extension: ModuleType | None
 try:
@@ -22,10 +30,27 @@ try:
 except ImportError:  # not built (no compiler at install, or another platform)
     _extension = None
 
-__all__ = ["SUPPORTED", "inference", "train_backward", "train_forward"]
+__all__ = ["SUPPORTED", "THREADED", "inference", "train_backward", "train_forward"]
 
 #: Whether the extension is built and this CPU runs it.
 SUPPORTED: bool = _extension is not None and bool(_extension.SUPPORTED)
+
+
+def _use_torch_openmp() -> bool:
+    """Hands the extension the OpenMP runtime ``libtorch_cpu`` is linked with, if torch uses one.
+
+    Returns:
+        Whether passes may run on several threads: ATen's parallel backend is OpenMP and the
+        runtime's entry points were found (Linux; elsewhere False).
+    """
+    if not SUPPORTED or "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return False
+    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    return library.exists() and bool(_extension.use_openmp(str(library)))  # type: ignore[union-attr]
+
+
+#: Whether passes run on several threads (torch's OpenMP runtime found); else on one.
+THREADED: bool = _use_torch_openmp()
 
 
 def train_forward(
@@ -41,8 +66,9 @@ def train_forward(
     momentum: float,
     running: tuple[int, int],
     stats_out: tuple[int, int],
+    threads: int = 1,
 ) -> None:
-    """The whole training forward on the calling thread, in one C call.
+    """The whole training forward in one C call.
 
     Statistics in memory order (each run of ``L`` values, or each block of rows of ``(M, C)``,
     summed while in cache, merged per channel by Chan's rule),
@@ -61,12 +87,27 @@ def train_forward(
         running: addresses of the float32 running mean and variance ``(C,)``, ``(0, 0)`` for
             none.
         stats_out: addresses of float32 ``(C,)`` arrays that receive ``μ`` and ``r``.
+        threads: the most threads to run on (see the module's docstring).
 
     Raises:
-        MemoryError: if the C code's scratch memory (a few values per channel) cannot be had.
+        MemoryError: if the C code's scratch memory (a few values per channel and thread) cannot
+            be had.
+        ValueError: if ``threads`` is below 1.
     """
     _extension.train_forward(  # type: ignore[union-attr]
-        x, y, rows, channels, run, is_bf16, weight, bias, eps, momentum, *running, *stats_out
+        x,
+        y,
+        rows,
+        channels,
+        run,
+        is_bf16,
+        weight,
+        bias,
+        eps,
+        momentum,
+        *running,
+        *stats_out,
+        threads,
     )
 
 
@@ -81,51 +122,48 @@ def train_backward(
     weight: int,
     stats: tuple[int, int],
     grads_out: tuple[int, int],
+    threads: int = 1,
 ) -> None:
-    """The whole backward on the calling thread, in one C call: sums, then ``dx`` streamed.
+    """The whole backward in one C call: sums, then ``dx`` streamed.
 
     Args:
         dy, x, dx: addresses of the incoming gradient, the input and the output (dense, of one
             layout and dtype).
-        rows, channels, run, is_bf16, weight: as in :func:`train_forward`.
+        rows, channels, run, is_bf16, weight, threads: as in :func:`train_forward`.
         stats: addresses of the float32 ``μ`` and ``r`` ``(C,)`` of the forward.
         grads_out: addresses of float32 ``(C,)`` arrays that receive ``dγ`` and ``dβ``.
 
     Raises:
-        MemoryError: as :func:`train_forward`.
+        MemoryError, ValueError: as :func:`train_forward`.
     """
     _extension.train_backward(  # type: ignore[union-attr]
-        dy, x, dx, rows, channels, run, is_bf16, weight, *stats, *grads_out
+        dy, x, dx, rows, channels, run, is_bf16, weight, *stats, *grads_out, threads
     )
 
 
 def inference(
     x: int,
     y: int,
-    total: int,
-    run: int,
+    rows: int,
     channels: int,
+    run: int,
     is_bf16: bool,
     weight: int,
     bias: int,
     running: tuple[int, int],
     eps: float,
+    threads: int = 1,
 ) -> None:
-    """Evaluation on the calling thread, in one C call: ``y = (x − μ)·γ/sqrt(var + ε) + β``.
+    """Evaluation in one C call: ``y = (x − μ)·γ/sqrt(var + ε) + β``.
 
     Args:
         x, y: addresses of the input and the output (dense, of one layout and dtype).
-        total: values in each.
-        run: ``L`` for ``(N, C, L)``, 0 for ``(M, C)`` (channels innermost).
-        channels: ``C``.
-        is_bf16: bfloat16 values (else float32).
-        weight, bias: addresses of float32 ``(C,)`` arrays, 0 for none.
+        rows, channels, run, is_bf16, weight, bias, eps, threads: as in :func:`train_forward`.
         running: addresses of the float32 running mean and variance ``(C,)``.
-        eps: added to the variance inside the square root.
 
     Raises:
-        MemoryError: as :func:`train_forward`.
+        MemoryError, ValueError: as :func:`train_forward`.
     """
     _extension.inference(  # type: ignore[union-attr]
-        x, y, total, run, channels, is_bf16, weight, bias, *running, eps
+        x, y, rows, channels, run, is_bf16, weight, bias, *running, eps, threads
     )
