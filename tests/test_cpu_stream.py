@@ -10,8 +10,10 @@ Skipped where the extension is not built or the CPU lacks AVX-512 F/BW/VL.
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,6 +33,7 @@ LAYOUTS = [
     ((2, 2, 196), "ncl"),
     ((3, 9, 70), "ncl"),  # groups of four runs and one left over, masked tails
     ((2, 5, 20000), "ncl"),  # runs longer than one float32 chunk of sums
+    ((1, 3, 5000), "ncl"),  # one sample: output shares of values, not of rows
     ((37, 1), "rows"),
     ((29, 3), "rows"),
     ((11, 16), "rows"),
@@ -252,11 +255,40 @@ def test_teams_from_several_python_threads_at_once() -> None:
 def test_threads_below_one_are_refused() -> None:
     x = torch.randn(2, 3, 40)
     zeros, ones = torch.zeros(3), torch.ones(3)
-    with pytest.raises(ValueError, match="threads: expected at least 1, got 0"):
-        cpu_stream.inference(
-            x.data_ptr(), torch.empty_like(x).data_ptr(), 2, 3, 40, False, 0, 0,
-            (zeros.data_ptr(), ones.data_ptr()), 0.0, 0,
+    for threads in (0, 1025):
+        with pytest.raises(ValueError, match=f"threads: expected 1 to 1024, got {threads}"):
+            cpu_stream.inference(
+                x.data_ptr(), torch.empty_like(x).data_ptr(), 2, 3, 40, False, 0, 0,
+                (zeros.data_ptr(), ones.data_ptr()), 0.0, threads,
+            )  # fmt: skip
+
+
+@pytest.mark.skipif(not cpu_stream.THREADED, reason="torch's OpenMP runtime not found")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_calls_from_inside_an_openmp_region(threads) -> None:
+    """Each thread of somebody else's OpenMP team may call a pass: on the calling thread alone
+    (thread 0 of 1, not that team's numbers) or on a nested team, with the whole result."""
+    runtime = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+    body_type = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+    runtime.GOMP_parallel.argtypes = [body_type, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 40, generator=gen) * 2 + 1  # (M, C)
+    results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def body(_: int) -> None:
+        y, stats = torch.full_like(x, float("nan")), torch.empty(2, 40)  # stats: mean, invstd
+        cpu_stream.train_forward(
+            x.data_ptr(), y.data_ptr(), 64, 40, 0, False, 0, 0, 1e-5, 0.1, (0, 0),
+            (stats[0].data_ptr(), stats[1].data_ptr()), threads,
         )  # fmt: skip
+        results[runtime.omp_get_thread_num()] = (y, stats)
+
+    runtime.GOMP_parallel(body_type(body), None, 2, 0)
+    assert sorted(results) == [0, 1]
+    expected = torch.nn.functional.batch_norm(x.double(), None, None, training=True)
+    for y, (mean, _invstd) in results.values():
+        torch.testing.assert_close(mean.double(), x.double().mean(0), atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_numba_backend_refuses_streaming_without_support(monkeypatch) -> None:

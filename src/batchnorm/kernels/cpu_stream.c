@@ -94,30 +94,21 @@ static inline ptrdiff_t channel_of(ptrdiff_t i, ptrdiff_t run, ptrdiff_t channel
  * Each pass runs in phases over the team of threads the caller asks for: per-thread partial
  * statistics over a share of the rows (samples of (N, C, L), rows of (M, C)), merged on the
  * calling thread, then the output over the same shares (each thread writes what it read, so a
- * share that fits in cache is still there). The team comes from the OpenMP runtime that torch
+ * share that fits in cache is still there; with fewer rows than threads, equal shares of the
+ * values instead, so that batch-1 inputs use every thread). The team comes from the OpenMP
+ * runtime that torch
  * runs its own kernels on (use_openmp: GOMP_parallel of the libgomp torch's library loaded), so
  * that ATen's workers, still spinning after their last kernel, take our work instead of
  * competing with our threads for the cores. Without that runtime, or for one thread, each phase
- * runs on the calling thread. */
+ * runs on the calling thread: as thread 0 of 1 even inside somebody else's parallel region. */
+
+/* More threads than this are refused (scratch is threads × C values). */
+#define MAX_THREADS 1024
 
 typedef void (*gomp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
 typedef int (*omp_query_t)(void);
 static gomp_parallel_t gomp_parallel;
 static omp_query_t omp_thread_num, omp_team_size;
-
-/* Runs body(job) on a team of up to `threads` threads (one: the calling thread alone). */
-static void run_team(void (*body)(void *), void *job, int threads) {
-    if (threads > 1 && gomp_parallel != NULL)
-        gomp_parallel(body, job, (unsigned)threads, 0);
-    else
-        body(job);
-}
-
-/* This thread's place in its team: outside a parallel region, thread 0 of 1. */
-static void team_place(int *thread, int *team) {
-    *thread = omp_thread_num != NULL ? omp_thread_num() : 0;
-    *team = omp_team_size != NULL ? omp_team_size() : 1;
-}
 
 /* One pass's arguments and its threads' partial results. */
 typedef struct {
@@ -130,7 +121,24 @@ typedef struct {
     double *part_count;      /* threads: values per channel in each thread's share */
     float *work;             /* threads × 3C: (M, C) block sums */
     int team;                /* threads that ran the statistics phase (thread 0 writes it) */
+    int in_team;             /* the current phase runs on an OpenMP team of ours */
 } pass_t;
+
+/* Runs body(pass) on a team of up to `threads` threads (one: the calling thread alone). */
+static void run_team(void (*body)(void *), pass_t *pass, int threads) {
+    pass->in_team = threads > 1 && gomp_parallel != NULL;
+    if (pass->in_team)
+        gomp_parallel(body, pass, (unsigned)threads, 0);
+    else
+        body(pass);
+}
+
+/* This thread's place in the pass's team; thread 0 of 1 when the pass runs on the calling
+ * thread alone, even inside an enclosing parallel region (whose numbers the runtime would give). */
+static void team_place(const pass_t *pass, int *thread, int *team) {
+    *thread = pass->in_team ? omp_thread_num() : 0;
+    *team = pass->in_team ? omp_team_size() : 1;
+}
 
 /* Thread `thread` of `team`'s share of the rows: [first, last). */
 static void share(const pass_t *pass, int thread, int team, ptrdiff_t *first, ptrdiff_t *last) {
@@ -143,6 +151,22 @@ static size_t item_size(const pass_t *pass) { return pass->is_bf16 ? 2 : 4; }
 /* Values per row: C·L for (N, C, L), C for (M, C). */
 static ptrdiff_t row_values(const pass_t *pass) {
     return pass->run ? pass->channels * pass->run : pass->channels;
+}
+
+/* Thread `thread` of `team`'s share of the output, flat values [start, end): its rows' values,
+ * or with fewer rows than threads an equal share of all values (multiples of 64 values apart,
+ * so that shares meet at whole cache lines). */
+static void output_share(const pass_t *pass, int thread, int team, ptrdiff_t *start,
+                         ptrdiff_t *end) {
+    ptrdiff_t first, last, per_row = row_values(pass), total = pass->rows * per_row;
+    if (pass->rows >= team) {
+        share(pass, thread, team, &first, &last);
+        *start = first * per_row;
+        *end = last * per_row;
+        return;
+    }
+    *start = thread == 0 ? 0 : (total * thread / team) & ~(ptrdiff_t)63;
+    *end = thread + 1 == team ? total : (total * (thread + 1) / team) & ~(ptrdiff_t)63;
 }
 
 /* Scratch for a pass on up to `threads` threads: 4C floats of parameters (params[0..3]), and,
@@ -779,7 +803,7 @@ AVX512 static void moments_share(void *arg) {
     pass_t *pass = arg;
     int thread, team;
     ptrdiff_t first, last, channels = pass->channels;
-    team_place(&thread, &team);
+    team_place(pass, &thread, &team);
     if (thread == 0) pass->team = team;
     share(pass, thread, team, &first, &last);
     double *mean = pass->part_a + thread * channels, *m2 = pass->part_b + thread * channels;
@@ -795,7 +819,7 @@ AVX512 static void grad_sums_share(void *arg) {
     pass_t *pass = arg;
     int thread, team;
     ptrdiff_t first, last, channels = pass->channels;
-    team_place(&thread, &team);
+    team_place(pass, &thread, &team);
     if (thread == 0) pass->team = team;
     share(pass, thread, team, &first, &last);
     double *sum_dy = pass->part_a + thread * channels;
@@ -816,23 +840,22 @@ AVX512 static void grad_sums_share(void *arg) {
 AVX512 static void affine_share(void *arg) {
     pass_t *pass = arg;
     int thread, team;
-    ptrdiff_t first, last;
-    team_place(&thread, &team);
-    share(pass, thread, team, &first, &last);
-    affine_avx512(pass->x, pass->out, first * row_values(pass), last * row_values(pass), pass->run,
-                  pass->channels, pass->is_bf16, pass->params[0], pass->params[1],
-                  pass->params[2]);
+    ptrdiff_t start, end;
+    team_place(pass, &thread, &team);
+    output_share(pass, thread, team, &start, &end);
+    affine_avx512(pass->x, pass->out, start, end, pass->run, pass->channels, pass->is_bf16,
+                  pass->params[0], pass->params[1], pass->params[2]);
 }
 
 AVX512 static void grad_share(void *arg) {
     pass_t *pass = arg;
     int thread, team;
-    ptrdiff_t first, last;
-    team_place(&thread, &team);
-    share(pass, thread, team, &first, &last);
-    grad_avx512(pass->dy, pass->x, pass->out, first * row_values(pass), last * row_values(pass),
-                pass->run, pass->channels, pass->is_bf16, pass->params[0], pass->params[1],
-                pass->params[2], pass->params[3]);
+    ptrdiff_t start, end;
+    team_place(pass, &thread, &team);
+    output_share(pass, thread, team, &start, &end);
+    grad_avx512(pass->dy, pass->x, pass->out, start, end, pass->run, pass->channels,
+                pass->is_bf16, pass->params[0], pass->params[1], pass->params[2],
+                pass->params[3]);
 }
 
 /* The whole training forward: statistics in memory order (float64 per channel, the threads'
@@ -978,8 +1001,8 @@ static pass_t pass_of(unsigned long long x, unsigned long long dy, unsigned long
 }
 
 static int threads_or_error(int threads) {
-    if (threads >= 1) return 0;
-    PyErr_Format(PyExc_ValueError, "threads: expected at least 1, got %d", threads);
+    if (threads >= 1 && threads <= MAX_THREADS) return 0;
+    PyErr_Format(PyExc_ValueError, "threads: expected 1 to %d, got %d", MAX_THREADS, threads);
     return -1;
 }
 
