@@ -666,6 +666,17 @@ AVX512 static inline void load_rows4(const char *row, ptrdiff_t row_bytes, int i
     for (int k = 0; k < ROWS_AT_ONCE; k++) values[k] = load16_masked(row + k * row_bytes, is_bf16, mask);
 }
 
+/* v[0] + v[1] + v[2] + v[3], as two independent adds and one more. */
+AVX512 static inline __m512 sum_rows4(const __m512 *v) {
+    return _mm512_add_ps(_mm512_add_ps(v[0], v[1]), _mm512_add_ps(v[2], v[3]));
+}
+
+/* Σ a[k]·b[k] over four rows, in fused multiply-adds. */
+AVX512 static inline __m512 dot_rows4(const __m512 *a, const __m512 *b) {
+    __m512 partial = _mm512_fmadd_ps(a[1], b[1], _mm512_mul_ps(a[2], b[2]));
+    return _mm512_fmadd_ps(a[3], b[3], _mm512_fmadd_ps(a[0], b[0], partial));
+}
+
 /* Per channel mean and M2 of an (M, C) matrix, in memory order: each block of rows (in L2 after
  * the first pass) is summed twice in float32, one accumulator per channel (in L1): its mean,
  * then M2 about it (corrected by Σ (x − mean), see run_sum_squares); blocks merge by Chan's rule
@@ -689,8 +700,7 @@ AVX512 static void moments_mc_avx512(const char *x, ptrdiff_t rows, ptrdiff_t ch
                 if (four) {
                     __m512 v[ROWS_AT_ONCE];
                     load_rows4(row + c * item, row_bytes, is_bf16, mask, v);
-                    acc = _mm512_add_ps(acc, _mm512_add_ps(_mm512_add_ps(v[0], v[1]),
-                                                           _mm512_add_ps(v[2], v[3])));
+                    acc = _mm512_add_ps(acc, sum_rows4(v));
                 } else {
                     for (ptrdiff_t k = 0; k < r1 - r; k++)
                         acc = _mm512_add_ps(acc, load16_masked(row + k * row_bytes + c * item,
@@ -716,11 +726,8 @@ AVX512 static void moments_mc_avx512(const char *x, ptrdiff_t rows, ptrdiff_t ch
                     __m512 v[ROWS_AT_ONCE];
                     load_rows4(row + c * item, row_bytes, is_bf16, mask, v);
                     for (int k = 0; k < ROWS_AT_ONCE; k++) v[k] = _mm512_maskz_sub_ps(mask, v[k], center);
-                    __m512 squares = _mm512_fmadd_ps(
-                        v[0], v[0], _mm512_fmadd_ps(v[1], v[1], _mm512_mul_ps(v[2], v[2])));
-                    acc = _mm512_add_ps(acc, _mm512_fmadd_ps(v[3], v[3], squares));
-                    acc_d = _mm512_add_ps(acc_d, _mm512_add_ps(_mm512_add_ps(v[0], v[1]),
-                                                               _mm512_add_ps(v[2], v[3])));
+                    acc = _mm512_add_ps(acc, dot_rows4(v, v));     /* Σ d² */
+                    acc_d = _mm512_add_ps(acc_d, sum_rows4(v)); /* Σ d */
                 } else {
                     for (ptrdiff_t k = 0; k < count_rows; k++) {
                         __m512 d = _mm512_maskz_sub_ps(
@@ -773,11 +780,8 @@ AVX512 static void grad_sums_mc_avx512(const char *dy, const char *x, ptrdiff_t 
                     load_rows4(dy + at + c * item, row_bytes, is_bf16, mask, g);
                     load_rows4(x + at + c * item, row_bytes, is_bf16, mask, v);
                     for (int k = 0; k < ROWS_AT_ONCE; k++) v[k] = _mm512_sub_ps(v[k], center);
-                    __m512 products = _mm512_fmadd_ps(
-                        g[0], v[0], _mm512_fmadd_ps(g[1], v[1], _mm512_mul_ps(g[2], v[2])));
-                    acc_xmu = _mm512_add_ps(acc_xmu, _mm512_fmadd_ps(g[3], v[3], products));
-                    acc = _mm512_add_ps(acc, _mm512_add_ps(_mm512_add_ps(g[0], g[1]),
-                                                           _mm512_add_ps(g[2], g[3])));
+                    acc_xmu = _mm512_add_ps(acc_xmu, dot_rows4(g, v)); /* Σ dy·(x − μ) */
+                    acc = _mm512_add_ps(acc, sum_rows4(g));            /* Σ dy */
                 } else {
                     for (ptrdiff_t k = 0; k < count_rows; k++) {
                         ptrdiff_t offset = at + k * row_bytes + c * (ptrdiff_t)item;
