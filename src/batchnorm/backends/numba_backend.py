@@ -187,9 +187,9 @@ MEASURED_KERNEL_CASES: Mapping[KernelCase, int] = {
 }
 #: The same on several threads, where the streaming kernels run on torch's OpenMP team
 #: (:data:`cpu_stream.THREADED`): ``python benchmarks/cpu_sizes.py --threads 2``, two threads,
-#: same machine and date. ATen's threaded kernels are faster than on one thread, so most cases
-#: start later; the (M, C) passes earlier (their statistics split well). Not measured on more
-#: than two threads.
+#: same machine and date. Most thresholds are those of one thread; the float32 (M, C) training
+#: passes and bfloat16 inference start earlier (ATen's kernels gain less from the second thread
+#: there than ours). Not measured on more than two threads.
 MEASURED_THREADED_CASES: Mapping[KernelCase, int] = {
     ("forward", "ncl", torch.float32): 1 << 19,
     ("backward", "ncl", torch.float32): 2 << 20,
