@@ -361,6 +361,40 @@ def test_backend_paths_agree_across_threads(dtype, memory_format, buffers) -> No
             )
 
 
+@pytest.mark.skipif(not cpu_stream.THREADED, reason="torch's OpenMP runtime not found")
+@pytest.mark.parametrize(("threads", "values", "expected"), [(2, 1 << 17, 2), (2, 1 << 15, 1)])
+def test_backend_hands_torchs_thread_count_to_the_passes(
+    monkeypatch, threads, values, expected
+) -> None:
+    """Each C pass gets torch's thread count, but at least 32768 values (ATen's grain) per
+    thread: a smaller input runs on the calling thread."""
+    from batchnorm.functional import batch_norm
+
+    _kernels_everywhere(monkeypatch)
+    calls: dict[str, int] = {}
+    for name in ("train_forward", "train_backward", "inference"):
+        original = getattr(cpu_stream, name)
+
+        def record(*args, _name=name, _original=original):
+            calls[_name] = args[-1]  # threads, the last argument
+            return _original(*args)
+
+        monkeypatch.setattr(cpu_stream, name, record)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(8, 16, values // 128).requires_grad_()  # `values` values
+        y = batch_norm(x, torch.zeros(16), torch.ones(16), None, None, True, 0.1, 1e-5,
+                       backend="numba")  # fmt: skip
+        y.backward(torch.randn_like(y))
+        with torch.no_grad():
+            batch_norm(x, torch.zeros(16), torch.ones(16), None, None, False, 0.1, 1e-5,
+                       backend="numba")  # fmt: skip
+    finally:
+        torch.set_num_threads(saved)
+    assert calls == {"train_forward": expected, "train_backward": expected, "inference": expected}
+
+
 def _kernels_everywhere(monkeypatch):
     """Installs ``NumbaBackend(ALL_KERNEL_CASES)`` as the ``numba`` backend; returns it."""
     pytest.importorskip("numba")

@@ -153,12 +153,23 @@ static ptrdiff_t row_values(const pass_t *pass) {
     return pass->run ? pass->channels * pass->run : pass->channels;
 }
 
-/* Thread `thread` of `team`'s share of the output, flat values [start, end): its rows' values,
- * or with fewer rows than threads an equal share of all values (multiples of 64 values apart,
- * so that shares meet at whole cache lines). */
-static void output_share(const pass_t *pass, int thread, int team, ptrdiff_t *start,
-                         ptrdiff_t *end) {
+/* The calling thread's rows [first, last) in a statistics phase; returns its place in the
+ * team. Thread 0 records the team's size for the merge. */
+static int statistics_share(pass_t *pass, ptrdiff_t *first, ptrdiff_t *last) {
+    int thread, team;
+    team_place(pass, &thread, &team);
+    if (thread == 0) pass->team = team;
+    share(pass, thread, team, first, last);
+    return thread;
+}
+
+/* The calling thread's share of the output, flat values [start, end): its rows' values, or
+ * with fewer rows than threads an equal share of all values (multiples of 64 values apart, so
+ * that shares meet at whole cache lines). */
+static void output_share(const pass_t *pass, ptrdiff_t *start, ptrdiff_t *end) {
+    int thread, team;
     ptrdiff_t first, last, per_row = row_values(pass), total = pass->rows * per_row;
+    team_place(pass, &thread, &team);
     if (pass->rows >= team) {
         share(pass, thread, team, &first, &last);
         *start = first * per_row;
@@ -805,11 +816,8 @@ AVX512 static void grad_sums_mc_avx512(const char *dy, const char *x, ptrdiff_t 
 
 AVX512 static void moments_share(void *arg) {
     pass_t *pass = arg;
-    int thread, team;
     ptrdiff_t first, last, channels = pass->channels;
-    team_place(pass, &thread, &team);
-    if (thread == 0) pass->team = team;
-    share(pass, thread, team, &first, &last);
+    int thread = statistics_share(pass, &first, &last);
     double *mean = pass->part_a + thread * channels, *m2 = pass->part_b + thread * channels;
     if (pass->run)
         moments_ncl_avx512(pass->x, first, last, channels, pass->run, pass->is_bf16, mean, m2);
@@ -821,11 +829,8 @@ AVX512 static void moments_share(void *arg) {
 
 AVX512 static void grad_sums_share(void *arg) {
     pass_t *pass = arg;
-    int thread, team;
     ptrdiff_t first, last, channels = pass->channels;
-    team_place(pass, &thread, &team);
-    if (thread == 0) pass->team = team;
-    share(pass, thread, team, &first, &last);
+    int thread = statistics_share(pass, &first, &last);
     double *sum_dy = pass->part_a + thread * channels;
     double *sum_dy_xmu = pass->part_b + thread * channels;
     const float *mean = pass->params[0];
@@ -843,20 +848,16 @@ AVX512 static void grad_sums_share(void *arg) {
 
 AVX512 static void affine_share(void *arg) {
     pass_t *pass = arg;
-    int thread, team;
     ptrdiff_t start, end;
-    team_place(pass, &thread, &team);
-    output_share(pass, thread, team, &start, &end);
+    output_share(pass, &start, &end);
     affine_avx512(pass->x, pass->out, start, end, pass->run, pass->channels, pass->is_bf16,
                   pass->params[0], pass->params[1], pass->params[2]);
 }
 
 AVX512 static void grad_share(void *arg) {
     pass_t *pass = arg;
-    int thread, team;
     ptrdiff_t start, end;
-    team_place(pass, &thread, &team);
-    output_share(pass, thread, team, &start, &end);
+    output_share(pass, &start, &end);
     grad_avx512(pass->dy, pass->x, pass->out, start, end, pass->run, pass->channels,
                 pass->is_bf16, pass->params[0], pass->params[1], pass->params[2],
                 pass->params[3]);
