@@ -161,7 +161,10 @@ def test_env_var_applies_to_modules_without_backend(monkeypatch) -> None:
 
 def test_bogus_backend_keyword_raises_and_leaves_buffers(monkeypatch) -> None:
     monkeypatch.delenv(BACKEND_ENV_VAR, raising=False)
-    ours = batchnorm.BatchNorm2d(3, backend="bogus")
+    with pytest.raises(ValueError, match=r"\bbackend\b"):  # a named backend loads at construction
+        batchnorm.BatchNorm2d(3, backend="bogus")
+    ours = batchnorm.BatchNorm2d(3)
+    ours.backend = "bogus"  # the attribute can still be changed later: checked at the call
     before = buffers_of(ours)
     with pytest.raises(ValueError, match=r"\bbackend\b"):
         ours(torch.randn(2, 3, 2, 2))
@@ -420,5 +423,5 @@ def test_subclass_overriding_the_commit_is_called() -> None:
     assert calls == ["pure", "commit"]
     torch.testing.assert_close(ours.running_mean, theirs.running_mean)
     torch.testing.assert_close(ours.running_var, theirs.running_var)
-    assert not ours._commits_in_place()
-    assert batchnorm.BatchNorm2d(3)._commits_in_place()  # the base class takes the shortcut
+    assert not ours._commits_in_place
+    assert batchnorm.BatchNorm2d(3)._commits_in_place  # the base class takes the shortcut

@@ -53,7 +53,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from batchnorm.autograd import activate
+from batchnorm._math import activate
 from batchnorm.backends import compute_dtype
 from batchnorm.functional import (
     BatchNormOutput,
@@ -366,7 +366,7 @@ def _world_size(process_group: Any) -> int:
     return int(dist.get_world_size(process_group))
 
 
-class SyncBatchNorm(BatchNormBase):
+class SyncBatchNorm(BatchNormBase, _BatchNorm):  # type: ignore[misc]
     r"""Batch normalization with the statistics of the batch concatenated over all ranks.
 
     In training, inside a process group of more than one rank, the output, the input gradient
@@ -407,6 +407,7 @@ class SyncBatchNorm(BatchNormBase):
 
     _allowed_dims = ()
     _shape_text = "(N, C, *)"
+    _scriptable = False  # collectives have no TorchScript form
 
     def __init__(
         self,
@@ -655,7 +656,7 @@ def _to_local(module: nn.Module) -> nn.Module:
     local_class = local_class or _LOCAL_COUNTERPARTS.get(type(module))
     if local_class is None:  # a SyncBatchNorm subclass nobody registered
         local_class = BatchNormBase
-    if issubclass(local_class, _BatchNorm):
+    if issubclass(local_class, _BatchNorm) and not issubclass(local_class, BatchNormBase):
         assert isinstance(module, BatchNormBase)
         kwargs = {} if module.bias is not None or not module.affine else {"bias": False}
         local = local_class(
@@ -671,7 +672,7 @@ def _to_local(module: nn.Module) -> nn.Module:
     return _move_state(module, local_class, skip=_SYNC_ONLY_ATTRIBUTES)
 
 
-class SyncBatchNormAct(SyncBatchNorm, BatchNormActBase):
+class SyncBatchNormAct(SyncBatchNorm, BatchNormActBase):  # type: ignore[misc]
     """``act(bn(x) + z)`` with the statistics of the global batch (see :class:`SyncBatchNorm`).
 
     The synchronized counterpart of ``BatchNormAct1d/2d/3d``: in training within a group of

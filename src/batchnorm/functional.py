@@ -22,9 +22,11 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
+from batchnorm import _compat
+from batchnorm._math import activate
 from batchnorm.autograd import (
-    activate,
     batch_norm_act_train,
     batch_norm_train,
     fuses,
@@ -96,6 +98,9 @@ def check_batch_norm_args(
             "input: expected a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"got {input.dtype}"
         )
+    if input.shape == (0,):
+        _check_empty_1d_args(running_mean, running_var, weight, bias)
+        return
     if input.dim() < 2:
         raise ValueError(
             "input: expected a tensor of shape (N, C, *) with at least 2 dimensions, "
@@ -152,6 +157,26 @@ def check_batch_norm_args(
                     f"{name}: must be defined in evaluation mode (training=False); "
                     "pass the running buffer or training=True"
                 )
+
+
+def _check_empty_1d_args(*tensors: torch.Tensor | None) -> None:
+    """The per-channel tensors of an empty 1-D input, ``(0,)``, which ``F.batch_norm`` accepts.
+
+    There is no channel axis, so every given running buffer, weight and bias must be empty too.
+
+    Raises:
+        ValueError: naming the first tensor that is not empty (or not a tensor).
+    """
+    names = ("running_mean", "running_var", "weight", "bias")
+    for name, tensor in zip(names, tensors, strict=True):
+        if tensor is not None and (not isinstance(tensor, torch.Tensor) or tensor.numel() != 0):
+            shape = (
+                tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            )
+            raise ValueError(
+                f"{name}: expected an empty tensor for the empty 1-D input of shape (0,), "
+                f"got {shape}"
+            )
 
 
 def running_update(
@@ -442,17 +467,34 @@ def _checked_normalize(
     *,
     update_in_place: bool,
 ) -> BatchNormOutput:
-    """Checks every argument, then normalizes (see :func:`_normalize` for ``update_in_place``)."""
+    """Checks every argument, then normalizes (see :func:`_normalize` for ``update_in_place``).
+
+    A traced call (:func:`batchnorm._compat.traced`: ``torch.compile``, ``torch.export``, FX,
+    ``torch.jit.trace``, fake tensors, dispatch modes) runs :func:`_normalize_traced`, ATen's
+    operations. An FX proxy has no values to check and ``torch.jit.trace`` would record our
+    checks as constants, so theirs are left to ATen's op in the recorded graph.
+    """
     if momentum is None:
         raise TypeError("momentum: expected a float; None is a module option, not a functional one")
-    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if (
+    symbolic = _compat.is_fx_proxy(input) or _compat.jit_tracing()
+    if not symbolic:
+        check_batch_norm_args(
+            input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
+    if not symbolic and (
         activation is not None
         or residual is not None
         or type(negative_slope) is not float
         or negative_slope != _DEFAULT_SLOPE
     ):
         check_fusion_args(input, activation, residual, negative_slope)
+    if input.shape == (0,):  # F.batch_norm's empty 1-D input: nothing to normalize or update
+        return BatchNormOutput(torch.empty_like(input), running_mean, running_var)
+    if mask is None and (symbolic or (_compat.traced(input) and backend != "triton")):
+        return _normalize_traced(
+            input, running_mean, running_var, weight, bias, training, momentum, eps,
+            activation, residual, negative_slope, update_in_place=update_in_place,
+        )  # fmt: skip
     if mask is not None:
         if activation is not None or residual is not None:
             raise ValueError(
@@ -466,6 +508,40 @@ def _checked_normalize(
         input, running_mean, running_var, weight, bias, training, momentum, eps, backend,
         activation, residual, negative_slope, update_in_place=update_in_place,
     )  # fmt: skip
+
+
+def _normalize_traced(
+    input: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    activation: str | None,
+    residual: torch.Tensor | None,
+    negative_slope: float,
+    *,
+    update_in_place: bool,
+) -> BatchNormOutput:
+    """``act(bn(x) + residual)`` in ATen operations, for tracers and compilers.
+
+    ``torch.nn.functional.batch_norm`` is the op every tracer knows (Inductor generates its own
+    kernels for it, ``torch.export`` records it with its buffer mutation, FX and
+    ``torch.jit.trace`` record one node); the residual add and the activation follow as torch
+    operations, ``bn(x)`` rounded to the input's dtype first as on the eager path. The pure form
+    (``update_in_place=False``) hands ATen copies of the running buffers, which it moves.
+    """
+    if training and not update_in_place:
+        running_mean = None if running_mean is None else running_mean.clone()  # (C,)
+        running_var = None if running_var is None else running_var.clone()  # (C,)
+    y = F.batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps
+    )  # (N, C, *)
+    if residual is not None:
+        y = y + residual
+    return BatchNormOutput(activate(y, activation, negative_slope), running_mean, running_var)
 
 
 # --- fused activation and residual add ---------------------------------------------------------

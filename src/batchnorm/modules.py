@@ -5,15 +5,16 @@ functional (:mod:`batchnorm.functional`) holds the math. Parameter and buffer na
 the ``state_dict`` layout are those of ``torch.nn.BatchNorm*``, so checkpoints load both ways.
 """
 
-from __future__ import annotations
-
 import inspect
 import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from batchnorm import _compat
+from batchnorm._math import activate
 from batchnorm.backends import resolve_backend
 from batchnorm.functional import (
     BatchNormOutput,
@@ -45,6 +46,17 @@ class NonFiniteBatchWarning(UserWarning):
 
 class BatchNormBase(nn.Module):
     r"""Batch normalization over dim 1 (the channels) of an ``(N, C, *)`` input.
+
+    ``BatchNorm1d/2d/3d`` (and the fused layers) are also subclasses of ``torch.nn.BatchNorm1d/
+    2d/3d``, so every library that finds batch norms with ``isinstance(m, _BatchNorm)`` treats
+    them as such (``update_bn``, ``convert_sync_batchnorm``, weight-decay grouping, FSDP mixed
+    precision, ``fuse_modules``); this base class holds the behaviour shared with the variants
+    that are *not* torch batch norms (frozen, recurrent).
+
+    Traced calls (``torch.compile``, ``torch.export``, ``torch.fx.symbolic_trace``,
+    ``torch.jit.trace``, fake tensors, dispatch modes) run ATen's ``batch_norm`` op, which every
+    tracer understands, instead of our CPU kernels; ``torch.jit.script`` compiles a TorchScript
+    twin of the same math (``backend`` is then ignored).
 
     .. math::
 
@@ -101,6 +113,12 @@ class BatchNormBase(nn.Module):
     """
 
     _version = 2
+    #: Whether the base class's statistics path is used unchanged (set per class on creation:
+    #: a subclass overriding ``_normalize``, ``_batch_norm_pure`` or ``_commit_running_stats``
+    #: is always called through them, never through the in-place shortcut).
+    _commits_in_place: bool = True
+    #: Whether ``torch.jit.script`` can compile this class's math (see ``_scripted``).
+    _scriptable: bool = True
     #: Input ranks the subclass accepts, and how it names them in errors.
     _allowed_dims: tuple[int, ...] = ()
     _shape_text: str = "(N, C, *)"
@@ -108,6 +126,12 @@ class BatchNormBase(nn.Module):
     activation: str | None = None
     negative_slope: float = 0.01
 
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    freeze_stats: bool
     weight: torch.Tensor | None
     bias: torch.Tensor | None
     running_mean: torch.Tensor | None
@@ -129,7 +153,10 @@ class BatchNormBase(nn.Module):
         freeze_stats: bool = False,
         nonfinite: str = "propagate",
     ) -> None:
-        super().__init__()
+        # nn.Module's initializer, not the next class's in the MRO: for BatchNorm2d that is
+        # torch.nn.BatchNorm2d's, whose work (the same attributes, parameters and buffers) is
+        # done here with our checks and options.
+        nn.Module.__init__(self)
         if not isinstance(freeze_stats, bool):
             raise TypeError(f"freeze_stats: expected a bool, got {freeze_stats!r}")
         if nonfinite not in NONFINITE_POLICIES:
@@ -150,6 +177,9 @@ class BatchNormBase(nn.Module):
         self.momentum = momentum
         self.affine = affine
         self.track_running_stats = track_running_stats
+        if backend not in (None, "auto"):
+            # Import a named backend now: torch.compile cannot trace a first-time import.
+            resolve_backend(backend, torch.device("meta"))
         self.backend = backend
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         if affine:
@@ -201,8 +231,41 @@ class BatchNormBase(nn.Module):
             text += f", nonfinite={self.nonfinite!r}"
         return text
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Records whether the subclass keeps the base class's statistics path."""
+        super().__init_subclass__(**kwargs)
+        cls._commits_in_place = (
+            cls._normalize is BatchNormBase._normalize
+            and cls._batch_norm_pure is BatchNormBase._batch_norm_pure
+            and cls._commit_running_stats is BatchNormBase._commit_running_stats
+        )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script`` first: refuses what TorchScript cannot express.
+
+        Returns:
+            This module (its ``forward`` has a TorchScript branch, see ``_scripted``).
+
+        Raises:
+            RuntimeError: naming the layer and the alternatives, for a class whose math has no
+                TorchScript twin or a ``nonfinite`` policy other than ``"propagate"``.
+        """
+        reason = None
+        if not self._scriptable:
+            reason = "its normalization has no TorchScript form"
+        elif self.nonfinite != "propagate":
+            reason = f"nonfinite={self.nonfinite!r} needs a host-side check per call"
+        if reason is not None:
+            raise RuntimeError(
+                f"torch.jit.script: {type(self).__name__} cannot be scripted ({reason}); "
+                "use torch.jit.trace, torch.export.export or torch.compile instead"
+            )
+        return self
+
     def _check_input_dim(self, input: torch.Tensor) -> None:
         """Rejects an input of the wrong rank or channel count for this module."""
+        if _compat.is_fx_proxy(input) or _compat.jit_tracing():
+            return  # a recording: our checks would be baked in; the graph runs ATen's checks
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
         name = type(self).__name__
@@ -239,7 +302,34 @@ class BatchNormBase(nn.Module):
             TypeError, ValueError, RuntimeError: on a wrong rank, channel count, dtype or
                 device, or one value per channel in training; buffers are left unchanged.
         """
+        if _compat.is_scripting():
+            return self._scripted(input)
         return self._forward(input, None)
+
+    def _scripted(self, input: torch.Tensor) -> torch.Tensor:
+        """The TorchScript form of :meth:`forward` (what ``torch.jit.script`` compiles)."""
+        return self._scripted_batch_norm(input)
+
+    def _scripted_batch_norm(self, input: torch.Tensor) -> torch.Tensor:
+        """``torch.nn.BatchNorm*``'s forward with ``freeze_stats``, in TorchScript's subset."""
+        momentum = 0.0
+        updates_stats = self.training and self.track_running_stats and not self.freeze_stats
+        counter = self.num_batches_tracked
+        if updates_stats and counter is not None:
+            counter.add_(1)
+            momentum = 1.0 / float(counter) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or self.running_mean is None
+        uses_buffers = not self.training or updates_stats  # frozen training: batch stats only
+        return F.batch_norm(
+            input,
+            self.running_mean if uses_buffers else None,
+            self.running_var if uses_buffers else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+        )
 
     def _forward(
         self,
@@ -258,24 +348,40 @@ class BatchNormBase(nn.Module):
         # Buffers are None without track_running_stats; then batch statistics serve both modes.
         use_batch_stats = self.training or self.running_mean is None
         updates_stats = self._updates_stats()
+        symbolic = _compat.is_fx_proxy(input)
+        if symbolic and updates_stats and self.momentum is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: momentum=None (a cumulative average over "
+                "num_batches_tracked) cannot be traced by torch.fx.symbolic_trace; "
+                "give a float momentum, or use torch.export.export"
+            )
         momentum = self._momentum_for_this_step() if updates_stats else 0.0
         if (
             updates_stats
             and mask is None
-            and residual is None
+            and (residual is None or symbolic or _compat.traced(input))
             and self.nonfinite == "propagate"
-            and self._commits_in_place()
+            and self._commits_in_place
         ):
             # Nothing to check before committing: the in-place functional lets the kernel move
             # the buffers (after every argument is checked), as torch.nn.BatchNorm does.
             output = batch_norm(
                 input, self.running_mean, self.running_var, self.weight, self.bias, True,
                 momentum, self.eps, backend=self.backend, activation=self.activation,
-                negative_slope=self.negative_slope,
+                residual=residual, negative_slope=self.negative_slope,
             )  # fmt: skip
             if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
+                counter = self.num_batches_tracked
+                if symbolic:  # recorded in the graph, not run now: a proxy of the buffer
+                    counter = _compat.fx_attribute(input, self, "num_batches_tracked")
+                counter.add_(1)
             return output
+        if symbolic and updates_stats:
+            raise RuntimeError(
+                f"{type(self).__name__}: torch.fx.symbolic_trace cannot record this layer's "
+                "update of the running statistics (a variant, a mask or a nonfinite policy); "
+                "trace it as a leaf module, in eval mode, or use torch.export.export"
+            )
         if mask is not None:
             result = self._normalize_masked(input, mask, use_batch_stats, momentum)
         elif residual is not None:
@@ -285,17 +391,6 @@ class BatchNormBase(nn.Module):
         if updates_stats and self._passes_nonfinite_guard(input, mask, result):
             self._commit_running_stats(result)
         return result.output
-
-    def _commits_in_place(self) -> bool:
-        """Whether this class keeps the base ``_normalize``, ``_batch_norm_pure`` and
-        ``_commit_running_stats`` (a variant or user subclass overriding any of them is
-        called through them, never through the in-place shortcut)."""
-        cls = type(self)
-        return (
-            cls._normalize is BatchNormBase._normalize
-            and cls._batch_norm_pure is BatchNormBase._batch_norm_pure
-            and cls._commit_running_stats is BatchNormBase._commit_running_stats
-        )
 
     def _updates_stats(self) -> bool:
         """Whether a call now would update the running statistics (training, tracked, unfrozen)."""
@@ -455,7 +550,7 @@ class BatchNormBase(nn.Module):
         )
 
 
-class BatchNorm1d(BatchNormBase):
+class BatchNorm1d(BatchNormBase, nn.BatchNorm1d):  # type: ignore[misc]
     """Batch normalization of ``(N, C)`` or ``(N, C, L)`` input (see :class:`BatchNormBase`).
 
     Examples:
@@ -483,10 +578,14 @@ class BatchNorm1d(BatchNormBase):
             TypeError, ValueError, RuntimeError: as :meth:`BatchNormBase.forward`, or on a
                 mask of the wrong dtype, shape or device; buffers are left unchanged.
         """
+        if _compat.is_scripting():
+            if mask is not None:
+                raise RuntimeError("BatchNorm1d: mask is not supported under torch.jit.script")
+            return self._scripted(input)
         return self._forward(input, mask)
 
 
-class BatchNorm2d(BatchNormBase):
+class BatchNorm2d(BatchNormBase, nn.BatchNorm2d):  # type: ignore[misc]
     """Batch normalization of ``(N, C, H, W)`` input (see :class:`BatchNormBase`).
 
     Examples:
@@ -499,7 +598,7 @@ class BatchNorm2d(BatchNormBase):
     _shape_text = "(N, C, H, W)"
 
 
-class BatchNorm3d(BatchNormBase):
+class BatchNorm3d(BatchNormBase, nn.BatchNorm3d):  # type: ignore[misc]
     """Batch normalization of ``(N, C, D, H, W)`` input (see :class:`BatchNormBase`).
 
     Examples:
@@ -563,9 +662,6 @@ class BatchNormActBase(BatchNormBase):
         )  # fmt: skip
         probe = torch.empty(1, num_features, device="meta")
         check_fusion_args(probe, activation, None, negative_slope)  # raises on bad arguments
-        if backend not in (None, "auto"):
-            # Import a named backend now: torch.compile cannot trace a first-time import.
-            resolve_backend(backend, probe.device)
         self.activation = activation
         self.negative_slope = float(negative_slope)
 
@@ -589,10 +685,15 @@ class BatchNormActBase(BatchNormBase):
         Raises:
             TypeError, ValueError, RuntimeError: on a bad input or residual; buffers unchanged.
         """
+        if _compat.is_scripting():
+            y = self._scripted(input)
+            if residual is not None:
+                y = y + residual
+            return activate(y, self.activation, self.negative_slope)
         return self._forward(input, None, residual)
 
 
-class BatchNormAct1d(BatchNormActBase):
+class BatchNormAct1d(BatchNormActBase, nn.BatchNorm1d):  # type: ignore[misc]
     """``act(bn(x) + z)`` for ``(N, C)`` or ``(N, C, L)`` input (see :class:`BatchNormActBase`).
 
     Examples:
@@ -605,7 +706,7 @@ class BatchNormAct1d(BatchNormActBase):
     _shape_text = "(N, C) or (N, C, L)"
 
 
-class BatchNormAct2d(BatchNormActBase):
+class BatchNormAct2d(BatchNormActBase, nn.BatchNorm2d):  # type: ignore[misc]
     """``act(bn(x) + z)`` for ``(N, C, H, W)`` input (see :class:`BatchNormActBase`).
 
     Examples:
@@ -619,7 +720,7 @@ class BatchNormAct2d(BatchNormActBase):
     _shape_text = "(N, C, H, W)"
 
 
-class BatchNormAct3d(BatchNormActBase):
+class BatchNormAct3d(BatchNormActBase, nn.BatchNorm3d):  # type: ignore[misc]
     """``act(bn(x) + z)`` for ``(N, C, D, H, W)`` input (see :class:`BatchNormActBase`).
 
     Examples:

@@ -18,6 +18,8 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
+from batchnorm._math import ACTIVATIONS
+
 __all__ = [
     "ACTIVATIONS",
     "Backend",
@@ -28,9 +30,6 @@ __all__ = [
     "compute_dtype",
     "normalize_with_running_stats",
 ]
-
-#: Activations the fused path applies after the normalization (and the residual add).
-ACTIVATIONS = ("relu", "leaky_relu", "silu", "gelu")
 
 
 class ForwardResult(NamedTuple):

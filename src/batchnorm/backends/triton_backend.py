@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from batchnorm.autograd import activation_derivative
+from batchnorm import _compat
+from batchnorm._math import activation_derivative
 from batchnorm.backends.base import ForwardResult, FusedForwardResult
 from batchnorm.backends.torch_backend import TorchBackend
 from batchnorm.kernels import batchnorm_bwd, batchnorm_fwd, inference
@@ -504,11 +505,6 @@ train_op.register_autograd(_train_backward_formula, setup_context=_train_setup_c
 # hundred µs per training step (more than the kernels of a mid-sized batch norm on a GPU); these
 # autograd functions run the same launch code and the same formulas with none of that.
 
-#: Tensor types launched directly; subclasses (fake, functional, ...) go through the ops.
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-#: How many ``TorchDispatchMode``s are active (``make_fx``, FLOP counters, ...).
-_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
-
 
 def runs_eagerly(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """Whether a call launches directly instead of through the ``torch.library`` op.
@@ -516,20 +512,16 @@ def runs_eagerly(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     True when ``x`` and every other given tensor are plain tensors (or parameters) with real
     storage, and nothing records or transforms the call: no ``torch.compile``, ``torch.func``
     transform, ``torch.jit.trace`` or ``TorchDispatchMode`` (``make_fx``, FLOP counters,
-    selective checkpointing) is active. Everything else goes through the ops, whose fake
-    implementations serve tracing, compiling, meta tensors and ``opcheck``.
+    selective checkpointing) is active (:func:`batchnorm._compat.traced`). Everything else goes
+    through the ops, whose fake implementations serve tracing, compiling, meta tensors and
+    ``opcheck``.
     """
-    if type(x) not in _PLAIN_TENSOR_TYPES or x.device.type == "meta":
+    if _compat.traced(x) or _compat.functorch_active():
         return False
     for tensor in others:  # a plain loop: this runs on every call
-        if tensor is not None and type(tensor) not in _PLAIN_TENSOR_TYPES:
+        if tensor is not None and type(tensor) not in _compat.PLAIN_TENSOR_TYPES:
             return False
-    return not (
-        torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()
-        or torch._C._is_tracing()
-        or _dispatch_modes()
-    )
+    return True
 
 
 class _TrainFunction(torch.autograd.Function):

@@ -6,17 +6,24 @@ device and dtype. A layer whose behaviour the target class cannot express is ref
 error rather than silently simplified: a subclass (renormalization, ghost, frozen, recurrent,
 synchronized, fused-activation layers), ``freeze_stats``, a non-default ``nonfinite`` policy,
 registered hooks, or ``bias=False`` where the installed torch lacks it.
+
+timm's ``BatchNormAct2d`` (``act(drop(bn(x)))``) becomes our :class:`BatchNormAct2d` when its
+``drop`` is the identity and its ``act`` is the identity, ReLU, leaky ReLU, SiLU or exact GELU,
+and ours goes back to timm's with ``to="torch"`` (torch.nn has no batch norm with an
+activation); timm is imported only when such a layer is met.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
-from typing import Any
+import sys
+from typing import Any, cast
 
 from torch import nn
 
-from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormBase
+from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct2d, BatchNormBase
 from batchnorm.tools.common import is_batchnorm
 
 __all__ = ["convert"]
@@ -32,6 +39,37 @@ _TO_TORCH: dict[type[nn.Module], type[nn.Module]] = {
     BatchNorm3d: nn.BatchNorm3d,
 }
 _TARGETS = ("batchnorm", "torch")
+#: Where timm keeps ``BatchNormAct2d`` (timm ≥ 0.9; ``timm.layers`` re-exports it).
+_TIMM_NORM_ACT = "timm.layers.norm_act"
+#: Our activation name → the torch.nn module timm's layer holds as ``act``.
+_ACTIVATION_MODULES: dict[str | None, type[nn.Module]] = {
+    None: nn.Identity,
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "silu": nn.SiLU,
+    "gelu": nn.GELU,
+}
+
+
+def _timm_batchnorm_act() -> type[nn.Module] | None:
+    """timm's ``BatchNormAct2d`` class if timm is already imported (a model of it exists)."""
+    module = sys.modules.get(_TIMM_NORM_ACT)
+    return getattr(module, "BatchNormAct2d", None)
+
+
+def _activation_of(module: nn.Module) -> tuple[str | None, float] | str:
+    """``(activation, negative_slope)`` of a timm ``BatchNormAct2d``, or why there is none."""
+    drop = getattr(module, "drop", None)
+    if drop is not None and type(drop) is not nn.Identity:
+        return f"its drop layer {type(drop).__name__} has no counterpart in ours"
+    act: Any = getattr(module, "act", None)
+    for name, kind in _ACTIVATION_MODULES.items():
+        if type(act) is kind:
+            if kind is nn.GELU and getattr(act, "approximate", "none") != "none":
+                break  # tanh-approximated GELU: ours is the exact one
+            slope = float(cast(nn.LeakyReLU, act).negative_slope) if kind is nn.LeakyReLU else 0.01
+            return name, slope
+    return f"its activation {act!r} is not one of ours (identity, relu, leaky_relu, silu, gelu)"
 
 
 def _torch_has_bias_option() -> bool:
@@ -42,38 +80,88 @@ def _torch_has_bias_option() -> bool:
 def _refusal(name: str, module: nn.Module, to: str) -> str | None:
     """Why ``module`` cannot be converted to ``to`` without losing behaviour, or ``None``."""
     kind = type(module).__name__
+    timm_class = _timm_batchnorm_act()
+    if to == "batchnorm" and timm_class is not None and type(module) is timm_class:
+        found = _activation_of(module)
+        if isinstance(found, str):
+            return f"{name} (timm {kind}) cannot be expressed: {found}"
+        return _hook_refusal(name, module)
+    if to == "torch" and type(module) is BatchNormAct2d:
+        if _import_timm_batchnorm_act() is None:
+            return f"{name} ({kind}) needs timm's BatchNormAct2d as its counterpart; install timm"
+        return _hook_refusal(name, module) or _option_refusal(name, module)
     target_library = BatchNormBase if to == "batchnorm" else nn.modules.batchnorm._BatchNorm
-    if isinstance(module, target_library):
-        return None  # already of the target library: left alone
+    if isinstance(module, target_library) and not (
+        to == "torch" and isinstance(module, BatchNormBase)
+    ):
+        return None  # already of the target library (and not ours): left alone
     table = _TO_OURS if to == "batchnorm" else _TO_TORCH
     if type(module) not in table:
         return (
             f"{name} ({kind}) adds behaviour that {to!r} batch norm cannot express; "
             "leave it as it is or replace it by hand"
         )
+    refusal = _hook_refusal(name, module)
+    if refusal is None and to == "torch":
+        refusal = _option_refusal(name, module)
+    return refusal
+
+
+def _hook_refusal(name: str, module: nn.Module) -> str | None:
+    """Why ``module``'s hooks forbid a swap, or ``None``."""
     if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks:
+        kind = type(module).__name__
         return f"{name} ({kind}) has hooks registered, which the new layer would not have"
-    if to == "torch":
-        if getattr(module, "freeze_stats", False):
-            return f"{name} ({kind}) has freeze_stats=True, which torch.nn batch norm lacks"
-        if getattr(module, "nonfinite", "propagate") != "propagate":
-            return (
-                f"{name} ({kind}) has nonfinite={module.nonfinite!r}, which "
-                "torch.nn batch norm lacks"
-            )
-        has_weight = getattr(module, "weight", None) is not None
-        if has_weight and module.bias is None and not _torch_has_bias_option():
+    return None
+
+
+def _option_refusal(name: str, module: nn.Module) -> str | None:
+    """Why one of our options has no torch counterpart, or ``None``."""
+    kind = type(module).__name__
+    if getattr(module, "freeze_stats", False):
+        return f"{name} ({kind}) has freeze_stats=True, which torch.nn batch norm lacks"
+    if getattr(module, "nonfinite", "propagate") != "propagate":
+        return (
+            f"{name} ({kind}) has nonfinite={module.nonfinite!r}, which torch.nn batch norm lacks"
+        )
+    has_weight = getattr(module, "weight", None) is not None
+    if has_weight and module.bias is None:
+        if isinstance(module, BatchNormAct2d):
+            return f"{name} ({kind}) has bias=False, which timm's BatchNormAct2d lacks"
+        if not _torch_has_bias_option():
             return f"{name} ({kind}) has bias=False, which this torch version lacks"
     return None
 
 
+def _import_timm_batchnorm_act() -> type[nn.Module] | None:
+    """timm's ``BatchNormAct2d``, importing timm if needed; ``None`` where it is not installed."""
+    try:
+        return getattr(importlib.import_module(_TIMM_NORM_ACT), "BatchNormAct2d", None)
+    except ImportError:
+        return None
+
+
 def _swap(module: nn.Module, to: str) -> nn.Module:
     """A layer of the target kind that owns ``module``'s parameters and buffers."""
-    target = (_TO_OURS if to == "batchnorm" else _TO_TORCH).get(type(module))
-    if target is None:
+    old: Any = module  # torch's, timm's and our batch norms share these attributes
+    target: Any = (_TO_OURS if to == "batchnorm" else _TO_TORCH).get(type(module))
+    timm_class = _timm_batchnorm_act()
+    from_timm = to == "batchnorm" and timm_class is not None and type(module) is timm_class
+    to_timm = to == "torch" and type(module) is BatchNormAct2d
+    if target is None and not (from_timm or to_timm):
         return module  # not of the source library: left alone (checked by _refusal)
-    old: Any = module  # torch's and our batch norms share these attributes
-    options = {"bias": old.bias is not None} if old.weight is not None else {}
+    options: dict[str, Any] = {"bias": old.bias is not None} if old.weight is not None else {}
+    if from_timm:
+        found = _activation_of(module)
+        assert not isinstance(found, str)  # checked by _refusal
+        activation, slope = found
+        target = BatchNormAct2d
+        options.update(activation=activation, negative_slope=slope)
+    elif to_timm:
+        target = _import_timm_batchnorm_act()
+        act = _ACTIVATION_MODULES[old.activation]
+        act_kwargs = {"negative_slope": old.negative_slope} if act is nn.LeakyReLU else None
+        options = {"act_layer": act, "act_kwargs": act_kwargs}
     new = target(
         int(old.num_features),
         eps=float(old.eps),
@@ -88,7 +176,7 @@ def _swap(module: nn.Module, to: str) -> nn.Module:
     for name, buffer in module.named_buffers(recurse=False):
         setattr(new, name, buffer)
     new.train(module.training)
-    return new
+    return new  # type: ignore[no-any-return]
 
 
 def convert(model: nn.Module, to: str = "batchnorm", *, inplace: bool = False) -> nn.Module:

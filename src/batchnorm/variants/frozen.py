@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from batchnorm.functional import BatchNormOutput
@@ -113,6 +114,12 @@ class FrozenBatchNormBase(BatchNormBase):
 
     def _commit_running_stats(self, result: BatchNormOutput) -> None:
         """Does nothing: the statistics of a frozen layer never change."""
+
+    def _scripted(self, input: torch.Tensor) -> torch.Tensor:
+        """The TorchScript form: the stored statistics in both modes."""
+        return F.batch_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
 
 
 class FrozenBatchNorm1d(FrozenBatchNormBase):

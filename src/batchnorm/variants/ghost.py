@@ -23,6 +23,7 @@ import math
 from typing import Any
 
 import torch
+from torch import nn
 
 from batchnorm.autograd import batch_norm_train
 from batchnorm.backends import resolve_backend
@@ -48,6 +49,8 @@ class GhostBatchNormBase(BatchNormBase):
     References:
         E. Hoffer, I. Hubara and D. Soudry, "Train longer, generalize better", NeurIPS 2017.
     """
+
+    _scriptable = False  # the per-virtual-batch loop has no TorchScript form
 
     def __init__(
         self,
@@ -127,7 +130,7 @@ class GhostBatchNormBase(BatchNormBase):
         return BatchNormOutput(output, new_mean, new_var)
 
 
-class GhostBatchNorm1d(GhostBatchNormBase):
+class GhostBatchNorm1d(GhostBatchNormBase, nn.BatchNorm1d):  # type: ignore[misc]
     """Ghost batch normalization of ``(N, C)`` or ``(N, C, L)`` input.
 
     Examples:
@@ -140,14 +143,14 @@ class GhostBatchNorm1d(GhostBatchNormBase):
     _shape_text = "(N, C) or (N, C, L)"
 
 
-class GhostBatchNorm2d(GhostBatchNormBase):
+class GhostBatchNorm2d(GhostBatchNormBase, nn.BatchNorm2d):  # type: ignore[misc]
     """Ghost batch normalization of ``(N, C, H, W)`` input (see :class:`GhostBatchNormBase`)."""
 
     _allowed_dims = (4,)
     _shape_text = "(N, C, H, W)"
 
 
-class GhostBatchNorm3d(GhostBatchNormBase):
+class GhostBatchNorm3d(GhostBatchNormBase, nn.BatchNorm3d):  # type: ignore[misc]
     """Ghost batch normalization of ``(N, C, D, H, W)`` input (see :class:`GhostBatchNormBase`)."""
 
     _allowed_dims = (5,)

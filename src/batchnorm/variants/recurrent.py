@@ -68,6 +68,7 @@ class RecurrentBatchNorm1d(BatchNormBase):
 
     _allowed_dims = (2,)
     _shape_text = "(N, C)"
+    _scriptable = False  # per-step statistics and a step argument: no TorchScript twin
 
     def __init__(
         self,

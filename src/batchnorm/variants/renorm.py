@@ -29,6 +29,7 @@ import math
 from typing import Any
 
 import torch
+from torch import nn
 
 from batchnorm.functional import BatchNormOutput, batch_norm_pure
 from batchnorm.modules import BatchNormBase
@@ -91,6 +92,8 @@ class BatchRenormBase(BatchNormBase):
     References:
         S. Ioffe, "Batch Renormalization", NeurIPS 2017.
     """
+
+    _scriptable = False  # r and d from the running statistics: no TorchScript twin
 
     renorm_step: torch.Tensor
 
@@ -201,7 +204,7 @@ class BatchRenormBase(BatchNormBase):
             self.renorm_step.add_(1)
 
 
-class BatchRenorm1d(BatchRenormBase):
+class BatchRenorm1d(BatchRenormBase, nn.BatchNorm1d):  # type: ignore[misc]
     """Batch renormalization of ``(N, C)`` or ``(N, C, L)`` input (see :class:`BatchRenormBase`).
 
     Examples:
@@ -214,14 +217,14 @@ class BatchRenorm1d(BatchRenormBase):
     _shape_text = "(N, C) or (N, C, L)"
 
 
-class BatchRenorm2d(BatchRenormBase):
+class BatchRenorm2d(BatchRenormBase, nn.BatchNorm2d):  # type: ignore[misc]
     """Batch renormalization of ``(N, C, H, W)`` input (see :class:`BatchRenormBase`)."""
 
     _allowed_dims = (4,)
     _shape_text = "(N, C, H, W)"
 
 
-class BatchRenorm3d(BatchRenormBase):
+class BatchRenorm3d(BatchRenormBase, nn.BatchNorm3d):  # type: ignore[misc]
     """Batch renormalization of ``(N, C, D, H, W)`` input (see :class:`BatchRenormBase`)."""
 
     _allowed_dims = (5,)
