@@ -8,7 +8,15 @@ STAMP := $(VENV)/.installed
 # Triton kernels run on CPU tensors through its interpreter (no GPU needed).
 export TRITON_INTERPRET ?= 1
 
-.PHONY: venv demo lint test clean
+# A second torch version for the compile/export/FX/ecosystem tests, with torchvision and timm:
+# both wheels lie on this machine's disk (a CUDA build of torch; it runs on the CPU here).
+COMPAT_VENV := .venv-compat
+COMPAT_PINS := torch==2.14.1 torchvision==0.29.1
+COMPAT_STAMP := $(COMPAT_VENV)/.installed
+COMPAT_TESTS := tests/test_ecosystem.py tests/test_modules.py tests/test_functional.py \
+	tests/test_fused.py tests/test_tools_convert.py tests/test_variants_frozen.py
+
+.PHONY: venv demo lint test test-compat clean
 
 venv: $(STAMP)
 
@@ -30,5 +38,17 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -n 2 --cov=batchnorm --cov-report=term-missing:skip-covered tests
 
+$(COMPAT_STAMP): pyproject.toml Makefile src/batchnorm/kernels/cpu_stream.c
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install --quiet --upgrade pip
+	$(COMPAT_VENV)/bin/pip install --quiet $(COMPAT_PINS)
+	$(COMPAT_VENV)/bin/pip install --quiet -e ".[dev,triton,cpu]" timm $(COMPAT_PINS)
+	touch $(COMPAT_STAMP)
+
+# The ecosystem checks (each in a fresh process) and the drop-in suites on the second version.
+test-compat: $(COMPAT_STAMP)
+	$(COMPAT_VENV)/bin/python -c "import torch, torchvision, timm; print('test-compat on torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"
+	$(COMPAT_VENV)/bin/python -m pytest -n 2 -q $(COMPAT_TESTS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage
+	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

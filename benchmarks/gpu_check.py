@@ -138,7 +138,7 @@ def _run_steps(module, reference, shape, layout, dtype, tol, activation, with_re
             if bool(kink.any()):
                 near = f"{int(kink.sum())} values within {KINK * tol:.3g} of the kink"
                 print(f"{label} step{step}: {near}")
-        y64 = batchnorm.autograd.activate(y64, activation, 0.01) if activation else y64
+        y64 = batchnorm._math.activate(y64, activation, 0.01) if activation else y64
         grads = torch.autograd.grad(y, [*leaves, module.weight, module.bias], dy)
         refs = torch.autograd.grad(
             y64,

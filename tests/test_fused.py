@@ -16,7 +16,7 @@ import torch
 
 import triton_helpers as th
 from batchnorm import functional as bnf
-from batchnorm.autograd import activate, activation_derivative
+from batchnorm._math import activate, activation_derivative
 from batchnorm.backends import available_backends
 from batchnorm.modules import BatchNorm2d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d
 

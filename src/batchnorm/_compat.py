@@ -21,6 +21,7 @@ __all__ = [
     "PLAIN_TENSOR_TYPES",
     "dispatch_modes",
     "functorch_active",
+    "functorch_wrapped",
     "fx_attribute",
     "is_compiling",
     "is_fx_proxy",
@@ -59,6 +60,13 @@ dispatch_modes: Callable[[], int] = getattr(torch._C, "_len_torch_dispatch_stack
 #: (``grad``, ``vmap``, ``jacrev``, ...) wraps the tensors of this call.
 functorch_active: Callable[[], bool] = getattr(
     torch._C, "_are_functorch_transforms_active", lambda: False
+)
+
+
+#: ``torch._C._functorch.is_functorch_wrapped_tensor`` (2.3–2.14): the tensor is a
+#: ``torch.func`` wrapper (a ``grad`` or ``vmap`` level), whose storage a kernel cannot read.
+functorch_wrapped: Callable[[torch.Tensor], bool] = getattr(
+    getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", lambda tensor: False
 )
 
 

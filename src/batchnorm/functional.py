@@ -19,22 +19,15 @@ Two forms:
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from batchnorm import _compat
-from batchnorm._math import activate
-from batchnorm.autograd import (
-    batch_norm_act_train,
-    batch_norm_train,
-    fuses,
-    native_forward_train,
-)
-from batchnorm.backends import Backend, normalize_with_running_stats, resolve_backend
-from batchnorm.backends.aten_backend import kernel_buffers, statistics_weight
-from batchnorm.backends.base import ACTIVATIONS, channel_view
+from batchnorm import _compat, autograd
+from batchnorm._math import ACTIVATIONS, BatchNormOutput, activate, running_update
+from batchnorm.backends import resolve_backend
+from batchnorm.backends.base import Call, Fusion, channel_view
+from batchnorm.masked import masked_batch_norm_pure
 
 __all__ = [
     "BatchNormOutput",
@@ -49,20 +42,6 @@ __all__ = [
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: ``negative_slope``'s default, which needs no check when there is nothing to fuse.
 _DEFAULT_SLOPE = 0.01
-
-
-class BatchNormOutput(NamedTuple):
-    """Result of :func:`batch_norm_pure`.
-
-    Attributes:
-        output: the normalized tensor, shape and dtype of the input.
-        running_mean: the updated running mean, or the given one (or ``None``) when unchanged.
-        running_var: the updated running variance, or the given one (or ``None``) when unchanged.
-    """
-
-    output: torch.Tensor
-    running_mean: torch.Tensor | None
-    running_var: torch.Tensor | None
 
 
 def check_batch_norm_args(
@@ -179,29 +158,6 @@ def _check_empty_1d_args(*tensors: torch.Tensor | None) -> None:
             )
 
 
-def running_update(
-    running: torch.Tensor,
-    batch_stat: torch.Tensor,
-    momentum: float,
-) -> torch.Tensor:
-    """Returns ``(1 − momentum)·running + momentum·batch_stat`` in ``running``'s dtype (pure).
-
-    Args:
-        running: a running buffer, shape ``(C,)``.
-        batch_stat: this batch's mean or unbiased variance, shape ``(C,)``.
-        momentum: the exponential-average factor for this step.
-
-    Returns:
-        The new running value, a new tensor of ``running``'s dtype; computed in at least
-        float32.
-    """
-    if running.dtype == batch_stat.dtype:  # the common case: one fused multiply-add, no casts
-        return torch.add(running * (1.0 - momentum), batch_stat, alpha=momentum)  # (C,)
-    dtype = torch.promote_types(running.dtype, torch.float32)
-    new = (1.0 - momentum) * running.to(dtype) + momentum * batch_stat.to(dtype)  # (C,)
-    return new.to(running.dtype)
-
-
 def _normalize(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -212,121 +168,23 @@ def _normalize(
     momentum: float,
     eps: float,
     backend: str | None,
-    activation: str | None = None,
-    residual: torch.Tensor | None = None,
-    negative_slope: float = 0.01,
+    fusion: Fusion | None,
     *,
-    update_in_place: bool = False,
+    update_in_place: bool,
 ) -> BatchNormOutput:
-    """Shared body of :func:`batch_norm` and :func:`batch_norm_pure` (arguments checked).
+    """Resolves the backend and hands it the whole (checked) call: one dispatch.
 
-    With ``update_in_place`` (:func:`batch_norm` only) a ``forward_update`` backend may move
-    the given running buffers in its kernel and return them; otherwise nothing is mutated.
-
-    Backends may offer three shortcuts, taken when they accept the call: ``inference`` (one
-    kernel for evaluation mode, on the input as given), ``native_forward`` (ATen's forward
-    kernel with the running update inside, the backend's own backward:
-    :func:`batchnorm.autograd.native_forward_train`) and ``forward_update`` (a whole
-    training call in one operation that autograd differentiates and that returns the new
-    running statistics; see :meth:`batchnorm.backends.aten_backend.AtenBackend.forward_update`).
-    Everything else
-    runs the generic path: the backend's ``forward``/``backward`` contract on the ``(N, C, L)``
-    view inside our autograd function, then :func:`running_update`.
+    With ``update_in_place`` (:func:`batch_norm` only) the backend may move the given running
+    buffers itself and return them; otherwise nothing is mutated. What the backend does not
+    run itself, the generic path of :mod:`batchnorm.autograd` composes from its primitives.
     """
     impl = resolve_backend(backend, input.device)
-    if activation is not None or residual is not None or fuses(impl, input):
-        return _normalize_fused(
-            input, running_mean, running_var, weight, bias, training, momentum, eps, impl,
-            activation, residual, negative_slope,
-        )  # fmt: skip
-    if not training:
-        assert running_mean is not None  # checked by check_batch_norm_args
-        assert running_var is not None
-        inference = getattr(impl, "inference", None)
-        if inference is not None:
-            y = inference(input, weight, bias, running_mean, running_var, eps)  # (N, C, *)
-            return BatchNormOutput(y, running_mean, running_var)
-        x3 = channel_view(input)  # (N, C, L), a view when possible
-        y3 = normalize_with_running_stats(x3, running_mean, running_var, weight, bias, eps)
-        return BatchNormOutput(y3.to(input.dtype).reshape(input.shape), running_mean, running_var)
-    native_forward = getattr(impl, "native_forward", None)
-    if native_forward is not None and native_forward(
-        input, weight, bias, running_mean, running_var
-    ):
-        new_mean, new_var = kernel_buffers(running_mean, running_var, update_in_place)
-        weight = statistics_weight(input, weight, bias, running_mean, running_var)
-        y = native_forward_train(input, weight, bias, new_mean, new_var, momentum, eps, impl)
-        return BatchNormOutput(y, new_mean, new_var)
-    forward_update = getattr(impl, "forward_update", None)
-    if forward_update is not None:
-        done = forward_update(
-            input, weight, bias, running_mean, running_var, momentum, eps, update_in_place
-        )
-        if done is not None:
-            return BatchNormOutput(*done)
-    x3 = channel_view(input)  # (N, C, L), a view when possible
-    result = batch_norm_train(x3, weight, bias, eps, impl)
-    new_mean, new_var = _new_running_stats(
-        running_mean, running_var, result.mean, result.var, x3, momentum
+    call = Call(
+        input, running_mean, running_var, weight, bias, momentum, eps, fusion, update_in_place
     )
-    return BatchNormOutput(result.y.reshape(input.shape), new_mean, new_var)
-
-
-def _new_running_stats(
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    x3: torch.Tensor,
-    momentum: float,
-    computed: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The running statistics after a training batch ``x3`` of shape ``(N, C, L)``.
-
-    Args:
-        running_mean, running_var: the current buffers (``None`` when not tracked).
-        mean, var: the batch mean and biased variance, ``(C,)``.
-        x3: the batch, for ``M = N·L``.
-        momentum: the factor of this step.
-        computed: new statistics a backend already computed in its kernels (used as they are).
-
-    Returns:
-        ``(new_mean, new_var)``: the given buffers themselves for an empty batch (PyTorch
-        leaves them as they are), ``None`` where a buffer is ``None``.
-    """
-    count = x3.shape[0] * x3.shape[2]  # M = N·L
-    if count == 0:
-        return running_mean, running_var
-    new_mean, new_var = computed
-    if running_mean is not None and new_mean is None:
-        new_mean = running_update(running_mean, mean, momentum)
-    if running_var is not None and new_var is None:
-        var_unbiased = var * (count / (count - 1))  # (C,)  Bessel's correction
-        new_var = running_update(running_var, var_unbiased, momentum)
-    return (
-        None if running_mean is None else new_mean,
-        None if running_var is None else new_var,
-    )
-
-
-def _masked(
-    input: torch.Tensor,
-    mask: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    training: bool,
-    momentum: float,
-    eps: float,
-) -> BatchNormOutput:
-    """Dispatches a masked call to :func:`batchnorm.variants.masked.masked_batch_norm_pure`."""
-    # Imported here: the variants package imports this module.
-    from batchnorm.variants.masked import masked_batch_norm_pure
-
-    return masked_batch_norm_pure(
-        input, mask, running_mean, running_var, weight, bias, training, momentum, eps
-    )
+    if training:
+        return autograd.train(impl, call)
+    return BatchNormOutput(autograd.evaluate(impl, call), running_mean, running_var)
 
 
 def batch_norm(
@@ -501,12 +359,17 @@ def _checked_normalize(
                 "mask: cannot be combined with activation or residual; apply them after the "
                 "masked batch norm"
             )
-        return _masked(
+        return masked_batch_norm_pure(
             input, mask, running_mean, running_var, weight, bias, training, momentum, eps
         )
+    fusion = (
+        None
+        if activation is None and residual is None
+        else Fusion(activation, float(negative_slope), residual)
+    )
     return _normalize(
         input, running_mean, running_var, weight, bias, training, momentum, eps, backend,
-        activation, residual, negative_slope, update_in_place=update_in_place,
+        fusion, update_in_place=update_in_place,
     )  # fmt: skip
 
 
@@ -591,51 +454,3 @@ def check_fusion_args(
             f"residual: expected a tensor on {input.device} (the device of input), "
             f"got one on {residual.device}"
         )
-
-
-def _normalize_fused(
-    input: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    training: bool,
-    momentum: float,
-    eps: float,
-    impl: Backend,
-    activation: str | None,
-    residual: torch.Tensor | None,
-    negative_slope: float,
-) -> BatchNormOutput:
-    """``act(bn(x) + residual)`` with the running-statistics rules of :func:`_normalize`.
-
-    A fusing backend (Triton) runs it in its kernels, the running update included; for the
-    others one autograd node composes the backend's normalization, the add and the activation
-    (:class:`batchnorm.autograd.BatchNormActFunction`), and evaluation composes torch ops.
-    """
-    x3 = channel_view(input)  # (N, C, L), a view when possible
-    z3 = None if residual is None else channel_view(residual)  # (N, C, L)
-    if not training:
-        assert running_mean is not None  # checked by check_batch_norm_args
-        assert running_var is not None
-        if fuses(impl, x3, activation is not None or residual is not None):
-            y3 = impl.inference_act(  # type: ignore[attr-defined]
-                x3, running_mean, running_var, weight, bias, z3, eps, activation, negative_slope
-            )
-            return BatchNormOutput(y3.reshape(input.shape), running_mean, running_var)
-        u3 = normalize_with_running_stats(x3, running_mean, running_var, weight, bias, eps)
-        dtype = u3.dtype
-        if z3 is not None:
-            u3 = u3.to(input.dtype).to(dtype) + z3.to(dtype)  # bn(x) rounded as unfused
-        y3 = activate(u3, activation, negative_slope).to(input.dtype)
-        return BatchNormOutput(y3.reshape(input.shape), running_mean, running_var)
-
-    result = batch_norm_act_train(
-        x3, weight, bias, z3, eps, activation, negative_slope, running_mean, running_var,
-        momentum, impl,
-    )  # fmt: skip
-    new_mean, new_var = _new_running_stats(
-        running_mean, running_var, result.mean, result.var, x3, momentum,
-        computed=(result.running_mean, result.running_var),
-    )  # fmt: skip
-    return BatchNormOutput(result.y.reshape(input.shape), new_mean, new_var)

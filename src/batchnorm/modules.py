@@ -731,3 +731,10 @@ class BatchNormAct3d(BatchNormActBase, nn.BatchNorm3d):  # type: ignore[misc]
 
     _allowed_dims = (5,)
     _shape_text = "(N, C, D, H, W)"
+
+
+#: ``torch.ao.quantization.fuse_modules`` finds its fusers by the exact types of the modules, so
+#: ours are registered beside torch's (the fused layers are not: fusing would drop the activation).
+_compat.register_fusers(
+    {nn.BatchNorm1d: BatchNorm1d, nn.BatchNorm2d: BatchNorm2d, nn.BatchNorm3d: BatchNorm3d}
+)

@@ -35,7 +35,11 @@ from __future__ import annotations
 
 import torch
 
+from batchnorm import _compat
 from batchnorm.backends.base import (
+    Backend,
+    BatchNormOutput,
+    Call,
     ForwardResult,
     channel_view,
     compute_dtype,
@@ -161,7 +165,7 @@ def native_operand(
         float32 (float16/bfloat16 input: the mixed-precision kernels, statistics and sums in
         float32).
     """
-    if input.numel() == 0 or torch._C._are_functorch_transforms_active():
+    if input.numel() == 0 or _compat.functorch_active():
         return None
     expected = torch.float32 if input.dtype in _REDUCED_FLOATS else input.dtype
     for tensor in per_channel:  # a plain loop: this runs on every call
@@ -227,10 +231,36 @@ def torch_inference(
     return y.to(x.dtype)
 
 
-class AtenBackend:
-    """Batch normalization on ATen's native kernels (see :class:`Backend`)."""
+class AtenBackend(Backend):
+    """Batch normalization on ATen's native kernels (see :class:`Backend`).
+
+    Whole calls: plain training runs :meth:`forward_update` (one ``torch.batch_norm`` on the
+    input as given) and plain evaluation :meth:`inference`; fused calls, and training inputs
+    ATen's fast kernels do not take as they are, go to the generic path over :meth:`forward`
+    and :meth:`backward`.
+    """
 
     name = "aten"
+
+    def train(self, call: Call) -> BatchNormOutput | None:
+        """Plain training in one ATen call where it takes the tensors; see :class:`Backend`."""
+        if call.fusion is not None:
+            return None
+        done = self.forward_update(
+            call.input, call.weight, call.bias, call.running_mean, call.running_var,
+            call.momentum, call.eps, call.update_in_place,
+        )  # fmt: skip
+        return None if done is None else BatchNormOutput(*done)
+
+    def evaluate(self, call: Call) -> torch.Tensor | None:
+        """Plain evaluation in one ATen pass; see :class:`Backend`."""
+        if call.fusion is not None:
+            return None
+        assert call.running_mean is not None  # checked by check_batch_norm_args
+        assert call.running_var is not None
+        return self.inference(
+            call.input, call.weight, call.bias, call.running_mean, call.running_var, call.eps
+        )
 
     def forward(
         self,

@@ -1,31 +1,29 @@
 """The contract every batch-norm backend implements, so tests and benchmarks loop over backends.
 
-The contract: ``forward``/``backward`` on the ``(N, C, L)`` view of the input (``L`` = product
-of the spatial sizes), whatever its strides, never touching running statistics (their update is
-a separate, pure step: :func:`batchnorm.functional.running_update`).
-
-Optional extras a backend may add, taken by the functional when present: ``inference`` (one
-evaluation pass on the input as the caller has it, ``(N, C, *)``), ``forward_update`` (a whole
-training call on ``(N, C, *)`` that autograd differentiates and that returns the new running
-statistics, or ``None`` to decline; see ``AtenBackend.forward_update``) and
-:class:`FusedBackend`.
+:class:`Backend`: the primitives ``forward``/``backward`` on the ``(N, C, L)`` view of the input
+(``L`` = product of the spatial sizes), whatever its strides, never touching running statistics;
+and the whole-call methods ``train``/``evaluate`` on a checked :class:`Call`, which a fast
+backend overrides (running update included) and the others leave to the generic path of
+:mod:`batchnorm.autograd`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple
 
 import torch
 
-from batchnorm._math import ACTIVATIONS
+from batchnorm._math import ACTIVATIONS, BatchNormOutput, compute_dtype
 
 __all__ = [
     "ACTIVATIONS",
     "Backend",
+    "BatchNormOutput",
+    "Call",
     "ForwardResult",
-    "FusedBackend",
     "FusedForwardResult",
+    "Fusion",
     "channel_view",
     "compute_dtype",
     "normalize_with_running_stats",
@@ -51,8 +49,48 @@ class ForwardResult(NamedTuple):
     var: torch.Tensor
 
 
-class Backend(Protocol):
-    """Training-mode batch normalization on the ``(N, C, L)`` view.
+class Fusion(NamedTuple):
+    """What a fused call adds after the normalization: ``y = act(bn(x) + residual)``.
+
+    Attributes:
+        activation: ``None`` or one of :data:`ACTIVATIONS`.
+        negative_slope: leaky ReLU's slope for negative inputs.
+        residual: ``z``, a tensor like the input, or ``None``.
+    """
+
+    activation: str | None
+    negative_slope: float
+    residual: torch.Tensor | None
+
+
+class Call(NamedTuple):
+    """One checked batch-norm call, as :mod:`batchnorm.functional` hands it to a backend.
+
+    Attributes:
+        input: ``(N, C, *)`` as the caller has it (any memory format).
+        running_mean, running_var: the buffers ``(C,)`` or ``None``; never modified unless
+            ``update_in_place``.
+        weight, bias: ``γ``, ``β`` ``(C,)`` or ``None`` (1 and 0).
+        momentum: the running-average factor of this step (training).
+        eps: added to the variance inside the square root.
+        fusion: the activation and residual of a fused call, ``None`` for plain batch norm.
+        update_in_place: the caller (``batch_norm``, every argument checked) lets the backend
+            move the given buffers themselves instead of returning new ones.
+    """
+
+    input: torch.Tensor
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    momentum: float
+    eps: float
+    fusion: Fusion | None
+    update_in_place: bool
+
+
+class Backend:
+    """The contract of a backend: two primitives and one method per mode for the whole call.
 
     Math (design.md §2), per channel over the ``M = N·L`` values::
 
@@ -60,9 +98,17 @@ class Backend(Protocol):
         dβ = Σ dy,  dγ = Σ dy·x̂,  dx = (γ·r / M)·(M·dy − dβ − x̂·dγ)
 
     ``weight`` (γ) and ``bias`` (β) may be ``None``, meaning 1 and 0.
+
+    Every backend implements the primitives :meth:`forward` and :meth:`backward` on the
+    ``(N, C, L)`` view. The whole-call methods :meth:`train` and :meth:`evaluate` take a checked
+    :class:`Call` (plain or fused) and return its result; the base class returns ``None``,
+    which hands the call to the generic path of :mod:`batchnorm.autograd` (our autograd
+    function over the two primitives, the running update, the residual add and activation in
+    torch operations). A fast backend overrides them for the calls it runs itself, running
+    update included, and returns ``None`` for the rest.
     """
 
-    name: str
+    name: str = "base"
 
     def forward(
         self,
@@ -72,7 +118,7 @@ class Backend(Protocol):
         eps: float,
     ) -> ForwardResult:
         """Normalizes ``x`` of shape ``(N, C, L)`` with its own batch statistics."""
-        ...
+        raise NotImplementedError
 
     def backward(
         self,
@@ -83,7 +129,27 @@ class Backend(Protocol):
         invstd: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``(dx, dweight, dbias)``: ``dx`` like ``x``, the others ``(C,)`` float32/64."""
-        ...
+        raise NotImplementedError
+
+    def train(self, call: Call) -> BatchNormOutput | None:
+        """The whole training call (batch statistics, new running statistics), or ``None``.
+
+        Returns:
+            The output like ``call.input`` (differentiable with respect to the input, weight,
+            bias and residual) and the new running statistics (the given buffers themselves
+            when moved in place, or when the batch is empty); ``None`` to leave the call to
+            the generic path.
+        """
+        return None
+
+    def evaluate(self, call: Call) -> torch.Tensor | None:
+        """The whole evaluation call from the running statistics, or ``None`` (generic path).
+
+        Returns:
+            The output like ``call.input``, differentiable with respect to the input, weight,
+            bias and residual.
+        """
+        return None
 
 
 class FusedForwardResult(NamedTuple):
@@ -105,60 +171,6 @@ class FusedForwardResult(NamedTuple):
     running_var: torch.Tensor | None
 
 
-@runtime_checkable
-class FusedBackend(Backend, Protocol):
-    """A backend that also fuses activation and residual add: ``y = act(γ·x̂ + β + z)``.
-
-    Optional extension of :class:`Backend` (backwards compatible: the functional layer checks
-    for it and composes ``backend.forward`` + residual + activation in one autograd function
-    for backends that lack it). Backward, through autograd::
-
-        du = dy·act'(u),   dz = du,   (dx, dγ, dβ) = Backend.backward(du, …)
-
-    ``activation`` is ``None`` or one of :data:`ACTIVATIONS`; ``negative_slope`` is leaky
-    ReLU's slope.
-    """
-
-    def supports_fusion(self, x: torch.Tensor, fused: bool = False) -> bool:
-        """Whether :meth:`forward_act`/:meth:`inference_act` take ``x`` (e.g. its dtype).
-
-        ``fused`` says whether the call has an activation or a residual: a backend may take
-        those where it leaves plain calls to :meth:`forward` (the ``cuda`` backend does).
-        """
-        ...
-
-    def forward_act(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        residual: torch.Tensor | None,
-        eps: float,
-        activation: str | None,
-        negative_slope: float,
-        running_mean: torch.Tensor | None,
-        running_var: torch.Tensor | None,
-        momentum: float,
-    ) -> FusedForwardResult:
-        """Differentiable training forward on ``(N, C, L)`` views (``residual`` like ``x``)."""
-        ...
-
-    def inference_act(
-        self,
-        x: torch.Tensor,
-        running_mean: torch.Tensor,
-        running_var: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        residual: torch.Tensor | None,
-        eps: float,
-        activation: str | None,
-        negative_slope: float,
-    ) -> torch.Tensor:
-        """Evaluation forward from the running statistics on ``(N, C, L)`` views."""
-        ...
-
-
 def channel_view(input: torch.Tensor) -> torch.Tensor:
     """``input`` of shape ``(N, C, *)`` as ``(N, C, L)``, ``L`` the product of ``*`` (1 if none).
 
@@ -167,11 +179,6 @@ def channel_view(input: torch.Tensor) -> torch.Tensor:
     """
     spatial = math.prod(input.shape[2:])  # L
     return input.reshape(input.shape[0], input.shape[1], spatial)
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype statistics and reductions use for an input dtype: float64 stays, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def normalize_with_running_stats(

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 from batchnorm.backends.aten_backend import AtenBackend
-from batchnorm.backends.base import FusedForwardResult
+from batchnorm.backends.base import Backend, BatchNormOutput, Call, ForwardResult, channel_view
 from batchnorm.backends.triton_backend import TritonBackend
 
 __all__ = ["TRITON_CASES", "CudaBackend", "TritonCase"]
@@ -69,13 +69,14 @@ def _row_length(x: torch.Tensor) -> int:
     return x.numel() // channels_and_batch if channels_and_batch else 0
 
 
-class CudaBackend(AtenBackend):
+class CudaBackend(Backend):
     """``auto`` on CUDA: :class:`TritonBackend` where it measured faster, :class:`AtenBackend` else.
 
-    The ATen backend itself (the plain contract, the whole-call ``forward_update`` and
-    ``inference``), plus the fused contract: :meth:`supports_fusion` is True exactly where
-    Triton takes the call, plain or fused, and :meth:`forward_act`/:meth:`inference_act` then
-    run Triton's kernels.
+    Each whole call goes to one of the two: Triton's where :meth:`supports_fusion` says so (by
+    dtype, layout, size, and whether the call is fused), ATen's otherwise (its one-call training and
+    inference; fused calls it leaves to the generic path over ATen's primitives). Plain
+    evaluation always goes to ATen: one elementwise kernel at bandwidth there too, without
+    Triton's host work.
     """
 
     name = "cuda"
@@ -91,6 +92,7 @@ class CudaBackend(AtenBackend):
         """
         self.triton_cases = TRITON_CASES if triton_cases is None else triton_cases
         self._triton = TritonBackend()
+        self._aten = AtenBackend()
 
     def supports_fusion(self, x: torch.Tensor, fused: bool = False) -> bool:
         """Whether Triton takes the call on ``x`` ``(N, C, *)``: dtype, layout, size, and
@@ -100,44 +102,40 @@ class CudaBackend(AtenBackend):
         case = self.triton_cases[(fused, x.stride(1) == 1 and x.shape[1] > 1)]
         return x.numel() >= case.min_values and _row_length(x) >= case.min_row
 
-    def forward_act(
+    def forward(
         self,
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
-        residual: torch.Tensor | None,
         eps: float,
-        activation: str | None,
-        negative_slope: float,
-        running_mean: torch.Tensor | None,
-        running_var: torch.Tensor | None,
-        momentum: float,
-    ) -> FusedForwardResult:
-        """Triton's fused training forward (called only where :meth:`supports_fusion`)."""
-        return self._triton.forward_act(
-            x, weight, bias, residual, eps, activation, negative_slope, running_mean,
-            running_var, momentum,
-        )  # fmt: skip
+    ) -> ForwardResult:
+        """ATen's forward primitive (what the generic path composes)."""
+        return self._aten.forward(x, weight, bias, eps)
 
-    def inference_act(
+    def backward(
         self,
+        dy: torch.Tensor,
         x: torch.Tensor,
-        running_mean: torch.Tensor,
-        running_var: torch.Tensor,
         weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        residual: torch.Tensor | None,
-        eps: float,
-        activation: str | None,
-        negative_slope: float,
-    ) -> torch.Tensor:
-        """Triton's fused evaluation forward where :meth:`supports_fusion`; plain ones on ATen.
+        mean: torch.Tensor,
+        invstd: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ATen's backward primitive."""
+        return self._aten.backward(dy, x, weight, mean, invstd)
 
-        Plain evaluation (no activation, no residual) is one elementwise kernel at bandwidth in
-        ATen too, without Triton's host work, so it always goes there.
-        """
-        if activation is None and residual is None:
-            return self.inference(x, weight, bias, running_mean, running_var, eps)
-        return self._triton.inference_act(
-            x, running_mean, running_var, weight, bias, residual, eps, activation, negative_slope
-        )
+    def train(self, call: Call) -> BatchNormOutput | None:
+        """Triton's whole call where it takes it, else ATen's; see :class:`Backend`."""
+        fused = call.fusion is not None
+        # A plain call is judged on the input as given, a fused one on its (N, C, L) view.
+        probe = channel_view(call.input) if fused else call.input
+        if self.supports_fusion(probe, fused):
+            return self._triton.train(call)
+        return self._aten.train(call)
+
+    def evaluate(self, call: Call) -> torch.Tensor | None:
+        """Fused evaluation on Triton where it takes it; plain evaluation on ATen."""
+        if call.fusion is None:
+            return self._aten.evaluate(call)
+        if self.supports_fusion(channel_view(call.input), True):
+            return self._triton.evaluate(call)
+        return None

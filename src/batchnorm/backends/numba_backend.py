@@ -48,16 +48,27 @@ import numba
 import numpy as np
 import torch
 
+from batchnorm import _compat
 from batchnorm.backends.aten_backend import (
     AtenBackend,
     any_requires_grad,
     channel_rows,
+    kernel_buffers,
     native_operand,
     rows_as_input,
+    statistics_weight,
     torch_inference,
 )
-from batchnorm.backends.base import ForwardResult, channel_view, compute_dtype
+from batchnorm.backends.base import (
+    Backend,
+    BatchNormOutput,
+    Call,
+    ForwardResult,
+    channel_view,
+    compute_dtype,
+)
 from batchnorm.backends.memory import ADVISE_FROM_BYTES, empty_like
+from batchnorm.backends.native import native_forward_train
 from batchnorm.backends.torch_backend import TorchBackend
 from batchnorm.kernels import cpu_numba, cpu_stream
 
@@ -215,10 +226,10 @@ def _is_transformed(*tensors: torch.Tensor) -> bool:
     functions' forward and backward the transform they run under is no longer active, and the
     tensors are plain, so the kernels still run there.
     """
-    if torch._C._are_functorch_transforms_active():
+    if _compat.functorch_active():
         return True
     for tensor in tensors:  # noqa: SIM110  (a loop: any() over a generator costs a frame)
-        if torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        if _compat.functorch_wrapped(tensor):
             return True
     return False
 
@@ -333,10 +344,46 @@ def _launch(kernel: Callable[..., None], work: int, *args: Any) -> None:
         torch.set_num_threads(threads)
 
 
-class NumbaBackend:
-    """Batch normalization on Numba CPU kernels, ATen or pure torch otherwise (see above)."""
+class NumbaBackend(Backend):
+    """Batch normalization on Numba CPU kernels, ATen or pure torch otherwise (see above).
+
+    Whole calls: plain training runs :meth:`native_batch_norm` with this backward where the
+    kernels take the forward or the backward (:meth:`native_forward`), else ATen's one-call
+    path (:meth:`forward_update`); plain evaluation :meth:`inference`; the rest (fused calls,
+    inputs nobody takes as they are) goes to the generic path over :meth:`forward` and
+    :meth:`backward`.
+    """
 
     name = "numba"
+
+    def train(self, call: Call) -> BatchNormOutput | None:
+        """Plain training on the kernels or in one ATen call; see :class:`Backend`."""
+        if call.fusion is not None:
+            return None
+        input, weight, bias = call.input, call.weight, call.bias
+        running_mean, running_var = call.running_mean, call.running_var
+        if self.native_forward(input, weight, bias, running_mean, running_var):
+            new_mean, new_var = kernel_buffers(running_mean, running_var, call.update_in_place)
+            weight = statistics_weight(input, weight, bias, running_mean, running_var)
+            y = native_forward_train(
+                input, weight, bias, new_mean, new_var, call.momentum, call.eps, self
+            )
+            return BatchNormOutput(y, new_mean, new_var)
+        done = self.forward_update(
+            input, weight, bias, running_mean, running_var, call.momentum, call.eps,
+            call.update_in_place,
+        )  # fmt: skip
+        return None if done is None else BatchNormOutput(*done)
+
+    def evaluate(self, call: Call) -> torch.Tensor | None:
+        """Plain evaluation on the kernels or ATen's; see :class:`Backend`."""
+        if call.fusion is not None:
+            return None
+        assert call.running_mean is not None  # checked by check_batch_norm_args
+        assert call.running_var is not None
+        return self.inference(
+            call.input, call.weight, call.bias, call.running_mean, call.running_var, call.eps
+        )
 
     def __init__(
         self, kernel_cases: Mapping[KernelCase, int] | None = None, streaming: bool | None = None

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from batchnorm import reference
-from batchnorm.backends.base import ForwardResult, compute_dtype
+from batchnorm.backends.base import Backend, ForwardResult, compute_dtype
 
 __all__ = ["NumpyBackend"]
 
@@ -27,7 +27,7 @@ def _to_torch(array: np.ndarray, like: torch.Tensor, dtype: torch.dtype) -> torc
     return torch.from_numpy(array).to(device=like.device, dtype=dtype)
 
 
-class NumpyBackend:
+class NumpyBackend(Backend):
     """Runs :func:`batchnorm.reference.forward`/``backward`` in float64 (see :class:`Backend`)."""
 
     name = "numpy"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from batchnorm.backends.base import ForwardResult, compute_dtype
+from batchnorm.backends.base import Backend, ForwardResult, compute_dtype
 
 __all__ = ["TorchBackend"]
 
@@ -19,7 +19,7 @@ def _per_channel(values: torch.Tensor) -> torch.Tensor:
     return values[None, :, None]
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     """Batch normalization written with ordinary torch operations (see :class:`Backend`)."""
 
     name = "torch"

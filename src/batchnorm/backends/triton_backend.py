@@ -36,8 +36,15 @@ from typing import Any
 import torch
 
 from batchnorm import _compat
-from batchnorm._math import activation_derivative
-from batchnorm.backends.base import ForwardResult, FusedForwardResult
+from batchnorm._math import activation_derivative, new_running_stats
+from batchnorm.backends.base import (
+    Backend,
+    BatchNormOutput,
+    Call,
+    ForwardResult,
+    FusedForwardResult,
+    channel_view,
+)
 from batchnorm.backends.torch_backend import TorchBackend
 from batchnorm.kernels import batchnorm_bwd, batchnorm_fwd, inference
 from batchnorm.kernels.common import (
@@ -547,15 +554,50 @@ class _TrainFunction(torch.autograd.Function):
 _TORCH_BACKEND = TorchBackend()
 
 
-class TritonBackend:
+class TritonBackend(Backend):
     """Batch normalization on Triton kernels (see :class:`Backend` and the module docstring).
 
-    Besides the plain contract it implements the fused one (:class:`FusedBackend`):
-    :meth:`forward_act` (differentiable, with the running update in the merge kernel) and
-    :meth:`inference_act`.
+    Whole calls, plain and fused (``y = act(γ·x̂ + β + z)``), for the dtypes the kernels take
+    (:meth:`supports_fusion`): :meth:`train` runs :meth:`forward_act` (differentiable, with the
+    running update in the merge kernel), :meth:`evaluate` runs :meth:`inference_act`. Backward,
+    through autograd: ``du = dy·act'(u)``, ``dz = du``, ``(dx, dγ, dβ)`` from the saved ``μ``,
+    ``r`` (nothing input-sized but a 1-byte mask where the activation needs one).
     """
 
     name = "triton"
+
+    def train(self, call: Call) -> BatchNormOutput | None:
+        """The whole training call in the Triton kernels; see :class:`Backend`."""
+        x3 = channel_view(call.input)  # (N, C, L), a view when possible
+        if not self.supports_fusion(x3, call.fusion is not None):
+            return None
+        activation, slope, residual = call.fusion or (None, 0.01, None)
+        z3 = None if residual is None else channel_view(residual)  # (N, C, L)
+        result = self.forward_act(
+            x3, call.weight, call.bias, z3, call.eps, activation, slope, call.running_mean,
+            call.running_var, call.momentum,
+        )  # fmt: skip
+        new_mean, new_var = new_running_stats(
+            call.running_mean, call.running_var, result.mean, result.var,
+            x3.shape[0] * x3.shape[2], call.momentum,
+            computed=(result.running_mean, result.running_var),
+        )  # fmt: skip
+        return BatchNormOutput(result.y.reshape(call.input.shape), new_mean, new_var)
+
+    def evaluate(self, call: Call) -> torch.Tensor | None:
+        """The whole evaluation call in one Triton kernel; see :class:`Backend`."""
+        x3 = channel_view(call.input)  # (N, C, L), a view when possible
+        if not self.supports_fusion(x3, call.fusion is not None):
+            return None
+        assert call.running_mean is not None  # checked by check_batch_norm_args
+        assert call.running_var is not None
+        activation, slope, residual = call.fusion or (None, 0.01, None)
+        z3 = None if residual is None else channel_view(residual)  # (N, C, L)
+        y3 = self.inference_act(
+            x3, call.running_mean, call.running_var, call.weight, call.bias, z3, call.eps,
+            activation, slope,
+        )  # fmt: skip
+        return y3.reshape(call.input.shape)
 
     def __init__(self) -> None:
         """Checks that the kernels can run here at all.
@@ -618,7 +660,7 @@ class TritonBackend:
         running_var: torch.Tensor | None,
         momentum: float,
     ) -> FusedForwardResult:
-        """Differentiable ``act(γ·x̂ + β + z)`` with batch statistics; see :class:`FusedBackend`."""
+        """Differentiable ``act(γ·x̂ + β + z)`` with batch statistics."""
         direct = runs_eagerly(x, weight, bias, residual, running_mean, running_var)
         train = _TrainFunction.apply if direct else train_op
         y, mean, invstd, var, _mask, new_mean, new_var = train(  # type: ignore[no-untyped-call]
@@ -647,7 +689,7 @@ class TritonBackend:
         activation: str | None,
         negative_slope: float,
     ) -> torch.Tensor:
-        """``act(γ·(x − μ̄)/sqrt(σ̄² + ε) + β + z)``; see :class:`FusedBackend`."""
+        """``act(γ·(x − μ̄)/sqrt(σ̄² + ε) + β + z)`` from the running statistics."""
         direct = runs_eagerly(x, running_mean, running_var, weight, bias, residual)
         run = _InferenceFunction.apply if direct else inference_op
         y: torch.Tensor = run(  # type: ignore[no-untyped-call]

@@ -12,6 +12,12 @@ the usual way to fine-tune a detector or segmenter on small per-device batches. 
 :func:`batchnorm.tools.unfreeze` can make them trainable again; the ``state_dict`` keys are
 those of ``torch.nn.BatchNorm*``, so checkpoints load both ways.
 
+Deliberately *not* a subclass of ``torch.nn.modules.batchnorm._BatchNorm`` (nor are torchvision's
+and timm's frozen layers): libraries that find batch norms that way retrain or reset them
+(``torch.optim.swa_utils.update_bn`` resets the statistics, ``convert_sync_batchnorm`` and
+``torch.func.replace_all_batch_norm_modules_`` make them batch statistics again), which would
+undo the freezing. Those tools leave a frozen layer alone.
+
 Reference:
     The layer of Detectron / torchvision's ``FrozenBatchNorm2d``; see also Y. Wu and K. He,
     "Group Normalization", ECCV 2018, §4 (frozen BN for small batches).

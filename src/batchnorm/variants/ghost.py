@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from batchnorm.autograd import batch_norm_train
-from batchnorm.backends import resolve_backend
-from batchnorm.functional import BatchNormOutput, check_batch_norm_args, running_update
+from batchnorm._math import compute_dtype
+from batchnorm.functional import BatchNormOutput, batch_norm_pure, running_update
 from batchnorm.modules import BatchNormBase
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d", "GhostBatchNormBase"]
@@ -99,25 +98,23 @@ class GhostBatchNormBase(BatchNormBase):
             )
         if batch <= self.virtual_batch_size:  # one virtual batch: plain batch norm, same path
             return super()._normalize(input, use_batch_stats, momentum)
-        check_batch_norm_args(
-            input,
-            self.running_mean,
-            self.running_var,
-            self.weight,
-            self.bias,
-            True,
-            momentum,
-            self.eps,
-        )
-        impl = resolve_backend(self.backend, input.device)
+        stats_dtype = compute_dtype(input.dtype)
+        zeros = torch.zeros(channels, dtype=stats_dtype, device=input.device)  # (C,)
+        ones = torch.ones(channels, dtype=stats_dtype, device=input.device)  # (C,)
         x3 = input.reshape(batch, channels, length)  # (N, C, L)
         outputs, means, variances, sizes = [], [], [], []
         for chunk in torch.split(x3, self.virtual_batch_size):  # (n_k, C, L) each
-            result = batch_norm_train(chunk, self.weight, self.bias, self.eps, impl)
-            count = chunk.shape[0] * length  # M_k
-            outputs.append(result.y)
-            means.append(result.mean)
-            variances.append(result.var * (count / (count - 1)))  # (C,)  unbiased
+            # With momentum 1 the "new running statistics" are the chunk's own mean and
+            # unbiased variance: (1 − 1)·running + 1·batch.
+            result = batch_norm_pure(
+                chunk, zeros, ones, self.weight, self.bias, True, 1.0, self.eps,
+                backend=self.backend,
+            )  # fmt: skip
+            assert result.running_mean is not None
+            assert result.running_var is not None
+            outputs.append(result.output)
+            means.append(result.running_mean)
+            variances.append(result.running_var)
             sizes.append(chunk.shape[0])
         output = torch.cat(outputs).reshape(input.shape)  # (N, C, *)
         weights = torch.tensor(sizes, dtype=means[0].dtype, device=input.device) / batch  # (K,)

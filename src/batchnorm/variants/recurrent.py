@@ -44,6 +44,10 @@ __all__ = ["BNLSTM", "BNLSTMCell", "RecurrentBatchNorm1d"]
 class RecurrentBatchNorm1d(BatchNormBase):
     """Batch normalization of ``(N, C)`` input with running statistics per time step.
 
+    Not a ``torch.nn.BatchNorm1d`` by type: its statistics have shape ``(max_steps, C)`` and its
+    forward takes the time step, so tools made for torch's layer (``convert_sync_batchnorm``,
+    ``update_bn``, fusers) would misuse it.
+
     ``running_mean``, ``running_var`` have shape ``(max_steps, C)`` and ``num_batches_tracked``
     ``(max_steps,)``; ``weight`` (γ, init ``weight_init``) and ``bias`` (β, init 0) are ``(C,)``
     and shared by all steps.
