@@ -20,7 +20,7 @@ COMPAT_TESTS := tests/test_ecosystem.py tests/test_modules.py tests/test_functio
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile src/batchnorm/kernels/cpu_stream.c
+$(STAMP): pyproject.toml Makefile src/batchnorm/kernels/cpu/cpu_stream.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PIN)
@@ -38,7 +38,7 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -n 2 --cov=batchnorm --cov-report=term-missing:skip-covered tests
 
-$(COMPAT_STAMP): pyproject.toml Makefile src/batchnorm/kernels/cpu_stream.c
+$(COMPAT_STAMP): pyproject.toml Makefile src/batchnorm/kernels/cpu/cpu_stream.c
 	$(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/pip install --quiet --upgrade pip
 	$(COMPAT_VENV)/bin/pip install --quiet $(COMPAT_PINS)

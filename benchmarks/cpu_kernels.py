@@ -3,9 +3,9 @@
 ``benchmarks/cpu.py`` times whole calls (checks, autograd, allocation); this script times the
 kernels alone, so a kernel change can be judged before the per-call work is added to it:
 
-* forward: :func:`batchnorm.kernels.cpu_numba.forward_ncl` against
+* forward: :func:`batchnorm.kernels.cpu.cpu_numba.forward_ncl` against
   ``aten::native_batch_norm.out`` (training, statistics and output);
-* backward: :func:`batchnorm.kernels.cpu_numba.backward_ncl` against
+* backward: :func:`batchnorm.kernels.cpu.cpu_numba.backward_ncl` against
   ``aten::native_batch_norm_backward`` (``dx``, ``dγ``, ``dβ``).
 
 Both run on one thread, back to back (warm caches), median of ``--rounds``; ATen's backward
@@ -27,8 +27,8 @@ import numba
 import numpy as np
 import torch
 
-from batchnorm.backends.numba_backend import _as_array
-from batchnorm.kernels import cpu_numba
+from batchnorm.backends.cpu_backend import _as_array
+from batchnorm.kernels.cpu import cpu_numba
 
 #: ``(N, C, L)`` views of ``benchmarks/cpu.py``'s contiguous cases.
 SHAPES = [(64, 64, 3136), (64, 256, 196), (32, 128, 784), (256, 64, 100)]

@@ -1,11 +1,11 @@
 """Where the CPU kernels start to pay: our kernels against ATen's, behind the same checks, by size.
 
 ``benchmarks/cpu.py`` compares whole calls with ``F.batch_norm`` on five large shapes; this script
-sets the thresholds of :data:`batchnorm.backends.numba_backend.MEASURED_KERNEL_CASES`. For each
+sets the thresholds of :data:`batchnorm.backends.cpu_backend.MEASURED_KERNEL_CASES`. For each
 dtype and layout (contiguous ``(N, 64, 14, 14)`` and its channels_last copy) and a range of batch
 sizes it times our :func:`batchnorm.functional.batch_norm` twice: with the ``numba`` backend
-running its kernels everywhere (``NumbaBackend(ALL_KERNEL_CASES)``) and with it running them
-nowhere (``NumbaBackend({})``: ATen's kernels behind the same checks, autograd and running
+running its kernels everywhere (``CpuBackend(ALL_KERNEL_CASES)``) and with it running them
+nowhere (``CpuBackend({})``: ATen's kernels behind the same checks, autograd and running
 update). Passes: training forward (running buffers, autograd graph), backward alone and
 evaluation. Rounds alternate the two in a shuffled order after an untimed 32 MB copy (caches
 cold, as in a network); the ratio printed is ATen's median time over the kernels' (above 1: the
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 import batchnorm.backends as backends
-from batchnorm.backends import numba_backend
+from batchnorm.backends import cpu_backend
 from batchnorm.functional import batch_norm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -49,7 +49,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _median_ms(
-    variants: dict[str, numba_backend.NumbaBackend],
+    variants: dict[str, cpu_backend.CpuBackend],
     run: Callable[[Any], Any],
     setup: Callable[[], Any],
     rounds: int,
@@ -62,12 +62,12 @@ def _median_ms(
     for _ in range(rounds + 2):  # the first two rounds warm up (compilation, allocator)
         order.shuffle(names)
         for name in names:
-            backends._INSTANCES["numba"] = variants[name]
-            state = setup()
-            target.copy_(source)
-            start = time.perf_counter()
-            run(state)
-            times[name].append((time.perf_counter() - start) * 1e3)
+            with backends.override("cpu", variants[name]):
+                state = setup()
+                target.copy_(source)
+                start = time.perf_counter()
+                run(state)
+                times[name].append((time.perf_counter() - start) * 1e3)
     return {name: statistics.median(values[2:]) for name, values in times.items()}
 
 
@@ -76,28 +76,23 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = {
-        "kernels": numba_backend.NumbaBackend(numba_backend.ALL_KERNEL_CASES),
-        "aten": numba_backend.NumbaBackend({}),
+        "kernels": cpu_backend.CpuBackend(cpu_backend.ALL_KERNEL_CASES),
+        "aten": cpu_backend.CpuBackend({}),
     }
-    saved = dict(backends._INSTANCES)
     print(
         f"ATen time / kernels' time (above 1: kernels faster), {args.threads} thread(s), "
         f"(N, {CHANNELS}, "
         f"{SPATIAL[0]}, {SPATIAL[1]}), streaming kernels: {variants['kernels'].streaming}"
     )
-    try:
-        for dtype_name in args.dtypes:
-            for layout in ("ncl", "rows"):
-                for n_batch in args.batches:
-                    _sweep_line(variants, DTYPES[dtype_name], layout, n_batch, args.rounds)
-    finally:
-        backends._INSTANCES.clear()
-        backends._INSTANCES.update(saved)
+    for dtype_name in args.dtypes:
+        for layout in ("ncl", "rows"):
+            for n_batch in args.batches:
+                _sweep_line(variants, DTYPES[dtype_name], layout, n_batch, args.rounds)
     return 0
 
 
 def _sweep_line(
-    variants: dict[str, numba_backend.NumbaBackend],
+    variants: dict[str, cpu_backend.CpuBackend],
     dtype: torch.dtype,
     layout: str,
     n_batch: int,
@@ -114,11 +109,11 @@ def _sweep_line(
     dy = torch.randn_like(x)
 
     def forward(_: Any = None) -> torch.Tensor:
-        return batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5, backend="numba")
+        return batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5, backend="cpu")
 
     def inference(_: Any) -> None:
         with torch.no_grad():
-            batch_norm(x, mean, var, weight, bias, False, 0.1, 1e-5, backend="numba")
+            batch_norm(x, mean, var, weight, bias, False, 0.1, 1e-5, backend="cpu")
 
     passes = {
         "forward": (forward, lambda: None),

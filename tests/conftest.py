@@ -7,13 +7,15 @@ another path of this library.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 import torch
 
 import batchnorm
+from batchnorm import backends
 
 # dtype → (atol, rtol) for values of order 1 (normalized outputs, gradients of a random dy).
 # Low precision: the library computes in float32 and rounds once to the input dtype, so the error
@@ -167,3 +169,17 @@ def assert_bit_identical(
 def backend(request: pytest.FixtureRequest) -> str:
     """Each backend name from :func:`batchnorm.available_backends`."""
     return request.param
+
+
+@pytest.fixture
+def use_backend() -> Iterator[Callable[[str, backends.Backend], backends.Backend]]:
+    """``use_backend(name, instance)`` makes ``instance`` the backend ``name`` for one test.
+
+    Through the public seam :func:`batchnorm.backends.override`; undone when the test ends.
+    """
+    with contextlib.ExitStack() as stack:
+
+        def install(name: str, instance: backends.Backend) -> backends.Backend:
+            return stack.enter_context(backends.override(name, instance))
+
+        yield install

@@ -17,6 +17,7 @@ import torch
 from batchnorm import backends, reference
 from batchnorm.backends import compute_dtype, resolve_backend
 from batchnorm.functional import batch_norm, batch_norm_pure
+from batchnorm.kernels.cpu import cpu_stream
 from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
@@ -75,9 +76,9 @@ def _make(shape, memory_format, dtype, seed=0, offset=0.0):
 def _backend(name):
     """The backend object for a name of :data:`BACKEND_VARIANTS`."""
     if name in ("numba-all", "numba-only"):
-        from batchnorm.backends.numba_backend import ALL_KERNEL_CASES, NumbaBackend
+        from batchnorm.backends.cpu_backend import ALL_KERNEL_CASES, CpuBackend
 
-        return NumbaBackend(ALL_KERNEL_CASES, streaming=False if name == "numba-only" else None)
+        return CpuBackend(ALL_KERNEL_CASES, streaming=False if name == "numba-only" else None)
     return resolve_backend(name, torch.device("cpu"))
 
 
@@ -336,8 +337,8 @@ def test_numba_uses_torch_thread_count() -> None:
         assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
         # Below the default cases' sizes (the kernels run it only here); float64: Numba's kernels.
         tiny = torch.randn(4, 3, 5, dtype=torch.float64)
-        numba_backend = importlib.import_module("batchnorm.backends.numba_backend")
-        all_cases = numba_backend.NumbaBackend(numba_backend.ALL_KERNEL_CASES)
+        cpu_backend = importlib.import_module("batchnorm.backends.cpu_backend")
+        all_cases = cpu_backend.CpuBackend(cpu_backend.ALL_KERNEL_CASES)
         all_cases.forward(tiny, None, None, EPS)
         assert numba.get_num_threads() == 1  # a tiny tensor stays on the calling thread
     finally:
@@ -345,10 +346,10 @@ def test_numba_uses_torch_thread_count() -> None:
 
 
 def test_auto_picks_fast_cpu_backend(monkeypatch) -> None:
-    """auto: numba on CPU when it imports, else aten."""
+    """auto: the cpu backend when its C kernels or Numba run here, else aten."""
     monkeypatch.delenv(backends.BACKEND_ENV_VAR, raising=False)
-    expected = "numba" if HAS_NUMBA else "aten"
+    expected = "cpu" if HAS_NUMBA or cpu_stream.SUPPORTED else "aten"
     assert resolve_backend("auto", torch.device("cpu")).name == expected
-    monkeypatch.setitem(backends._REGISTRY, "numba", ("batchnorm.no_such_module", "Missing"))
-    monkeypatch.setattr(backends, "_INSTANCES", {})
-    assert resolve_backend("auto", torch.device("cpu")).name == "aten"
+    monkeypatch.setitem(backends._REGISTRY, "cpu", ("batchnorm.no_such_module", "Missing"))
+    with backends.fresh():
+        assert resolve_backend("auto", torch.device("cpu")).name == "aten"

@@ -171,16 +171,16 @@ def test_numba_kernel_thresholds(threads) -> None:
     """By default the kernels take exactly the cases and sizes of the measured table for the
     thread count: each case from its smallest size on, not one element below it, and no other
     case."""
-    from batchnorm.backends.numba_backend import (
+    from batchnorm.backends.cpu_backend import (
         ALL_KERNEL_CASES,
         MEASURED_KERNEL_CASES,
         MEASURED_NUMBA_CASES,
         MEASURED_THREADED_CASES,
-        NumbaBackend,
+        CpuBackend,
         cpu_stream,
     )
 
-    default, everywhere = NumbaBackend(), NumbaBackend(ALL_KERNEL_CASES)
+    default, everywhere = CpuBackend(), CpuBackend(ALL_KERNEL_CASES)
     if not default.streaming:
         expected_table = MEASURED_NUMBA_CASES
     elif threads == 1:
@@ -230,7 +230,7 @@ def _dense(x: torch.Tensor, layout: str) -> torch.Tensor:
 def test_kernel_layout_matches_views(shape, order_seed, sliced) -> None:
     """``kernel_layout`` (strides only) agrees with the views the kernels read: "ncl" iff the
     tensor is contiguous with L > 1, "rows" iff its channels-innermost view is contiguous."""
-    from batchnorm.backends.numba_backend import kernel_layout
+    from batchnorm.backends.cpu_backend import kernel_layout
 
     order = list(range(len(shape)))
     order_seed.shuffle(order)
@@ -247,7 +247,7 @@ def test_kernel_layout_matches_views(shape, order_seed, sliced) -> None:
         expected = None
     assert kernel_layout(x) == expected
     if expected is not None:  # the array the kernels read is the view, without a copy
-        from batchnorm.backends.numba_backend import _kernel_array
+        from batchnorm.backends.cpu_backend import _kernel_array
 
         array = _kernel_array(channel_view(x), expected)
         assert array.ctypes.data == x.data_ptr()
@@ -258,12 +258,12 @@ def test_kernel_layout_matches_views(shape, order_seed, sliced) -> None:
 def _count_backward_kernels(monkeypatch) -> list[int]:
     """A list that gets an item each time the Numba backend's (N, C, L) backward kernel runs:
     Numba's fused one, or the streaming one where this machine runs it (one thread)."""
-    from batchnorm.backends import numba_backend
+    from batchnorm.backends import cpu_backend
 
     calls: list[int] = []
     entries = (
-        (numba_backend.cpu_numba, "backward_ncl"),
-        (numba_backend.cpu_stream, "train_backward"),
+        (cpu_backend.cpu_numba, "backward_ncl"),
+        (cpu_backend.cpu_stream, "train_backward"),
     )
     for module, name in entries:
         kernel = getattr(module, name)
@@ -298,14 +298,14 @@ def test_numba_routes_bfloat16_backward_to_its_kernel(monkeypatch, requires_grad
 @pytest.mark.parametrize("pure", [False, True], ids=["in-place", "pure"])
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 @pytest.mark.parametrize("buffers", ["plain", "grad", "none"])
-def test_native_forward_path_matches_torch(monkeypatch, pure, affine, buffers) -> None:
+def test_native_forward_path_matches_torch(use_backend, monkeypatch, pure, affine, buffers) -> None:
     """ATen's forward with the running update inside, Numba's backward: F.batch_norm's output
     and statistics bit for bit (same kernel), its gradients to bfloat16 accuracy; the given
     buffers move only in the in-place form, and never when they require grad."""
-    from batchnorm.backends import numba_backend
+    from batchnorm.backends import cpu_backend
 
-    backend = numba_backend.NumbaBackend({("backward", "ncl", torch.bfloat16): 1})
-    monkeypatch.setattr("batchnorm.backends._INSTANCES", {"numba": backend})
+    backend = cpu_backend.CpuBackend({("backward", "ncl", torch.bfloat16): 1})
+    use_backend("cpu", backend)
     calls = _count_backward_kernels(monkeypatch)
     channels = 5
     x = (3.0 + 2.0 * torch.randn(6, channels, 7, 3)).bfloat16().requires_grad_()
@@ -354,9 +354,9 @@ def test_native_forward_path_matches_torch(monkeypatch, pure, affine, buffers) -
 @NEEDS_NUMBA
 def test_native_forward_declines() -> None:
     """Only bfloat16 (N, C, L) the backward kernel takes, with ATen's dtypes, under autograd."""
-    from batchnorm.backends.numba_backend import NumbaBackend
+    from batchnorm.backends.cpu_backend import CpuBackend
 
-    backend = NumbaBackend({("backward", "ncl", torch.bfloat16): 1})
+    backend = CpuBackend({("backward", "ncl", torch.bfloat16): 1})
     x = torch.randn(4, 3, 5).bfloat16().requires_grad_()
     f32, bf16 = torch.ones(3), torch.ones(3, dtype=torch.bfloat16)
     assert backend.native_forward(x, f32, f32, None, None)
@@ -475,10 +475,10 @@ def test_in_place_with_buffers_that_require_grad(backend) -> None:
 @NEEDS_NUMBA
 def test_numba_variance_precision_with_long_rows() -> None:
     """One long row per channel (L = 2^22): the variance within 1e-6 of float64's."""
-    from batchnorm.backends.numba_backend import ALL_KERNEL_CASES, NumbaBackend
+    from batchnorm.backends.cpu_backend import ALL_KERNEL_CASES, CpuBackend
 
     x = 5.0 + 2.0 * torch.randn(1, 2, 1 << 22, dtype=torch.float64)
-    result = NumbaBackend(ALL_KERNEL_CASES).forward(x.float(), None, None, EPS)
+    result = CpuBackend(ALL_KERNEL_CASES).forward(x.float(), None, None, EPS)
     expected = x.float().double().var(dim=(0, 2), correction=0)
     torch.testing.assert_close(result.var.double(), expected, rtol=1e-6, atol=0.0)
 
@@ -487,12 +487,12 @@ def test_numba_variance_precision_with_long_rows() -> None:
 def test_numba_gradient_sums_precision_with_long_rows() -> None:
     """One long row per channel (L = 2^22): dβ = Σdy within 2e-7 relative of float64's, and
     dγ within 1e-7 of its scale Σ|dy·(x − μ)|·r (whole-row float32 sums drift to ~1e-6)."""
-    from batchnorm.backends.numba_backend import ALL_KERNEL_CASES, NumbaBackend
+    from batchnorm.backends.cpu_backend import ALL_KERNEL_CASES, CpuBackend
 
     gen = torch.Generator().manual_seed(0)
     x = (5.0 + 2.0 * torch.randn(1, 2, 1 << 22, generator=gen)).float()
     dy = (0.3 + torch.randn(1, 2, 1 << 22, generator=gen)).float()
-    backend = NumbaBackend(ALL_KERNEL_CASES)
+    backend = CpuBackend(ALL_KERNEL_CASES)
     stats = backend.forward(x, None, None, EPS)
     _dx, dweight, dbias = backend.backward(dy, x, None, stats.mean, stats.invstd)
     x64, dy64 = x.double(), dy.double()
@@ -536,7 +536,7 @@ def test_numba_bfloat16_rounding_matches_torch() -> None:
     import numba
     import numpy as np
 
-    from batchnorm.kernels.cpu_numba import store
+    from batchnorm.kernels.cpu.cpu_numba import store
 
     @numba.njit
     def round_all(values, out):
@@ -568,11 +568,11 @@ def test_numba_bfloat16_rounding_matches_torch() -> None:
 def test_numba_bfloat16_nan_stays_in_its_channel() -> None:
     """A NaN in one channel's input makes that channel's output and statistics NaN through the
     bfloat16 kernels; the other channels match the float64 reference."""
-    from batchnorm.backends.numba_backend import ALL_KERNEL_CASES, NumbaBackend
+    from batchnorm.backends.cpu_backend import ALL_KERNEL_CASES, CpuBackend
 
     x = torch.randn(4, 3, 50).bfloat16()
     x[2, 1, 7] = float("nan")
-    result = NumbaBackend(ALL_KERNEL_CASES).forward(x, None, None, EPS)
+    result = CpuBackend(ALL_KERNEL_CASES).forward(x, None, None, EPS)
     assert bool(result.y[:, 1].isnan().all())
     assert bool(result.mean[1].isnan())
     x64 = x.double()[:, [0, 2]]
@@ -620,15 +620,15 @@ _CHANNELS_LAST_OF = {4: torch.channels_last, 5: torch.channels_last_3d}
     ["aten", pytest.param("native-forward", marks=NEEDS_NUMBA)],
 )
 def test_bfloat16_without_per_channel_tensors_keeps_float32_statistics(
-    monkeypatch, backend_cases
+    use_backend, monkeypatch, backend_cases
 ) -> None:
     """bfloat16, no weight/bias/buffers, mean ≫ σ: the statistics stay float32 (ATen would
     round μ to bfloat16 with no float32 tensor beside the input), so dx matches float64."""
     if backend_cases == "native-forward":
-        from batchnorm.backends import numba_backend
+        from batchnorm.backends import cpu_backend
 
-        backend = numba_backend.NumbaBackend({("backward", "ncl", torch.bfloat16): 1})
-        monkeypatch.setattr("batchnorm.backends._INSTANCES", {"numba": backend})
+        backend = cpu_backend.CpuBackend({("backward", "ncl", torch.bfloat16): 1})
+        use_backend("cpu", backend)
         name = "numba"
         assert backend.native_forward(torch.ones(2, 2, 2).bfloat16().requires_grad_(), *[None] * 4)
     else:
@@ -646,13 +646,15 @@ def test_bfloat16_without_per_channel_tensors_keeps_float32_statistics(
 
 @NEEDS_NUMBA
 @pytest.mark.parametrize("buffers", ["bfloat16", "mean-only"])
-def test_kernel_calls_with_unusual_buffers_take_the_generic_path(monkeypatch, buffers) -> None:
+def test_kernel_calls_with_unusual_buffers_take_the_generic_path(
+    use_backend, monkeypatch, buffers
+) -> None:
     """Running buffers the kernels' forward does not move itself (bfloat16 ones, or a mean
     without a variance): the generic path runs the kernels and moves them as torch does."""
-    from batchnorm.backends import numba_backend
+    from batchnorm.backends import cpu_backend
 
-    backend = numba_backend.NumbaBackend(numba_backend.ALL_KERNEL_CASES)
-    monkeypatch.setattr("batchnorm.backends._INSTANCES", {"numba": backend})
+    backend = cpu_backend.CpuBackend(cpu_backend.ALL_KERNEL_CASES)
+    use_backend("cpu", backend)
     x = (2.0 * torch.randn(6, 4, 9, 5) + 1.0).requires_grad_()
     if buffers == "bfloat16":
         mean, var = torch.zeros(4, dtype=torch.bfloat16), torch.ones(4, dtype=torch.bfloat16)

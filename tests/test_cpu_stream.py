@@ -1,4 +1,4 @@
-"""The streaming CPU kernels (``batchnorm.kernels.cpu_stream``, C with AVX-512) and their use.
+"""The streaming CPU kernels (``batchnorm.kernels.cpu.cpu_stream``, C with AVX-512) and their use.
 
 Each is called directly on tensors' memory and checked against float64 formulas: every layout
 walk (runs shorter than a vector, runs that straddle vectors, channels innermost with fewer or
@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from batchnorm.kernels import cpu_stream
+from batchnorm import backends
+from batchnorm.kernels.cpu import cpu_stream
 
 pytestmark = pytest.mark.skipif(not cpu_stream.SUPPORTED, reason="streaming kernels not built")
 
@@ -291,15 +292,15 @@ def test_calls_from_inside_an_openmp_region(threads) -> None:
         torch.testing.assert_close(y.double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_numba_backend_refuses_streaming_without_support(monkeypatch) -> None:
+def test_cpu_backend_refuses_streaming_without_support(monkeypatch) -> None:
     pytest.importorskip("numba")
-    from batchnorm.backends import numba_backend
+    from batchnorm.backends import cpu_backend
 
-    monkeypatch.setattr(numba_backend.cpu_stream, "SUPPORTED", False)
+    monkeypatch.setattr(cpu_backend.cpu_stream, "SUPPORTED", False)
     with pytest.raises(ValueError, match="streaming"):
-        numba_backend.NumbaBackend(streaming=True)
-    assert numba_backend.NumbaBackend().streaming is False
-    assert numba_backend.NumbaBackend().kernel_cases is numba_backend.MEASURED_NUMBA_CASES
+        cpu_backend.CpuBackend(streaming=True)
+    assert cpu_backend.CpuBackend().streaming is False
+    assert cpu_backend.CpuBackend().kernel_cases is cpu_backend.MEASURED_NUMBA_CASES
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -309,11 +310,11 @@ def test_backend_paths_agree_across_threads(dtype, memory_format, buffers) -> No
     """One C call per pass on one thread and on two (torch's OpenMP team), and Numba's kernels
     on two (float64 buffers moved in NumPy), give torch's outputs, gradients and buffers."""
     pytest.importorskip("numba")
-    from batchnorm.backends import numba_backend
+    from batchnorm.backends import cpu_backend
     from batchnorm.functional import batch_norm
 
-    backend = numba_backend.NumbaBackend(numba_backend.ALL_KERNEL_CASES)
-    numba_only = numba_backend.NumbaBackend(numba_backend.ALL_KERNEL_CASES, streaming=False)
+    backend = cpu_backend.CpuBackend(cpu_backend.ALL_KERNEL_CASES)
+    numba_only = cpu_backend.CpuBackend(cpu_backend.ALL_KERNEL_CASES, streaming=False)
     assert backend.streaming
     gen = torch.Generator().manual_seed(5)
     x = (torch.randn(6, 5, 61, 47, generator=gen) * 2 + 3).to(dtype)  # > 2 grains of values
@@ -331,8 +332,7 @@ def test_backend_paths_agree_across_threads(dtype, memory_format, buffers) -> No
             assert variant._streams(x) == streams
             leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
             mean, var = torch.zeros(5, dtype=buffers), torch.ones(5, dtype=buffers)
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setattr("batchnorm.backends._INSTANCES", {"numba": variant})
+            with backends.override("cpu", variant):
                 y = batch_norm(
                     *leaves[:1], mean, var, *leaves[1:], True, 0.1, 1e-5, backend="numba"
                 )
@@ -364,13 +364,13 @@ def test_backend_paths_agree_across_threads(dtype, memory_format, buffers) -> No
 @pytest.mark.skipif(not cpu_stream.THREADED, reason="torch's OpenMP runtime not found")
 @pytest.mark.parametrize(("threads", "values", "expected"), [(2, 1 << 17, 2), (2, 1 << 15, 1)])
 def test_backend_hands_torchs_thread_count_to_the_passes(
-    monkeypatch, threads, values, expected
+    use_backend, monkeypatch, threads, values, expected
 ) -> None:
     """Each C pass gets torch's thread count, but at least 32768 values (ATen's grain) per
     thread: a smaller input runs on the calling thread."""
     from batchnorm.functional import batch_norm
 
-    _kernels_everywhere(monkeypatch)
+    _kernels_everywhere(use_backend)
     calls: dict[str, int] = {}
     for name in ("train_forward", "train_backward", "inference"):
         original = getattr(cpu_stream, name)
@@ -395,14 +395,12 @@ def test_backend_hands_torchs_thread_count_to_the_passes(
     assert calls == {"train_forward": expected, "train_backward": expected, "inference": expected}
 
 
-def _kernels_everywhere(monkeypatch):
-    """Installs ``NumbaBackend(ALL_KERNEL_CASES)`` as the ``numba`` backend; returns it."""
+def _kernels_everywhere(use_backend):
+    """Installs ``CpuBackend(ALL_KERNEL_CASES)`` as the ``cpu`` backend; returns it."""
     pytest.importorskip("numba")
-    from batchnorm.backends import numba_backend
+    from batchnorm.backends import cpu_backend
 
-    backend = numba_backend.NumbaBackend(numba_backend.ALL_KERNEL_CASES)
-    monkeypatch.setattr("batchnorm.backends._INSTANCES", {"numba": backend})
-    return backend
+    return use_backend("cpu", cpu_backend.CpuBackend(cpu_backend.ALL_KERNEL_CASES))
 
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
@@ -414,12 +412,12 @@ def threads(request):
     torch.set_num_threads(saved)
 
 
-def test_strided_running_buffers_move_like_torchs(monkeypatch, threads) -> None:
+def test_strided_running_buffers_move_like_torchs(use_backend, monkeypatch, threads) -> None:
     """Buffers that are views with a stride (every other element of a longer tensor) move as
     torch moves them, and the elements between them are left alone."""
     from batchnorm.functional import batch_norm
 
-    _kernels_everywhere(monkeypatch)
+    _kernels_everywhere(use_backend)
     x = torch.randn(32, 6, 8, 8) * 2 + 1
     storage_mean, storage_var = torch.zeros(12), torch.ones(12)
     expected_mean, expected_var = torch.zeros(6), torch.ones(6)
@@ -431,12 +429,12 @@ def test_strided_running_buffers_move_like_torchs(monkeypatch, threads) -> None:
     assert torch.equal(storage_var[1::2], torch.ones(6))
 
 
-def test_float64_default_dtype_keeps_float32_statistics(monkeypatch, threads) -> None:
+def test_float64_default_dtype_keeps_float32_statistics(use_backend, monkeypatch, threads) -> None:
     """``torch.set_default_dtype(torch.float64)`` changes nothing: the kernels' float32
     statistics and gradients stay float32 and correct."""
     from batchnorm.functional import batch_norm
 
-    _kernels_everywhere(monkeypatch)
+    _kernels_everywhere(use_backend)
     x = (torch.randn(16, 8, 9, 9) * 2 + 1).requires_grad_()
     weight = torch.rand(8).add_(0.5).requires_grad_()
     bias = torch.randn(8).requires_grad_()
@@ -460,12 +458,12 @@ def test_float64_default_dtype_keeps_float32_statistics(monkeypatch, threads) ->
 
 
 @pytest.mark.parametrize("layout", ["ncl", "rows"])
-def test_large_offsets_keep_the_variance_precise(monkeypatch, threads, layout) -> None:
+def test_large_offsets_keep_the_variance_precise(use_backend, monkeypatch, threads, layout) -> None:
     """|μ|/σ = 1e5 in float32: the running variance within 1e-5 of float64's (the float32 sums
     about a rounded mean are corrected by Σ (x − mean), Chan, Golub & LeVeque's two-pass)."""
     from batchnorm.functional import batch_norm
 
-    _kernels_everywhere(monkeypatch)
+    _kernels_everywhere(use_backend)
     x = (torch.randn(2, 5, 128, 128, dtype=torch.float64) * 100 + 1e7).float()
     if layout == "rows":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -476,11 +474,13 @@ def test_large_offsets_keep_the_variance_precise(monkeypatch, threads, layout) -
 
 
 @pytest.mark.parametrize("layout", ["ncl", "rows"])
-def test_an_infinity_gives_an_infinite_running_mean(monkeypatch, threads, layout) -> None:
+def test_an_infinity_gives_an_infinite_running_mean(
+    use_backend, monkeypatch, threads, layout
+) -> None:
     """As torch: +inf in a channel makes its running mean +inf (not NaN), its variance NaN."""
     from batchnorm.functional import batch_norm
 
-    _kernels_everywhere(monkeypatch)
+    _kernels_everywhere(use_backend)
     x = torch.randn(32, 4, 16, 16)
     x[3, 1, 2, 5] = float("inf")
     if layout == "rows":

@@ -3,6 +3,7 @@ both routes give ``F.batch_norm``'s results (CPU tensors, Triton in its interpre
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is first imported
@@ -89,10 +90,10 @@ def test_bounds_are_inclusive_and_both_needed() -> None:
 @pytest.mark.parametrize("importable", [True, False])
 def test_auto_on_cuda_is_this_backend_or_aten(monkeypatch, importable) -> None:
     """``auto`` on CUDA: the ``cuda`` backend when Triton runs here, else ATen's kernels."""
-    monkeypatch.setattr(backends, "_INSTANCES", {})
     if not importable:
         monkeypatch.setitem(backends._REGISTRY, "cuda", ("batchnorm_no_such_module", "X"))
-    choice = backends.resolve_backend("auto", torch.device("cuda"))
+    with backends.fresh():
+        choice = backends.resolve_backend("auto", torch.device("cuda"))
     assert choice.name == ("cuda" if importable else "aten")
 
 
@@ -109,11 +110,13 @@ def routed(monkeypatch):
 
         monkeypatch.setattr(TritonBackend, method, spy)
 
-    def install(cases):
-        monkeypatch.setitem(backends._INSTANCES, "cuda", cb.CudaBackend(cases))
-        return calls
+    with contextlib.ExitStack() as stack:
 
-    return install
+        def install(cases):
+            stack.enter_context(backends.override("cuda", cb.CudaBackend(cases)))
+            return calls
+
+        yield install
 
 
 @pytest.mark.parametrize("cases", [None, EVERYWHERE], ids=["aten", "triton"])

@@ -57,9 +57,9 @@ def _compile(
 
 def compile_all(activation: int) -> None:
     """Persistent forward/backward (all device functions), split kernels and inference."""
-    from batchnorm.kernels import batchnorm_bwd as bwd
-    from batchnorm.kernels import batchnorm_fwd as fwd
-    from batchnorm.kernels import inference
+    from batchnorm.kernels.triton import batchnorm_bwd as bwd
+    from batchnorm.kernels.triton import batchnorm_fwd as fwd
+    from batchnorm.kernels.triton import inference
 
     flags = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_RESIDUAL": True, "ACTIVATION": activation}
     built = [

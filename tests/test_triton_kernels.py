@@ -19,8 +19,8 @@ pytest.importorskip("triton")
 import triton_helpers as th
 from batchnorm.backends import resolve_backend
 from batchnorm.backends import triton_backend as tb
-from batchnorm.kernels import batchnorm_fwd
-from batchnorm.kernels.common import tile_config
+from batchnorm.kernels.triton import batchnorm_fwd
+from batchnorm.kernels.triton.common import tile_config
 
 CPU = torch.device("cpu")
 

@@ -154,12 +154,12 @@ def test_missing_triton_gives_a_clear_import_error(monkeypatch: pytest.MonkeyPat
     """Asking for ``triton`` when it cannot import names the backend and the alternatives."""
     for module in ("triton_backend", "cuda_backend"):  # cuda_backend imports triton_backend
         monkeypatch.setitem(sys.modules, f"batchnorm.backends.{module}", None)
-    monkeypatch.setattr(backends, "_INSTANCES", {})
-    with pytest.raises(ImportError, match="the 'triton' backend cannot be used here"):
-        backends.resolve_backend("triton", torch.device("cpu"))
-    assert "triton" not in backends.available_backends()
-    assert "cuda" not in backends.available_backends()
-    assert backends.resolve_backend("auto", torch.device("cuda")).name == "aten"
+    with backends.fresh():
+        with pytest.raises(ImportError, match="the 'triton' backend cannot be used here"):
+            backends.resolve_backend("triton", torch.device("cpu"))
+        assert "triton" not in backends.available_backends()
+        assert "cuda" not in backends.available_backends()
+        assert backends.resolve_backend("auto", torch.device("cuda")).name == "aten"
 
 
 def test_no_cuda_and_no_interpreter_means_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,9 +6,9 @@ Selection, first match wins:
 2. the environment variable ``BATCHNORM_BACKEND`` (a backend name or ``auto``);
 3. ``auto``: for CUDA tensors the ``cuda`` backend (Triton kernels where they measured faster
    than PyTorch's, ATen's CUDA kernels elsewhere: ``benchmarks/gpu.py``) when Triton imports,
-   else ATen's; for CPU tensors the Numba kernels when Numba imports, else ATen's native
-   kernels (both measured at least as fast as ``torch.nn.functional.batch_norm``:
-   ``benchmarks/cpu.py``); else the pure-torch backend.
+   else ATen's; for CPU tensors the ``cpu`` backend (our C or Numba kernels where they measured
+   faster than ATen, ATen's elsewhere: ``benchmarks/cpu.py``) when either kernel set runs here,
+   else ATen's native kernels; else the pure-torch backend.
 
 Backends live in their own modules and are imported on first use, so a missing optional
 dependency (Triton) only matters to whoever asks for that backend.
@@ -16,8 +16,10 @@ dependency (Triton) only matters to whoever asks for that backend.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -34,7 +36,9 @@ __all__ = [
     "ForwardResult",
     "available_backends",
     "compute_dtype",
+    "fresh",
     "normalize_with_running_stats",
+    "override",
     "resolve_backend",
 ]
 
@@ -46,16 +50,20 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "numpy": ("batchnorm.backends.numpy_backend", "NumpyBackend"),
     "triton": ("batchnorm.backends.triton_backend", "TritonBackend"),
     "aten": ("batchnorm.backends.aten_backend", "AtenBackend"),
-    "numba": ("batchnorm.backends.numba_backend", "NumbaBackend"),
+    "cpu": ("batchnorm.backends.cpu_backend", "CpuBackend"),
     "cuda": ("batchnorm.backends.cuda_backend", "CudaBackend"),
 }
-#: Backend name → its shared instance; also a device → auto's choice there (looked up by the
-#: device itself: reading its type costs more than the lookup).
-_INSTANCES: dict[str | torch.device, Backend] = {}
+#: Other names of registered backends (the ``cpu`` backend ran only Numba's kernels once).
+_ALIASES: dict[str, str] = {"numba": "cpu"}
+#: Backend name → its shared instance, made on first use.
+_INSTANCES: dict[str, Backend] = {}
+#: Device type → the backend ``auto`` chose there (chosen once per process).
+_AUTO: dict[str, Backend] = {}
 
 
 def available_backends() -> tuple[str, ...]:
-    """Names of the backends that import on this machine (``backend=`` also takes ``auto``)."""
+    """Names of the backends that import on this machine (``backend=`` also takes ``auto``
+    and the aliases, e.g. ``numba`` for ``cpu``)."""
     names = []
     for name in _REGISTRY:
         try:
@@ -68,50 +76,84 @@ def available_backends() -> tuple[str, ...]:
 
 def _instance(name: str) -> Backend:
     """The shared instance of backend ``name``; raises ImportError if its module cannot load."""
-    if name not in _INSTANCES:
+    instance = _INSTANCES.get(name)
+    if instance is None:
         module_name, class_name = _REGISTRY[name]
         backend_class = getattr(importlib.import_module(module_name), class_name)
-        _INSTANCES[name] = backend_class()
-    return _INSTANCES[name]
+        instance = _INSTANCES[name] = backend_class()
+    return instance
 
 
-def _auto(device: torch.device) -> str:
-    """The backend ``auto`` picks for ``device``."""
-    if device.type == "cuda":
-        try:
-            _instance("cuda")
-        except ImportError:  # no Triton here: PyTorch's own CUDA kernels
-            return "aten"
-        return "cuda"
-    if device.type == "cpu":
-        try:
-            _instance("numba")
-        except ImportError:
-            return "aten"
-        return "numba"
-    return "torch"
+def _auto(device_type: str) -> str:
+    """The backend ``auto`` picks for a device type."""
+    preferred = {"cuda": "cuda", "cpu": "cpu"}.get(device_type)
+    if preferred is None:
+        return "torch"
+    try:
+        _instance(preferred)
+    except ImportError:  # no Triton (CUDA), neither C kernels nor Numba (CPU): ATen's kernels
+        return "aten"
+    return preferred
 
 
-#: ``os.environ``'s own mapping and key encoding (CPython's ``os._Environ``), read directly:
-#: ``os.environ.get`` runs four Python-level calls, ~10 µs per batch norm when caches are cold.
-_ENVIRON_DATA = getattr(os.environ, "_data", None)
-_ENVIRON_KEY = os.environ.encodekey(BACKEND_ENV_VAR) if hasattr(os.environ, "encodekey") else None
+@contextlib.contextmanager
+def override(name: str, instance: Backend) -> Iterator[Backend]:
+    """Makes ``instance`` the backend called ``name`` (and ``auto``'s choice) inside a block.
+
+    The seam tests and benchmarks use to run a configured backend (e.g. the ``cpu`` backend
+    with every kernel enabled) through the functional and the modules; on leaving the block the
+    previous instances come back.
+
+    Args:
+        name: a registered backend name (not ``auto``; an alias names its backend).
+        instance: the backend to use under that name.
+
+    Yields:
+        ``instance``.
+
+    Raises:
+        ValueError: if ``name`` is not a registered backend.
+    """
+    name = _ALIASES.get(name, name)
+    if name not in _REGISTRY:
+        raise ValueError(f"name: expected one of {', '.join(_REGISTRY)}, got {name!r}")
+    saved_instances, saved_auto = dict(_INSTANCES), dict(_AUTO)
+    _INSTANCES[name] = instance
+    _AUTO.clear()
+    try:
+        yield instance
+    finally:
+        _INSTANCES.clear()
+        _INSTANCES.update(saved_instances)
+        _AUTO.clear()
+        _AUTO.update(saved_auto)
 
 
-def _environment_value() -> str | None:
-    """The current value of ``BATCHNORM_BACKEND`` (None when unset), as ``os.environ`` has it."""
-    if _ENVIRON_DATA is None or _ENVIRON_KEY is None:
-        return os.environ.get(BACKEND_ENV_VAR)
-    raw = _ENVIRON_DATA.get(_ENVIRON_KEY)
-    return None if raw is None else os.environ.decodevalue(raw)
+@contextlib.contextmanager
+def fresh() -> Iterator[None]:
+    """Inside the block no backend is instantiated yet and ``auto`` has chosen nothing.
+
+    The seam for tests of first use (which backend ``auto`` picks, what an unimportable one
+    says); the instances of before come back on leaving.
+    """
+    saved_instances, saved_auto = dict(_INSTANCES), dict(_AUTO)
+    _INSTANCES.clear()
+    _AUTO.clear()
+    try:
+        yield
+    finally:
+        _INSTANCES.clear()
+        _INSTANCES.update(saved_instances)
+        _AUTO.clear()
+        _AUTO.update(saved_auto)
 
 
 def resolve_backend(name: str | None, device: torch.device) -> Backend:
     """Returns the backend to run on ``device``.
 
     Args:
-        name: a backend name, ``"auto"``, or ``None`` to read ``BATCHNORM_BACKEND``.
-        device: the device of the input; ``auto`` chooses by it.
+        name: a backend name, an alias, ``"auto"``, or ``None`` to read ``BATCHNORM_BACKEND``.
+        device: the device of the input; ``auto`` chooses by its type.
 
     Returns:
         A backend instance (one shared instance per name).
@@ -122,24 +164,21 @@ def resolve_backend(name: str | None, device: torch.device) -> Backend:
     """
     source = "backend"
     if name is None:
-        name = _environment_value() or "auto"
+        name = os.environ.get(BACKEND_ENV_VAR) or "auto"
         source = BACKEND_ENV_VAR
-    is_auto = name == "auto"
-    if is_auto:
-        chosen = _INSTANCES.get(device)  # auto's choice for this device, made once
-        if chosen is not None:
-            return chosen
-        name = _auto(device)
+    if name == "auto":
+        chosen = _AUTO.get(device.type)
+        if chosen is None:
+            chosen = _AUTO[device.type] = resolve_backend(_auto(device.type), device)
+        return chosen
+    name = _ALIASES.get(name, name)
     if name not in _REGISTRY:
-        choices = ", ".join(("auto", *_REGISTRY))
+        choices = ", ".join(("auto", *_REGISTRY, *_ALIASES))
         raise ValueError(f"{source}: expected one of {choices}, got {name!r}")
     try:
-        instance = _instance(name)
+        return _instance(name)
     except ImportError as error:
         raise ImportError(
             f"{source}: the {name!r} backend cannot be used here ({error}); "
             f"install what it needs or choose another of: {', '.join(available_backends())}"
         ) from error
-    if is_auto:
-        _INSTANCES[device] = instance
-    return instance

@@ -46,8 +46,8 @@ from batchnorm.backends.base import (
     channel_view,
 )
 from batchnorm.backends.torch_backend import TorchBackend
-from batchnorm.kernels import batchnorm_bwd, batchnorm_fwd, inference
-from batchnorm.kernels.common import (
+from batchnorm.kernels.triton import batchnorm_bwd, batchnorm_fwd, inference
+from batchnorm.kernels.triton.common import (
     ACTIVATIONS,
     TileConfig,
     cdiv,

@@ -1,15 +1,11 @@
-"""Triton kernels for batch normalization (``@triton.jit`` code and launch heuristics only).
+"""Kernels and their launch code, one subpackage per kind of device code.
 
-Families, one file each:
+* :mod:`.triton` — ``@triton.jit`` kernels (training forward and backward, evaluation) and their
+  launch heuristics; importing it imports Triton;
+* :mod:`.cpu` — the CPU kernels: C with AVX-512 and streaming stores (:mod:`.cpu.cpu_stream`,
+  built with the package where a compiler is found) and Numba's (:mod:`.cpu.cpu_numba`, with the
+  ``cpu`` extra).
 
-* :mod:`.common` — device functions shared by every family (tile addressing, activations and
-  their derivatives, Welford/Chan merges, the grid barrier) and the launch heuristics;
-* :mod:`.batchnorm_fwd` — training forward: split Welford reduction, Chan merge with the
-  running-statistics update, normalize with fused activation and residual add;
-* :mod:`.batchnorm_bwd` — training backward: split ``Σdu``/``Σdu·x̂`` reduction, merge, ``dx``
-  (and ``d residual``) pass;
-* :mod:`.inference` — evaluation forward from the running statistics.
-
-Importing this package imports Triton; the backend that launches the kernels lives in
-:mod:`batchnorm.backends.triton_backend`.
+Nothing here checks arguments or knows about running statistics' policy: the backends
+(:mod:`batchnorm.backends`) call these with checked tensors.
 """

@@ -1,5 +1,5 @@
 /*
- * batchnorm.kernels._cpu_stream: CPU batch-norm kernels in memory order, with streaming stores.
+ * batchnorm.kernels.cpu._cpu_stream: CPU batch-norm kernels in memory order, with streaming stores.
  *
  * Every batch-norm pass reads the input once or twice and writes one tensor of its size:
  *
@@ -35,7 +35,7 @@
  *
  * Element types: float32, or bfloat16 (`is_bf16`) widened exactly to float32 (bits << 16) and
  * rounded back to nearest even on store, NaN as the quiet NaN 0x7FC0, exactly as
- * batchnorm.kernels.cpu_numba does. Arithmetic is float32 (AVX-512 fused multiply-adds), the
+ * batchnorm.kernels.cpu.cpu_numba does. Arithmetic is float32 (AVX-512 fused multiply-adds), the
  * per-channel combinations float64.
  *
  * The vector code needs AVX-512 F, BW and VL (checked at import: SUPPORTED); elsewhere, and on
@@ -979,7 +979,7 @@ static int supported;
 
 static PyObject *require_support(void) {
     PyErr_SetString(PyExc_RuntimeError,
-                    "batchnorm.kernels._cpu_stream: this CPU or build has no AVX-512 F/BW/VL");
+                    "batchnorm.kernels.cpu._cpu_stream: this CPU or build has no AVX-512 F/BW/VL");
     return NULL;
 }
 

@@ -16,7 +16,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from batchnorm.kernels.common import activation_derivative, grid_barrier, scale_shift, tile_offsets
+from batchnorm.kernels.triton.common import (
+    activation_derivative,
+    grid_barrier,
+    scale_shift,
+    tile_offsets,
+)
 
 
 @triton.jit

@@ -9,8 +9,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from batchnorm.kernels.batchnorm_fwd import _normalize_rows
-from batchnorm.kernels.common import scale_shift
+from batchnorm.kernels.triton.batchnorm_fwd import _normalize_rows
+from batchnorm.kernels.triton.common import scale_shift
 
 
 @triton.jit

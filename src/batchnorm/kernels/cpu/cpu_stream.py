@@ -1,10 +1,10 @@
 """Calling the streaming CPU kernels (``cpu_stream.c``) on tensors' memory.
 
-The C extension ``batchnorm.kernels._cpu_stream`` reads each pass's input in memory order and
+The C extension ``batchnorm.kernels.cpu._cpu_stream`` reads each pass's input in memory order and
 writes its output with streaming (non-temporal) stores, which skip the read for ownership a
 plain store makes of every line it writes (see the C file). It is built with the package where a
 C compiler is present and runs where the CPU has AVX-512 F/BW/VL (:data:`SUPPORTED`); elsewhere
-the Numba kernels (:mod:`batchnorm.kernels.cpu_numba`) and ATen run every pass.
+the Numba kernels (:mod:`batchnorm.kernels.cpu.cpu_numba`) and ATen run every pass.
 
 Each function here is one whole pass in one C call: :func:`train_forward`,
 :func:`train_backward`, :func:`inference`. Tensors come as addresses (the caller checks that
@@ -19,16 +19,22 @@ for the cores. Without it a pass runs on the calling thread whatever ``threads``
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-_extension: ModuleType | None
-try:
-    from batchnorm.kernels import _cpu_stream as _extension
-except ImportError:  # not built (no compiler at install, or another platform)
-    _extension = None
+
+def _load_extension() -> ModuleType | None:
+    """The compiled ``_cpu_stream`` module, or ``None`` where it was not built."""
+    try:
+        return importlib.import_module("batchnorm.kernels.cpu._cpu_stream")
+    except ImportError:  # not built (no compiler at install, or another platform)
+        return None
+
+
+_extension = _load_extension()
 
 __all__ = ["SUPPORTED", "THREADED", "inference", "train_backward", "train_forward"]
 

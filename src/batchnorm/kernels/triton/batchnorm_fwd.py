@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from batchnorm.kernels.common import (
+from batchnorm.kernels.triton.common import (
     activate,
     chan_merge,
     grid_barrier,
