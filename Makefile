@@ -16,7 +16,7 @@ COMPAT_STAMP := $(COMPAT_VENV)/.installed
 COMPAT_TESTS := tests/test_ecosystem.py tests/test_modules.py tests/test_functional.py \
 	tests/test_fused.py tests/test_tools_convert.py tests/test_variants_frozen.py
 
-.PHONY: venv demo lint test test-compat clean
+.PHONY: venv demo lint test test-isolated test-compat clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,12 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -n 2 --cov=batchnorm --cov-report=term-missing:skip-covered tests
+
+# Each test file alone in a fresh process: no test may depend on another file having run first.
+test-isolated: $(STAMP)
+	@for f in tests/test_*.py; do \
+		echo "== $$f"; $(BIN)/python -m pytest -q -x -p no:cacheprovider "$$f" || exit 1; \
+	done
 
 $(COMPAT_STAMP): pyproject.toml Makefile src/batchnorm/kernels/cpu/cpu_stream.c
 	$(PYTHON) -m venv $(COMPAT_VENV)

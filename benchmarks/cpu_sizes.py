@@ -1,7 +1,7 @@
 """Where the CPU kernels start to pay: our kernels against ATen's, behind the same checks, by size.
 
 ``benchmarks/cpu.py`` compares whole calls with ``F.batch_norm`` on five large shapes; this script
-sets the thresholds of :data:`batchnorm.backends.cpu_backend.MEASURED_KERNEL_CASES`. For each
+sets the thresholds of :data:`batchnorm.backends.measured.MEASURED_KERNEL_CASES`. For each
 dtype and layout (contiguous ``(N, 64, 14, 14)`` and its channels_last copy) and a range of batch
 sizes it times our :func:`batchnorm.functional.batch_norm` twice: with the ``numba`` backend
 running its kernels everywhere (``CpuBackend(ALL_KERNEL_CASES)``) and with it running them
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 import batchnorm.backends as backends
-from batchnorm.backends import cpu_backend
+from batchnorm.backends import cpu_backend, measured
 from batchnorm.functional import batch_norm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = {
-        "kernels": cpu_backend.CpuBackend(cpu_backend.ALL_KERNEL_CASES),
+        "kernels": cpu_backend.CpuBackend(measured.ALL_KERNEL_CASES),
         "aten": cpu_backend.CpuBackend({}),
     }
     print(

@@ -23,11 +23,18 @@ computes the same function: the in-place layer's ``|γ| + ε_γ`` equals the oth
   what was allocated before the step; on CPU, the same high-water mark computed from the
   profiler's allocation events (``torch.profiler`` with ``profile_memory=True``: every
   allocation and free of the CPU allocator, summed in time order);
-* ``loss`` (the step's) and ``loss_after_step`` (after the SGD update, which checks the
-  gradients): equal across the variants up to float32 rounding.
+* ``loss``: the step's loss, equal across the variants up to float32 rounding (relative
+  difference ≤ ``LOSS_RTOL``, checked: ``losses_equal`` in the JSON, exit status 1 otherwise);
+  ``loss_after_step``, after the SGD update, checks the gradients more loosely: float32
+  gradients of a deep stack without shortcuts are ill-conditioned (with ``--resolution 32
+  --batch 8``, ``torch.nn``'s own float32 gradient differs from its float64 one by 9% in the
+  worst tensor), so it agrees to 1e-4 or so (3e-6 at the default size), and exactly between
+  variants on the same kernels.
 
-Run: ``python benchmarks/memory.py [--blocks 3,4,6,3] [--resolution 32] [--batch 8]
-[--device cpu|cuda] [--out benchmarks/results/memory-<date>.json]``.
+The default size (ResNet-50's stage depths and resolutions 56/28/14/7, batch 16) runs in 8 s
+on an idle 2-core CPU (23 s on a busy one). Run: ``python benchmarks/memory.py [--blocks 3,4,6,3]
+[--resolution 56] [--batch 16] [--device cpu|cuda] [--out PATH]`` (default
+``benchmarks/results/memory-<device>-<date>.json``).
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ NEGATIVE_SLOPE = 0.01
 WEIGHT_EPS = 1e-5
 #: The in-place layer's target: its blocks save at most this fraction of torch.nn's bytes.
 TARGET_RATIO = 0.55
+#: Largest relative difference of the step's loss from torch.nn's that counts as equal.
+LOSS_RTOL = 1e-5
 
 
 class TorchNormAct(nn.Sequential):
@@ -282,10 +291,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs every variant, prints the table and writes the JSON; returns the payload."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--blocks", type=parse_blocks, default=(3, 4, 6, 3))
-    parser.add_argument("--resolution", type=int, default=32, help="input height and width")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--resolution", type=int, default=56, help="input height and width")
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: results/)")
@@ -331,6 +340,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "saved_bytes_blocks_ratio_max": TARGET_RATIO,
             "met": inplace["saved_bytes_blocks_ratio"] <= TARGET_RATIO,
         },
+        "losses_equal": all(row["loss_rel_diff"] <= LOSS_RTOL for row in results.values()),
+        "loss_rtol": LOSS_RTOL,
         "results": results,
     }
     payload["environment"]["device_name"] = (
@@ -349,8 +360,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = Path(__file__).resolve().parent / "results" / f"memory-{device.type}-{date}.json"
     harness.write_results(out, payload)
     print(f"wrote {out}")
+    if not payload["losses_equal"]:
+        print(f"FAILED: the variants' losses differ by more than {LOSS_RTOL} (relative)")
     return payload
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main()["losses_equal"] else 1)

@@ -9,6 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
+
+# Before torch or Triton is imported by anything: Triton's kernels run in its interpreter on CPU
+# tensors, and Inductor compiles into a cache of this run only (one left by an older version of
+# the library can hold code that no longer matches its ops). xdist's workers inherit both.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="batchnorm-inductor-"))
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest

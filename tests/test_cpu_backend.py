@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from batchnorm import backends, reference
-from batchnorm.backends import compute_dtype, resolve_backend
+from batchnorm.backends import compute_dtype, measured, resolve_backend
 from batchnorm.functional import batch_norm, batch_norm_pure
 from batchnorm.kernels.cpu import cpu_stream
 from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -76,7 +76,8 @@ def _make(shape, memory_format, dtype, seed=0, offset=0.0):
 def _backend(name):
     """The backend object for a name of :data:`BACKEND_VARIANTS`."""
     if name in ("numba-all", "numba-only"):
-        from batchnorm.backends.cpu_backend import ALL_KERNEL_CASES, CpuBackend
+        from batchnorm.backends.cpu_backend import CpuBackend
+        from batchnorm.backends.measured import ALL_KERNEL_CASES
 
         return CpuBackend(ALL_KERNEL_CASES, streaming=False if name == "numba-only" else None)
     return resolve_backend(name, torch.device("cpu"))
@@ -338,7 +339,7 @@ def test_numba_uses_torch_thread_count() -> None:
         # Below the default cases' sizes (the kernels run it only here); float64: Numba's kernels.
         tiny = torch.randn(4, 3, 5, dtype=torch.float64)
         cpu_backend = importlib.import_module("batchnorm.backends.cpu_backend")
-        all_cases = cpu_backend.CpuBackend(cpu_backend.ALL_KERNEL_CASES)
+        all_cases = cpu_backend.CpuBackend(measured.ALL_KERNEL_CASES)
         all_cases.forward(tiny, None, None, EPS)
         assert numba.get_num_threads() == 1  # a tiny tensor stays on the calling thread
     finally:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from batchnorm._math import new_running_stats
 from batchnorm.autograd import batch_norm_train
-from batchnorm.backends import memory
+from batchnorm.backends import measured, memory
 from batchnorm.backends.aten_backend import AtenBackend, native_operand, rows_as_input
 from batchnorm.functional import batch_norm, batch_norm_pure, channel_view
 
@@ -171,13 +171,12 @@ def test_numba_kernel_thresholds(threads) -> None:
     """By default the kernels take exactly the cases and sizes of the measured table for the
     thread count: each case from its smallest size on, not one element below it, and no other
     case."""
-    from batchnorm.backends.cpu_backend import (
+    from batchnorm.backends.cpu_backend import CpuBackend, cpu_stream
+    from batchnorm.backends.measured import (
         ALL_KERNEL_CASES,
         MEASURED_KERNEL_CASES,
         MEASURED_NUMBA_CASES,
         MEASURED_THREADED_CASES,
-        CpuBackend,
-        cpu_stream,
     )
 
     default, everywhere = CpuBackend(), CpuBackend(ALL_KERNEL_CASES)
@@ -475,7 +474,8 @@ def test_in_place_with_buffers_that_require_grad(backend) -> None:
 @NEEDS_NUMBA
 def test_numba_variance_precision_with_long_rows() -> None:
     """One long row per channel (L = 2^22): the variance within 1e-6 of float64's."""
-    from batchnorm.backends.cpu_backend import ALL_KERNEL_CASES, CpuBackend
+    from batchnorm.backends.cpu_backend import CpuBackend
+    from batchnorm.backends.measured import ALL_KERNEL_CASES
 
     x = 5.0 + 2.0 * torch.randn(1, 2, 1 << 22, dtype=torch.float64)
     result = CpuBackend(ALL_KERNEL_CASES).forward(x.float(), None, None, EPS)
@@ -487,7 +487,8 @@ def test_numba_variance_precision_with_long_rows() -> None:
 def test_numba_gradient_sums_precision_with_long_rows() -> None:
     """One long row per channel (L = 2^22): dβ = Σdy within 2e-7 relative of float64's, and
     dγ within 1e-7 of its scale Σ|dy·(x − μ)|·r (whole-row float32 sums drift to ~1e-6)."""
-    from batchnorm.backends.cpu_backend import ALL_KERNEL_CASES, CpuBackend
+    from batchnorm.backends.cpu_backend import CpuBackend
+    from batchnorm.backends.measured import ALL_KERNEL_CASES
 
     gen = torch.Generator().manual_seed(0)
     x = (5.0 + 2.0 * torch.randn(1, 2, 1 << 22, generator=gen)).float()
@@ -568,7 +569,8 @@ def test_numba_bfloat16_rounding_matches_torch() -> None:
 def test_numba_bfloat16_nan_stays_in_its_channel() -> None:
     """A NaN in one channel's input makes that channel's output and statistics NaN through the
     bfloat16 kernels; the other channels match the float64 reference."""
-    from batchnorm.backends.cpu_backend import ALL_KERNEL_CASES, CpuBackend
+    from batchnorm.backends.cpu_backend import CpuBackend
+    from batchnorm.backends.measured import ALL_KERNEL_CASES
 
     x = torch.randn(4, 3, 50).bfloat16()
     x[2, 1, 7] = float("nan")
@@ -653,7 +655,7 @@ def test_kernel_calls_with_unusual_buffers_take_the_generic_path(
     without a variance): the generic path runs the kernels and moves them as torch does."""
     from batchnorm.backends import cpu_backend
 
-    backend = cpu_backend.CpuBackend(cpu_backend.ALL_KERNEL_CASES)
+    backend = cpu_backend.CpuBackend(measured.ALL_KERNEL_CASES)
     use_backend("cpu", backend)
     x = (2.0 * torch.randn(6, 4, 9, 5) + 1.0).requires_grad_()
     if buffers == "bfloat16":

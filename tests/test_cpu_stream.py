@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from batchnorm import backends
+from batchnorm.backends import measured
 from batchnorm.kernels.cpu import cpu_stream
 
 pytestmark = pytest.mark.skipif(not cpu_stream.SUPPORTED, reason="streaming kernels not built")
@@ -300,7 +301,7 @@ def test_cpu_backend_refuses_streaming_without_support(monkeypatch) -> None:
     with pytest.raises(ValueError, match="streaming"):
         cpu_backend.CpuBackend(streaming=True)
     assert cpu_backend.CpuBackend().streaming is False
-    assert cpu_backend.CpuBackend().kernel_cases is cpu_backend.MEASURED_NUMBA_CASES
+    assert cpu_backend.CpuBackend().kernel_cases is measured.MEASURED_NUMBA_CASES
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -313,8 +314,8 @@ def test_backend_paths_agree_across_threads(dtype, memory_format, buffers) -> No
     from batchnorm.backends import cpu_backend
     from batchnorm.functional import batch_norm
 
-    backend = cpu_backend.CpuBackend(cpu_backend.ALL_KERNEL_CASES)
-    numba_only = cpu_backend.CpuBackend(cpu_backend.ALL_KERNEL_CASES, streaming=False)
+    backend = cpu_backend.CpuBackend(measured.ALL_KERNEL_CASES)
+    numba_only = cpu_backend.CpuBackend(measured.ALL_KERNEL_CASES, streaming=False)
     assert backend.streaming
     gen = torch.Generator().manual_seed(5)
     x = (torch.randn(6, 5, 61, 47, generator=gen) * 2 + 3).to(dtype)  # > 2 grains of values
@@ -400,7 +401,7 @@ def _kernels_everywhere(use_backend):
     pytest.importorskip("numba")
     from batchnorm.backends import cpu_backend
 
-    return use_backend("cpu", cpu_backend.CpuBackend(cpu_backend.ALL_KERNEL_CASES))
+    return use_backend("cpu", cpu_backend.CpuBackend(measured.ALL_KERNEL_CASES))
 
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])

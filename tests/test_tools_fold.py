@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import fx, nn
 
+import batchnorm
 from batchnorm.modules import BatchNorm1d, BatchNorm2d
 from batchnorm.tools import fold
 from batchnorm.tools.fold import fold_into
@@ -169,3 +170,26 @@ def test_refuses_training_mode_and_non_modules():
         fold(model)
     with pytest.raises(TypeError, match=r"nn\.Module"):
         fold("model")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: batchnorm.BatchNormAct2d(4, activation="relu"),
+        lambda: batchnorm.BatchNormAct2d(4, activation=None),
+        lambda: batchnorm.InPlaceBatchNormAct2d(4),
+    ],
+)
+def test_fused_layers_are_not_folded(make) -> None:
+    """A batch norm with an activation after it (or |γ| + ε) is not the affine map alone:
+    folding it would drop that, so it stays, and the model's output is unchanged."""
+    torch.manual_seed(0)
+    norm = make()
+    with torch.no_grad():
+        norm.running_mean.uniform_(-1, 1)
+        norm.weight.uniform_(-1, 1)  # negative γ: the in-place layer's |γ| matters
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), norm).eval()
+    x = torch.randn(2, 3, 8, 8)
+    folded = fold(model)
+    assert any(type(m) is type(norm) for m in folded.modules())
+    torch.testing.assert_close(folded(x), model(x))

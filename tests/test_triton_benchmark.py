@@ -107,14 +107,16 @@ def test_gpu_check_reports_a_wrong_gradient(monkeypatch, capsys) -> None:
     monkeypatch.setattr(check, "CASES", [((6, 3, 4), "contiguous")])
     monkeypatch.setattr(check, "ACTIVATIONS", (None,))
     from batchnorm.backends import triton_backend as tb
+    from batchnorm.backends import triton_ops as ops
 
-    real = tb._train_backward
+    real = ops.train_backward
 
     def wrong(*args, **kwargs):
         dx, dweight, dbias, dz = real(*args, **kwargs)
         return dx * 1.01, dweight, dbias, dz
 
-    monkeypatch.setattr(tb, "_train_backward", wrong)
+    monkeypatch.setattr(ops, "train_backward", wrong)  # the eager twin's backward
+    monkeypatch.setattr(tb, "train_backward", wrong)  # the plain backward primitive
     assert check.main(["--arrangement", "split", "--dtype", "float32", "--no-family"]) == 1
     assert (
         "FAIL split (6, 3, 4) contiguous torch.float32 None z=True step0 dx"

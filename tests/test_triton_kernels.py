@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 import triton_helpers as th
 from batchnorm.backends import resolve_backend
 from batchnorm.backends import triton_backend as tb
-from batchnorm.kernels.triton import batchnorm_fwd
+from batchnorm.kernels.triton import batchnorm_fwd, launch
 from batchnorm.kernels.triton.common import tile_config
 
 CPU = torch.device("cpu")
@@ -121,7 +121,7 @@ def test_many_row_programs_merge_exactly(monkeypatch: pytest.MonkeyPatch) -> Non
         n, c, length = x3.shape
         return tile_config(n * length, c, False, 64, block_m=16, block_c=2)
 
-    monkeypatch.setattr(tb, "_config", small_tiles)
+    monkeypatch.setattr(launch, "_config", small_tiles)
     monkeypatch.setattr(batchnorm_fwd, "merge_block_p", lambda row_programs: 2)
     shape = (1, 3, 67)  # 5 row programs of 16 rows, the last one partial; 3 merge steps
     x = th.make(shape, offset=3.0)
@@ -232,11 +232,11 @@ def test_resident_programs_follows_occupancy(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
     compiled = Compiled()
     # 128 registers × 128 threads = 16384 per program → 4 per SM.
-    assert tb._resident_programs(compiled, torch.device("cuda")) == 4 * 132
+    assert launch._resident_programs(compiled, torch.device("cuda")) == 4 * 132
     compiled.n_regs = 32  # 4096 per program → 16 by registers, but 2048 / 128 threads = 16
-    assert tb._resident_programs(compiled, torch.device("cuda")) == 16 * 132
+    assert launch._resident_programs(compiled, torch.device("cuda")) == 16 * 132
     Metadata.shared = 100 * 1024  # two programs' shared memory fit per SM
-    assert tb._resident_programs(compiled, torch.device("cuda")) == 2 * 132
+    assert launch._resident_programs(compiled, torch.device("cuda")) == 2 * 132
 
 
 def test_cpu_tensor_without_interpreter_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKENDS, assert_bit_identical, assert_close, buffers_of
 from torch import nn
 from torch.nn.utils import parametrize
 
-from batchnorm.modules import BatchNormAct2d
+from batchnorm.modules import BatchNormAct2d, NonFiniteBatchWarning
 from batchnorm.variants.inplace import (
     INVERTIBLE_ACTIVATIONS,
     InPlaceBatchNormAct1d,
@@ -24,6 +23,7 @@ from batchnorm.variants.inplace import (
     check_inplace_activation,
     inplace_batch_norm_act_train,
 )
+from conftest import BACKENDS, assert_bit_identical, assert_close, buffers_of
 
 ACTIVATIONS = ("identity", "leaky_relu", "elu")
 SLOPE = 0.1  # larger than the default, so that the negative side matters in every comparison
@@ -104,7 +104,9 @@ def run_step(layer, reference, x, seed):
 # --- finite differences --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", [b for b in ("torch", "aten", "numba", "numpy") if b in BACKENDS])
+@pytest.mark.parametrize(
+    "backend", [b for b in ("torch", "aten", "numba", "numpy") if b in BACKENDS]
+)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_gradcheck_of_the_function(backend, activation):
     gen = torch.Generator().manual_seed(0)
@@ -186,21 +188,26 @@ def test_every_rank_and_option(torch_cls, kwargs):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_channels_last_input(activation):
-    layer, reference = make_pair(nn.BatchNorm2d, activation, torch.float32)
+@pytest.mark.parametrize(
+    ("torch_cls", "memory_format"),
+    [(nn.BatchNorm2d, torch.channels_last), (nn.BatchNorm3d, torch.channels_last_3d)],
+)
+def test_channels_last_input(activation, torch_cls, memory_format):
+    layer, reference = make_pair(torch_cls, activation, torch.float32)
     gen = torch.Generator().manual_seed(4)
-    x = torch.randn(4, 3, 3, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(SHAPES[torch_cls], generator=gen).contiguous(memory_format=memory_format)
     leaf = x.clone().requires_grad_()
     h = leaf * 1
-    assert h.is_contiguous(memory_format=torch.channels_last)
+    assert h.is_contiguous(memory_format=memory_format)
     pointer = h.data_ptr()
     y = layer(h)
-    assert y is h and y.data_ptr() == pointer
-    y_ref = reference(x)
+    assert y is h
+    assert y.data_ptr() == pointer
+    leaf_ref = x.clone().requires_grad_()
+    y_ref = reference(leaf_ref)
     assert_close(y.detach(), y_ref.detach())
     y.sum().backward()
-    leaf_ref = x.clone().requires_grad_()
-    reference(leaf_ref).sum().backward()
+    y_ref.sum().backward()
     assert_close(leaf.grad, leaf_ref.grad)
 
 
@@ -215,7 +222,8 @@ def test_low_precision_input_with_float32_parameters(dtype):
     leaf = x.to(dtype).requires_grad_()
     h = leaf * 1
     y = layer(h)
-    assert y is h and y.dtype == dtype
+    assert y is h
+    assert y.dtype == dtype
     x_ref = leaf.detach().float().requires_grad_()
     y_ref = reference(x_ref)
     assert_close(y.detach().float(), y_ref.detach(), dtype=dtype)
@@ -311,6 +319,30 @@ def test_saturated_elu_gives_finite_gradients():
         assert torch.isfinite(grad).all()
 
 
+def test_empty_batch_leaves_the_statistics():
+    layer, reference = make_pair(nn.BatchNorm2d, "elu")
+    x = torch.randn(0, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    y = layer(x * 1)
+    y_ref = reference(x * 1)
+    assert y.shape == y_ref.shape == (0, 3, 2, 2)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(layer, name), getattr(reference[0], name)), name
+
+
+def test_nonfinite_skip_reads_the_overwritten_input():
+    layer = InPlaceBatchNormAct2d(3, nonfinite="skip")
+    layer(torch.randn(4, 3, 2, 2) * 1)
+    before = buffers_of(layer)
+    x = torch.randn(4, 3, 2, 2)
+    x[0, 1, 0, 0] = float("nan")
+    with pytest.warns(NonFiniteBatchWarning, match="skipped a batch"):
+        y = layer(x.requires_grad_() * 1)
+    assert torch.isnan(y[:, 1]).all()  # the NaN channel's output, which the check read
+    assert_bit_identical(before, buffers_of(layer))
+
+
 # --- rejected inputs and arguments ---------------------------------------------------------------
 
 
@@ -327,6 +359,11 @@ def _not_dense():
     return x.copy_(torch.randn(4, 3, 3, 3))
 
 
+def _not_dense_3d():
+    x = torch.empty_strided((4, 3, 5), (15, 1, 3))  # (N, L, C) order: not contiguous
+    return x.copy_(torch.randn(4, 3, 5))
+
+
 def _inference_tensor():
     with torch.inference_mode():
         return torch.randn(4, 3, 3, 3)
@@ -338,18 +375,26 @@ def _inference_tensor():
         (_leaf_requiring_grad, ValueError, "input: a leaf tensor that requires grad"),
         (_view, ValueError, r"input: a view of another tensor \(input._base is not None\)"),
         (_not_dense, ValueError, "input: expected a contiguous or channels-last tensor"),
+        (_not_dense_3d, ValueError, "input: expected a contiguous or channels-last tensor"),
         (_inference_tensor, ValueError, "input: an inference tensor"),
         (lambda: torch.randn(4, 5, 3, 3) * 1, ValueError, "expected input with 3 channels"),
-        (lambda: torch.randn(4, 3, 3) * 1, ValueError, "expected 4D input"),
+        (lambda: torch.randn(4, 3, 3, 2, 2) * 1, ValueError, "expected 4D input"),
         (lambda: torch.randn(1, 3, 1, 1) * 1, ValueError, "more than 1 value per channel"),
-        (lambda: torch.ones(4, 3, 2, 2, dtype=torch.int64), TypeError, "input: expected a floating"),
+        (
+            lambda: torch.ones(4, 3, 2, 2, dtype=torch.int64),
+            TypeError,
+            "input: expected a floating",
+        ),
     ],
 )
 def test_rejected_inputs_change_nothing(make, error, match):
-    layer = InPlaceBatchNormAct2d(3)
-    layer(torch.randn(4, 3, 3, 3) * 1)  # non-trivial buffers
-    before = buffers_of(layer)
     x = make()
+    if x.dim() == 3:
+        layer, warm_up = InPlaceBatchNormAct1d(3), torch.randn(4, 3, 5)
+    else:
+        layer, warm_up = InPlaceBatchNormAct2d(3), torch.randn(4, 3, 3, 3)
+    layer(warm_up * 1)  # non-trivial buffers
+    before = buffers_of(layer)
     values = x.detach().clone()
     with pytest.raises(error, match=match):
         layer(x)
@@ -405,7 +450,8 @@ def test_eval_and_no_grad_run_out_of_place(activation):
     with torch.no_grad():  # training mode: batch statistics, running update, input kept
         h = x.clone()
         y = layer(h)
-        assert y is not h and torch.equal(h, x)
+        assert y is not h
+        assert torch.equal(h, x)
         assert_close(y, reference(x))
     assert_close(layer.running_mean, reference[0].running_mean, msg="running_mean")
     assert_close(layer.running_var, reference[0].running_var, msg="running_var")
@@ -415,7 +461,8 @@ def test_eval_and_no_grad_run_out_of_place(activation):
     leaf = x.clone().requires_grad_()
     h = leaf * 1
     y = layer(h)  # eval with grad: out of place, differentiable through torch ops
-    assert y is not h and torch.equal(h.detach(), x)
+    assert y is not h
+    assert torch.equal(h.detach(), x)
     assert_close(y.detach(), reference(x).detach())
     y.sum().backward()
     assert leaf.grad is not None
@@ -434,7 +481,8 @@ def test_data_input_with_trainable_parameters_is_overwritten():
     layer = InPlaceBatchNormAct2d(3)
     x = torch.randn(4, 3, 3, 3)
     y = layer(x)
-    assert y is x and y.requires_grad
+    assert y is x
+    assert y.requires_grad
     y.sum().backward()
     assert layer.weight.grad is not None
 
@@ -456,8 +504,20 @@ def test_torch_compile_takes_the_out_of_place_path():
     assert_close(layer.running_var, reference[0].running_var)
 
 
-def test_fx_trace_in_eval_records_the_weight():
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.trace's own, since 2.10
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # F.batch_norm's size check
+def test_jit_trace_takes_the_out_of_place_path():
     layer, reference = make_pair(nn.BatchNorm2d, "leaky_relu")
+    x = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    h = x.clone().requires_grad_() * 1
+    traced = torch.jit.trace(layer, (h,), check_trace=False)  # training mode, grad recorded
+    assert torch.equal(h.detach(), x)  # not overwritten while tracing
+    assert_close(traced(x), reference(x))  # batch statistics in both
+
+
+@pytest.mark.parametrize("activation", ["leaky_relu", "elu"])
+def test_fx_trace_in_eval_records_the_weight(activation):
+    layer, reference = make_pair(nn.BatchNorm2d, activation)
     layer.eval()
     reference.eval()
     traced = torch.fx.symbolic_trace(layer)
@@ -470,6 +530,7 @@ def test_fx_trace_in_eval_records_the_weight():
         torch.fx.symbolic_trace(layer.train())
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script's own, since 2.10
 def test_torch_jit_script_is_refused():
     with pytest.raises(RuntimeError, match=r"torch.jit.script: InPlaceBatchNormAct2d.*compile"):
         torch.jit.script(nn.Sequential(nn.Conv2d(3, 3, 1), InPlaceBatchNormAct2d(3)))
@@ -529,7 +590,9 @@ def test_state_dict_loads_into_torch_batch_norm_and_back():
 def test_repr_and_effective_weight():
     layer = InPlaceBatchNormAct2d(2, "elu", alpha=0.5, weight_eps=1e-3)
     text = repr(layer)
-    assert "activation=elu" in text and "alpha=0.5" in text and "weight_eps=0.001" in text
+    assert "activation=elu" in text
+    assert "alpha=0.5" in text
+    assert "weight_eps=0.001" in text
     assert "negative_slope=0.2" in repr(InPlaceBatchNormAct1d(2, negative_slope=0.2))
     assert "activation=identity" in repr(InPlaceBatchNormAct3d(2, None))
     with torch.no_grad():
@@ -549,3 +612,12 @@ def test_same_values_as_fused_batch_norm_act_out_of_place():
         fused.weight.copy_(layer.effective_weight())
     x = torch.randn(4, 3, 3, 3)
     assert_close(layer(x), fused(x))
+
+
+def test_double_backward_is_refused():
+    layer = InPlaceBatchNormAct2d(3)
+    x = torch.randn(4, 3, 3, 3, requires_grad=True)
+    y = layer(x * 1)
+    (dx,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dx.sum().backward()

@@ -4,7 +4,8 @@ Public API:
 
 * modules :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d` (drop-in for
   ``torch.nn.BatchNorm*``) and the fused :class:`BatchNormAct2d` family (``act(bn(x) + z)``);
-* the family: Batch Renorm, Ghost BN, recurrent BN / BN-LSTM, frozen BN (:mod:`.variants`);
+* the family: Batch Renorm, Ghost BN, recurrent BN / BN-LSTM, frozen BN, in-place activated BN
+  (:mod:`.variants`);
 * :class:`SyncBatchNorm` over ``torch.distributed`` (gloo, NCCL);
 * :mod:`batchnorm.functional` (``batch_norm`` like ``F.batch_norm``, ``batch_norm_pure``);
 * :mod:`batchnorm.tools` (fold, convert, recalibrate, freeze);
@@ -37,6 +38,9 @@ from batchnorm.variants import (
     GhostBatchNorm1d,
     GhostBatchNorm2d,
     GhostBatchNorm3d,
+    InPlaceBatchNormAct1d,
+    InPlaceBatchNormAct2d,
+    InPlaceBatchNormAct3d,
     RecurrentBatchNorm1d,
 )
 
@@ -60,6 +64,9 @@ __all__ = [
     "GhostBatchNorm1d",
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
+    "InPlaceBatchNormAct1d",
+    "InPlaceBatchNormAct2d",
+    "InPlaceBatchNormAct3d",
     "NonFiniteBatchWarning",
     "RecurrentBatchNorm1d",
     "SyncBatchNorm",

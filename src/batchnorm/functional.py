@@ -158,35 +158,6 @@ def _check_empty_1d_args(*tensors: torch.Tensor | None) -> None:
             )
 
 
-def _normalize(
-    input: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    training: bool,
-    momentum: float,
-    eps: float,
-    backend: str | None,
-    fusion: Fusion | None,
-    *,
-    update_in_place: bool,
-) -> BatchNormOutput:
-    """Resolves the backend and hands it the whole (checked) call: one dispatch.
-
-    With ``update_in_place`` (:func:`batch_norm` only) the backend may move the given running
-    buffers itself and return them; otherwise nothing is mutated. What the backend does not
-    run itself, the generic path of :mod:`batchnorm.autograd` composes from its primitives.
-    """
-    impl = resolve_backend(backend, input.device)
-    call = Call(
-        input, running_mean, running_var, weight, bias, momentum, eps, fusion, update_in_place
-    )
-    if training:
-        return autograd.train(impl, call)
-    return BatchNormOutput(autograd.evaluate(impl, call), running_mean, running_var)
-
-
 def batch_norm(
     input: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -325,7 +296,11 @@ def _checked_normalize(
     *,
     update_in_place: bool,
 ) -> BatchNormOutput:
-    """Checks every argument, then normalizes (see :func:`_normalize` for ``update_in_place``).
+    """Checks every argument, then hands the whole call to the backend: one dispatch.
+
+    With ``update_in_place`` (:func:`batch_norm` only) the backend may move the given running
+    buffers itself and return them; otherwise nothing is mutated. What the backend does not
+    run itself, the generic path of :mod:`batchnorm.autograd` composes from its primitives.
 
     A traced call (:func:`batchnorm._compat.traced`: ``torch.compile``, ``torch.export``, FX,
     ``torch.jit.trace``, fake tensors, dispatch modes) runs :func:`_normalize_traced`, ATen's
@@ -348,11 +323,6 @@ def _checked_normalize(
         check_fusion_args(input, activation, residual, negative_slope)
     if input.shape == (0,):  # F.batch_norm's empty 1-D input: nothing to normalize or update
         return BatchNormOutput(torch.empty_like(input), running_mean, running_var)
-    if mask is None and (symbolic or (_compat.traced(input) and backend != "triton")):
-        return _normalize_traced(
-            input, running_mean, running_var, weight, bias, training, momentum, eps,
-            activation, residual, negative_slope, update_in_place=update_in_place,
-        )  # fmt: skip
     if mask is not None:
         if activation is not None or residual is not None:
             raise ValueError(
@@ -367,27 +337,19 @@ def _checked_normalize(
         if activation is None and residual is None
         else Fusion(activation, float(negative_slope), residual)
     )
-    return _normalize(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, backend,
-        fusion, update_in_place=update_in_place,
-    )  # fmt: skip
+    call = Call(
+        input, running_mean, running_var, weight, bias, momentum, eps, fusion, update_in_place
+    )
+    if symbolic or (_compat.traced(input) and backend != "triton"):
+        return _normalize_traced(call, training)
+    # One dispatch: the backend's own whole call, or the generic path over its primitives.
+    impl = resolve_backend(backend, input.device)
+    if training:
+        return autograd.train(impl, call)
+    return BatchNormOutput(autograd.evaluate(impl, call), running_mean, running_var)
 
 
-def _normalize_traced(
-    input: torch.Tensor,
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    training: bool,
-    momentum: float,
-    eps: float,
-    activation: str | None,
-    residual: torch.Tensor | None,
-    negative_slope: float,
-    *,
-    update_in_place: bool,
-) -> BatchNormOutput:
+def _normalize_traced(call: Call, training: bool) -> BatchNormOutput:
     """``act(bn(x) + residual)`` in ATen operations, for tracers and compilers.
 
     ``torch.nn.functional.batch_norm`` is the op every tracer knows (Inductor generates its own
@@ -396,15 +358,20 @@ def _normalize_traced(
     operations, ``bn(x)`` rounded to the input's dtype first as on the eager path. The pure form
     (``update_in_place=False``) hands ATen copies of the running buffers, which it moves.
     """
-    if training and not update_in_place:
+    running_mean, running_var = call.running_mean, call.running_var
+    if training and not call.update_in_place:
         running_mean = None if running_mean is None else running_mean.clone()  # (C,)
         running_var = None if running_var is None else running_var.clone()  # (C,)
     y = F.batch_norm(
-        input, running_mean, running_var, weight, bias, training, momentum, eps
-    )  # (N, C, *)
+        call.input, running_mean, running_var, call.weight, call.bias, training, call.momentum,
+        call.eps,
+    )  # fmt: skip
+    if call.fusion is None:
+        return BatchNormOutput(y, running_mean, running_var)
+    activation, slope, residual = call.fusion
     if residual is not None:
         y = y + residual
-    return BatchNormOutput(activate(y, activation, negative_slope), running_mean, running_var)
+    return BatchNormOutput(activate(y, activation, slope), running_mean, running_var)
 
 
 # --- fused activation and residual add ---------------------------------------------------------

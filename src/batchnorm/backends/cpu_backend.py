@@ -1,4 +1,4 @@
-"""Numba backend: cache-aware CPU kernels, ATen's where those are faster.
+"""The ``cpu`` backend: cache-aware CPU kernels, ATen's where those are faster.
 
 Two sets of kernels cover the two dense layouts of the ``(N, C, L)`` view, contiguous
 ``(N, C, L)`` and channels innermost (``channels_last``, ``(N, C)``: an ``(M, C)`` matrix), for
@@ -14,9 +14,10 @@ training forward, backward and evaluation:
   count, for float64 and where the streaming kernels do not run (not built, no AVX-512, or
   several threads without torch's OpenMP runtime).
 
-By default they run only where they measured faster than ATen (:data:`MEASURED_KERNEL_CASES`
-on one thread, :data:`MEASURED_THREADED_CASES` on several; :data:`MEASURED_NUMBA_CASES` for
-Numba's kernels alone), with outputs on huge pages
+By default they run only where they measured faster than ATen (the tables of
+:mod:`batchnorm.backends.measured`: ``MEASURED_KERNEL_CASES`` on one thread,
+``MEASURED_THREADED_CASES`` on several, ``MEASURED_NUMBA_CASES`` for Numba's kernels alone,
+each with the machine and command it was measured with), with outputs on huge pages
 (:mod:`batchnorm.backends.memory`); every other case goes to the ATen backend (float16 and
 other strides always do), and tensors under ``torch.func`` transforms (whose storage the kernels
 cannot see) to the pure-torch backend, which those transforms differentiate and batch.
@@ -34,8 +35,11 @@ The first call for each dtype and layout of the Numba kernels compiles them (a f
 ``cache=True`` keeps the machine code in ``__pycache__`` for later processes); the C extension is
 compiled when the package is installed (about 7 s).
 
-Raises:
-    ImportError: on import, if Numba is not installed.
+Without Numba the C kernels run alone (float32, bfloat16); without either the backend is
+unavailable (``auto`` takes ATen's).
+
+Why this file is long: the routing of every (pass, layout, dtype) case and the NumPy/C calls of
+the three passes in both layouts belong to the one class that owns the CPU's whole call.
 """
 
 from __future__ import annotations
@@ -67,11 +71,16 @@ from batchnorm.backends.base import (
     channel_view,
     compute_dtype,
 )
-from batchnorm.backends.memory import ADVISE_FROM_BYTES, empty_like
+from batchnorm.backends.measured import (
+    MEASURED_KERNEL_CASES,
+    MEASURED_NUMBA_CASES,
+    MEASURED_THREADED_CASES,
+    KernelCase,
+)
+from batchnorm.backends.memory import empty_like
 from batchnorm.backends.native import native_forward_train
 from batchnorm.backends.torch_backend import TorchBackend
 from batchnorm.kernels.cpu import cpu_stream
-
 
 
 def _optional(name: str) -> Any:
@@ -145,91 +154,6 @@ def _kernel_array(x: torch.Tensor, layout: str) -> np.ndarray:
     if layout == "ncl":
         return _as_array(x)  # (N, C, L)
     return _as_array(channel_rows(x))  # type: ignore[arg-type]  # (M, C)
-
-
-#: A case of the kernels: (pass, layout, dtype), pass "forward", "backward" or "inference",
-#: layout "ncl" (contiguous (N, C, L)) or "rows" (channels innermost, (M, C)).
-KernelCase = tuple[str, str, torch.dtype]
-#: Every case the kernels implement, each from the smallest input (1 byte).
-ALL_KERNEL_CASES: Mapping[KernelCase, int] = {
-    (pass_name, layout, dtype): 1
-    for pass_name in ("forward", "backward", "inference")
-    for layout in ("ncl", "rows")
-    for dtype in _KERNEL_DTYPES
-}
-#: Input bytes from which each output is a fresh ``mmap`` for glibc's allocator (its largest
-#: dynamic mmap threshold, 32 MiB on 64-bit Linux): ATen then pays a page fault per 4 KiB of
-#: output, the kernels' huge-page outputs one per 2 MiB (:mod:`batchnorm.backends.memory`).
-FRESH_MAPPING_BYTES = ADVISE_FROM_BYTES
-#: Where Numba's kernels alone (no streaming kernels: not built, or no AVX-512) measured faster
-#: than ATen's, case → smallest input in bytes. Whole calls: ``benchmarks/cpu.py --threads 1``
-#: (2-core Xeon, 2026-11-26, ``benchmarks/results/cpu-2026-11-26.*``); kernels alone:
-#: ``benchmarks/cpu_kernels.py``.
-#:
-#: * contiguous (N, C, L) float32/float64 training forward, whose channel slice is re-read from
-#:   L2: 1.5–2.5× ATen from 512 KiB (kernel alone 2.6–4.7×; below 512 KiB Numba's call
-#:   overhead is more than it saves);
-#: * contiguous float32 backward from 512 KiB (kernel alone 1.05–2.1×, 1.0–1.1× whole calls on
-#:   mid-sized inputs) and bfloat16 backward from 2 MiB (1.0–2.0×: ATen's bfloat16 backward of
-#:   this layout is slow; ATen's forward runs there, see :meth:`CpuBackend.native_forward`);
-#: * every float32 pass in both layouts once outputs are fresh mappings (64×64×56×56: 1.4–2.5×,
-#:   mostly page faults avoided).
-#:
-#: Elsewhere ATen's kernels were as fast or faster, so they run there: the bfloat16 forward
-#: (kernel alone 0.9–1.1×), the (M, C) layout of mid-sized inputs, inference below 32 MiB.
-MEASURED_NUMBA_CASES: Mapping[KernelCase, int] = {
-    ("forward", "ncl", torch.float32): 1 << 19,
-    ("forward", "ncl", torch.float64): 1 << 19,
-    ("backward", "ncl", torch.float32): 1 << 19,
-    ("backward", "ncl", torch.bfloat16): 2 << 20,
-    ("forward", "rows", torch.float32): FRESH_MAPPING_BYTES,
-    ("backward", "rows", torch.float32): FRESH_MAPPING_BYTES,
-    ("inference", "ncl", torch.float32): FRESH_MAPPING_BYTES,
-    ("inference", "rows", torch.float32): FRESH_MAPPING_BYTES,
-}
-#: Where the kernels measured faster than ATen with the streaming kernels
-#: (:mod:`batchnorm.kernels.cpu.cpu_stream`: float32 and bfloat16 in memory order, outputs written
-#: with streaming stores, one C call per pass), on one thread, case → smallest input in bytes.
-#: Whole calls against this backend with no kernel cases (ATen's kernels behind the same
-#: checks), ``(N, 64, 14, 14)`` contiguous and channels_last, one thread, 2-core Xeon,
-#: 2026-11-27: ``python benchmarks/cpu_sizes.py``; below these sizes the per-call work in Python
-#: costs more than the kernels save. Float64 keeps Numba's fused forward
-#: (:data:`MEASURED_NUMBA_CASES`).
-MEASURED_KERNEL_CASES: Mapping[KernelCase, int] = {
-    ("forward", "ncl", torch.float32): 1 << 19,
-    ("backward", "ncl", torch.float32): 2 << 20,
-    ("inference", "ncl", torch.float32): 1 << 20,
-    ("forward", "rows", torch.float32): 2 << 20,
-    ("backward", "rows", torch.float32): 4 << 20,
-    ("inference", "rows", torch.float32): 1 << 20,
-    ("forward", "ncl", torch.bfloat16): 2 << 20,
-    ("backward", "ncl", torch.bfloat16): 1 << 19,
-    ("inference", "ncl", torch.bfloat16): 2 << 20,
-    ("forward", "rows", torch.bfloat16): 1 << 19,
-    ("backward", "rows", torch.bfloat16): 1 << 19,
-    ("inference", "rows", torch.bfloat16): 1 << 20,
-    ("forward", "ncl", torch.float64): 1 << 19,
-}
-#: The same on several threads, where the streaming kernels run on torch's OpenMP team
-#: (:data:`cpu_stream.THREADED`): ``python benchmarks/cpu_sizes.py --threads 2``, two threads,
-#: same machine and date. Most thresholds are those of one thread; the float32 (M, C) training
-#: passes and bfloat16 inference start earlier (ATen's kernels gain less from the second thread
-#: there than ours). Not measured on more than two threads.
-MEASURED_THREADED_CASES: Mapping[KernelCase, int] = {
-    ("forward", "ncl", torch.float32): 1 << 19,
-    ("backward", "ncl", torch.float32): 2 << 20,
-    ("inference", "ncl", torch.float32): 1 << 20,
-    ("forward", "rows", torch.float32): 1 << 20,
-    ("backward", "rows", torch.float32): 1 << 20,
-    ("inference", "rows", torch.float32): 1 << 20,
-    ("forward", "ncl", torch.bfloat16): 2 << 20,
-    ("backward", "ncl", torch.bfloat16): 1 << 19,
-    ("inference", "ncl", torch.bfloat16): 1 << 20,
-    ("forward", "rows", torch.bfloat16): 1 << 19,
-    ("backward", "rows", torch.bfloat16): 1 << 19,
-    ("inference", "rows", torch.bfloat16): 1 << 19,
-    ("forward", "ncl", torch.float64): 1 << 19,
-}
 
 
 def _is_transformed(*tensors: torch.Tensor) -> bool:

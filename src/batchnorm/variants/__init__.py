@@ -1,4 +1,5 @@
-"""The batch-norm family: renormalization, ghost, recurrent (BN-LSTM), frozen and masked BN.
+"""The batch-norm family: renormalization, ghost, recurrent (BN-LSTM), frozen, in-place activated
+and masked BN.
 
 Each layer subclasses :class:`batchnorm.modules.BatchNormBase` (same parameters, buffers and
 ``state_dict`` layout as ``torch.nn.BatchNorm*``, plus its own extra buffers) and overrides the
@@ -18,6 +19,13 @@ from batchnorm.variants.ghost import (
     GhostBatchNorm2d,
     GhostBatchNorm3d,
     GhostBatchNormBase,
+)
+from batchnorm.variants.inplace import (
+    InPlaceBatchNormAct1d,
+    InPlaceBatchNormAct2d,
+    InPlaceBatchNormAct3d,
+    InPlaceBatchNormActBase,
+    inplace_batch_norm_act_train,
 )
 from batchnorm.variants.masked import masked_batch_norm_pure
 from batchnorm.variants.recurrent import BNLSTM, BNLSTMCell, RecurrentBatchNorm1d
@@ -44,7 +52,12 @@ __all__ = [
     "GhostBatchNorm2d",
     "GhostBatchNorm3d",
     "GhostBatchNormBase",
+    "InPlaceBatchNormAct1d",
+    "InPlaceBatchNormAct2d",
+    "InPlaceBatchNormAct3d",
+    "InPlaceBatchNormActBase",
     "RecurrentBatchNorm1d",
+    "inplace_batch_norm_act_train",
     "masked_batch_norm_pure",
     "renorm_limits",
 ]

@@ -13,14 +13,14 @@ with the batch mean ``μ`` and biased variance ``σ²`` per channel (``M = N·L`
 needs ``x̂``, not ``x``; both the activation and the affine map are inverted from ``y``::
 
     z  = act⁻¹(y),       x̂ = (z − β) / γ'                      (γ' > 0, act strictly increasing)
-    dz = dy · act'(z)    (from y alone: leaky ReLU  s where y < 0, ELU  y + α where y ≤ 0)
+    dz = dy · act'(z)    (from y alone: 1 where y > 0, else leaky ReLU's s or ELU's y + α)
     dβ = Σ dz,   dγ' = Σ dz·x̂,   dx = (γ'·r / M)·(M·dz − dβ − x̂·dγ'),   r = 1/sqrt(σ² + ε)
     dγ = dγ'·sign(γ)
 
 so autograd keeps ``y`` (the input's storage) and the per-channel ``r``, ``γ``, ``β``; the mean is
 not needed. The usual pair "batch norm, then activation" keeps two input-sized tensors (the
-batch norm's input and the activation's), which is what the layer saves: about half the
-activation memory of those blocks (``benchmarks/memory.py``).
+batch norm's input and the activation's input or output); this layer keeps one, half of what
+those blocks save for backward (``benchmarks/memory.py``).
 
 ``γ' = |γ| + ε_γ`` is the paper's remedy for ``γ ≈ 0`` (``x̂ = (z − β)/γ'`` would divide by
 zero): it is what the layer effectively multiplies by, and the gradient reaching ``γ`` carries
@@ -71,6 +71,7 @@ __all__ = [
     "InPlaceBatchNormActBase",
     "InPlaceResult",
     "check_inplace_activation",
+    "check_overwritable",
     "inplace_batch_norm_act_train",
 ]
 
@@ -80,9 +81,8 @@ INVERTIBLE_ACTIVATIONS = ("identity", "leaky_relu", "elu")
 #: Activations people reach for that are not invertible, and why.
 _NOT_INVERTIBLE = {
     "relu": "ReLU is not invertible (it maps every negative input to 0)",
-    "relu6": "ReLU6 is not invertible (it clips below 0 and above 6)",
-    "silu": "SiLU is not invertible (it is not monotonic: two inputs give each output in (−0.28, 0))",
-    "gelu": "GELU is not invertible (it is not monotonic: two inputs give each output in (−0.17, 0))",
+    "silu": "SiLU is not invertible (not monotonic: two inputs give each output in (−0.28, 0))",
+    "gelu": "GELU is not invertible (not monotonic: two inputs give each output in (−0.17, 0))",
 }
 
 
@@ -249,10 +249,17 @@ class InPlaceABNFunction(torch.autograd.Function):
         dy3 = channel_view(dy).to(dtype)  # (N, C, L)
         z3, dz3 = _invert(y3, dy3, ctx.activation, ctx.negative_slope, ctx.alpha)
         gamma = _effective_weight(weight, ctx.weight_eps, dtype)  # (C,) γ' or None
-        x_hat = z3 if bias is None else z3 - bias.to(dtype)[None, :, None]  # (N, C, L)
         gain = invstd.to(dtype)  # (C,)  r
+        if bias is not None:
+            x_hat = z3 - bias.to(dtype)[None, :, None]  # (N, C, L), a new tensor
+            if gamma is not None:
+                x_hat.div_(gamma[None, :, None])  # x̂ = (z − β)/γ', in place
+        elif gamma is not None:
+            x_hat = z3 / gamma[None, :, None]  # (N, C, L)  x̂ = z/γ'
+        else:
+            x_hat = z3  # (N, C, L)
+        del z3  # (freed here unless it is y itself)
         if gamma is not None:
-            x_hat = x_hat / gamma[None, :, None]  # (N, C, L)  x̂ = (z − β)/γ'
             gain = gamma * gain  # (C,)  γ'·r
         zeros = torch.zeros_like(gain)  # (C,)  μ₀
         ones = torch.ones_like(gain)  # (C,)  r₀
@@ -372,7 +379,7 @@ def inplace_batch_norm_act_train(
         raise ValueError(f"weight_eps: expected a non-negative float, got {weight_eps!r}")
     check_overwritable(input)
     impl = resolve_backend(backend, input.device)
-    output, mean, var = InPlaceABNFunction.apply(
+    output, mean, var = InPlaceABNFunction.apply(  # type: ignore[no-untyped-call]
         input, weight, bias, float(eps), weight_eps, name, float(negative_slope), float(alpha),
         impl,
     )  # fmt: skip
@@ -548,7 +555,7 @@ class InPlaceBatchNormActBase(BatchNormBase):
         )  # fmt: skip
         check_overwritable(input, self._alternative)
         impl = resolve_backend(self.backend, input.device)
-        output, mean, var = InPlaceABNFunction.apply(
+        output, mean, var = InPlaceABNFunction.apply(  # type: ignore[no-untyped-call]
             input, self.weight, self.bias, self.eps, self.weight_eps,
             self.activation or "identity", self.negative_slope, self.alpha, impl,
         )  # fmt: skip
@@ -566,10 +573,9 @@ class InPlaceBatchNormActBase(BatchNormBase):
         self, input: torch.Tensor, use_batch_stats: bool, momentum: float
     ) -> BatchNormOutput:
         """``act(bn(x; γ', β))`` as a new tensor (evaluation, no grad, tracers, transforms)."""
-        weight = self.weight
-        if _compat.is_fx_proxy(input) and weight is not None:
-            weight = _compat.fx_attribute(input, self, "weight")  # recorded, not a constant
-        gamma = None if weight is None else weight.abs() + self.weight_eps  # (C,)  γ'
+        if _compat.is_fx_proxy(input):
+            return self._recorded(input, use_batch_stats)
+        gamma = self.effective_weight()  # (C,)  γ'
         leaky = self.activation == "leaky_relu"
         result = batch_norm_pure(
             input, self.running_mean, self.running_var, gamma, self.bias, use_batch_stats,
@@ -579,6 +585,28 @@ class InPlaceBatchNormActBase(BatchNormBase):
         if self.activation == "elu":
             return result._replace(output=F.elu(result.output, self.alpha))
         return result
+
+    def _recorded(self, input: torch.Tensor, use_batch_stats: bool) -> BatchNormOutput:
+        """:meth:`_out_of_place` for ``torch.fx.symbolic_trace``: ATen's op on proxies.
+
+        ``γ'`` is computed from a ``get_attr`` proxy of ``weight`` (else FX would bake its
+        value into the graph as a constant); training here never updates the buffers (the
+        caller refuses a trace that would).
+        """
+        gamma = None
+        if self.weight is not None:
+            weight = _compat.fx_attribute(input, self, "weight")  # recorded, not a constant
+            gamma = weight.abs() + self.weight_eps  # (C,)  γ'
+        running_mean = None if use_batch_stats else self.running_mean
+        running_var = None if use_batch_stats else self.running_var
+        y = F.batch_norm(
+            input, running_mean, running_var, gamma, self.bias, use_batch_stats, 0.0, self.eps
+        )  # (N, C, *)
+        if self.activation == "leaky_relu":
+            y = F.leaky_relu(y, self.negative_slope)
+        elif self.activation == "elu":
+            y = F.elu(y, self.alpha)
+        return BatchNormOutput(y, self.running_mean, self.running_var)
 
 
 class InPlaceBatchNormAct1d(InPlaceBatchNormActBase, nn.BatchNorm1d):  # type: ignore[misc]
