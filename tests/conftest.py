@@ -16,6 +16,11 @@ import tempfile
 # the library can hold code that no longer matches its ops). xdist's workers inherit both.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="batchnorm-inductor-"))
+# The CPU routing tables a machine measures for itself live in a cache of this run, never in the
+# user's home; and nothing is measured unless a test asks for it (routing stays the committed
+# tables', which the routing tests check).
+os.environ.setdefault("BATCHNORM_CACHE_DIR", tempfile.mkdtemp(prefix="batchnorm-cache-"))
+os.environ.setdefault("BATCHNORM_CALIBRATE", "0")
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest

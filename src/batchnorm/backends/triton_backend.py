@@ -42,6 +42,13 @@ from batchnorm.kernels.triton.launch import (
 __all__ = ["ARRANGEMENT_ENV_VAR", "TritonBackend", "inference_op", "train_backward_op", "train_op"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether a running buffer requires grad (it then must not be modified in place)."""
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
 _TORCH_BACKEND = TorchBackend()
 
 
@@ -64,9 +71,10 @@ class TritonBackend(Backend):
             return None
         activation, slope, residual = call.fusion or (None, 0.01, None)
         z3 = None if residual is None else channel_view(residual)  # (N, C, L)
+        in_place = call.update_in_place and not _needs_grad(call.running_mean, call.running_var)
         result = self.forward_act(
             x3, call.weight, call.bias, z3, call.eps, activation, slope, call.running_mean,
-            call.running_var, call.momentum,
+            call.running_var, call.momentum, in_place,
         )  # fmt: skip
         new_mean, new_var = new_running_stats(
             call.running_mean, call.running_var, result.mean, result.var,
@@ -150,14 +158,24 @@ class TritonBackend(Backend):
         running_mean: torch.Tensor | None,
         running_var: torch.Tensor | None,
         momentum: float,
+        in_place: bool = False,
     ) -> FusedForwardResult:
-        """Differentiable ``act(γ·x̂ + β + z)`` with batch statistics."""
+        """Differentiable ``act(γ·x̂ + β + z)`` with batch statistics.
+
+        With ``in_place`` (and an eager call) the kernel moves the given buffers themselves and
+        returns them as the new running statistics; otherwise they are new tensors.
+        """
         direct = runs_eagerly(x, weight, bias, residual, running_mean, running_var)
-        train = TrainFunction.apply if direct else train_op
-        y, mean, invstd, var, _mask, new_mean, new_var = train(  # type: ignore[no-untyped-call]
+        args = (
             x, weight, bias, residual, running_mean, running_var, float(momentum), float(eps),
             activation or "none", float(negative_slope),
         )  # fmt: skip
+        outputs = (
+            TrainFunction.apply(*args, in_place)  # type: ignore[no-untyped-call]
+            if direct
+            else train_op(*args)
+        )
+        y, mean, invstd, var, _mask, new_mean, new_var = outputs
         has_running = new_mean.numel() > 0
         return FusedForwardResult(
             y,

@@ -145,12 +145,16 @@ def _train_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, .
     ctx.activation = activation
     ctx.negative_slope = negative_slope
     ctx.mark_non_differentiable(*output[1:])
+    # Six outputs are statistics nobody differentiates: no zero-filled gradients for them.
+    ctx.set_materialize_grads(False)
 
 
 def _train_backward_formula(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """Gradients of ``batchnorm::triton_train`` w.r.t. ``x``, ``γ``, ``β`` and ``z``."""
     x3, weight, bias, residual, positive, mean, invstd = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    if grads[0] is None:  # y itself was not used: nothing flows back
+        return (None,) * 10
     # With create_graph the op runs, so that differentiating its result fails as it does on
     # the op route (the kernels have no backward of their own) instead of losing gradients.
     direct = not torch.is_grad_enabled() and runs_eagerly(x3, grads[0], weight, bias, residual)
@@ -200,19 +204,25 @@ class TrainFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, *inputs: Any) -> tuple[torch.Tensor, ...]:
-        """:func:`train_forward` on the op's arguments, then the op's ``setup_context``.
+        """:func:`train_forward` on the op's arguments and ``in_place``, then the op's
+        ``setup_context``.
 
         (``forward`` takes ``ctx`` itself: a separate ``setup_context`` makes every ``apply``
-        bind its arguments through ``inspect.signature``.)
+        bind its arguments through ``inspect.signature``.) With ``in_place`` (the last
+        argument) the kernel moves the given running buffers, which are returned and marked
+        dirty (their version counter moves, as after ATen's in-place update).
         """
-        outputs: tuple[torch.Tensor, ...] = train_forward(*inputs)
-        _train_setup_context(ctx, inputs, outputs)
+        *op_inputs, in_place = inputs
+        outputs: tuple[torch.Tensor, ...] = train_forward(*op_inputs, in_place)
+        _train_setup_context(ctx, tuple(op_inputs), outputs)
+        if outputs[5] is op_inputs[4]:  # the buffers themselves were updated
+            ctx.mark_dirty(outputs[5], outputs[6])
         return outputs
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """The op's registered formula (double backward fails as on the op route)."""
-        return _train_backward_formula(ctx, *grads)
+        return (*_train_backward_formula(ctx, *grads), None)
 
 
 def _inference_setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:

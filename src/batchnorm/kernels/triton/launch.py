@@ -163,10 +163,15 @@ def train_forward(
     eps: float,
     activation: str,
     negative_slope: float,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Launches the training forward; returns ``(y, mean, invstd, var, mask, new_rm, new_rv)``.
 
-    Absent outputs (the mask, the running statistics) are 0-element tensors.
+    Absent outputs (the mask, the running statistics) are 0-element tensors. With ``in_place``
+    the merge kernel writes the new running statistics over ``running_mean``/``running_var``
+    (each channel's value is read before it is written, by the same program), which are then
+    returned as ``new_rm``/``new_rv``: no separate update or copy. The op (``torch.library``)
+    never passes it: its inputs are not mutable.
     """
     check_device(x3)
     n, c, length = x3.shape
@@ -176,8 +181,11 @@ def train_forward(
     save_mask = uses_mask(activation, residual is not None)
     positive = torch.empty_like(x3, dtype=torch.uint8) if save_mask else placeholder(x3)
     update = running_mean is not None and running_var is not None and rows > 0
-    new_mean = torch.empty_like(running_mean) if update else placeholder(x3)  # type: ignore[arg-type]
-    new_var = torch.empty_like(running_var) if update else placeholder(x3)  # type: ignore[arg-type]
+    if update and in_place:
+        new_mean, new_var = running_mean, running_var  # (C,), (C,): moved by the merge kernel
+    else:
+        new_mean = torch.empty_like(running_mean) if update else placeholder(x3)  # type: ignore[arg-type]
+        new_var = torch.empty_like(running_var) if update else placeholder(x3)  # type: ignore[arg-type]
     outputs = (y, mean, invstd, var, positive, new_mean, new_var)
     if rows == 0:  # empty batch: statistics undefined and unused, nothing to normalize
         mean.zero_()
