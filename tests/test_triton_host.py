@@ -26,7 +26,8 @@ if "triton" not in batchnorm.available_backends():
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_host.py"
 _SPEC = importlib.util.spec_from_file_location("benchmark_gpu_host", _PATH)
-assert _SPEC is not None and _SPEC.loader is not None
+assert _SPEC is not None
+assert _SPEC.loader is not None
 host = importlib.util.module_from_spec(_SPEC)
 sys.modules["benchmark_gpu_host"] = host
 _SPEC.loader.exec_module(host)
