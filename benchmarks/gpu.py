@@ -8,7 +8,13 @@ What it does, in order (design.md §4):
 3. forward, backward and forward+backward times of ours, eager (``F.batch_norm``) and
    ``torch.compile`` on the shapes of design.md §4, in fp32, bf16 and bf16 channels_last, plus
    fused BN + add + ReLU against eager's three ops;
-4. reports ms, fraction of copy bandwidth at the minimal bytes (forward 2S, backward 3S,
+4. device time apart from host time for every forward+backward: ``fwd+bwd (graph)``, the
+   kernels alone by CUDA-graph replay (``triton.testing.do_bench_cudagraph``; the host does
+   nothing per step), next to the end-to-end ``fwd+bwd`` (which is max(host, device) per step:
+   ``do_bench`` never syncs the host between samples); ``host_us``, the host's µs to issue one
+   step (50 steps issued back to back, divided); and the CUDA kernels one step launches
+   (``torch.profiler``), per provider;
+5. reports ms, fraction of copy bandwidth at the minimal bytes (forward 2S, backward 3S,
    together 5S; fused 3S, 4S, 7S) and speed-ups; writes
    ``benchmarks/results/<gpu>-<date>.json`` with card, versions and commit; prints a short
    table last.
@@ -35,6 +41,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -71,8 +78,12 @@ MINIMAL_S = {
     ("fused", "fwd"): 3,  # read x, z; write y
     ("fused", "bwd"): 4,  # read x, dy; write dx, dz (the 1-byte ReLU mask not counted)
     ("fused", "fwd+bwd"): 7,
+    ("plain", "fwd+bwd (graph)"): 5,
+    ("fused", "fwd+bwd (graph)"): 7,
 }
-DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
+DIRECTIONS = ("fwd", "bwd", "fwd+bwd", "fwd+bwd (graph)")
+#: Steps issued back to back to measure the host's µs per step (few: the launch queue holds them).
+HOST_STEPS = 50
 #: Tolerances (atol = rtol) of the correctness step, against a float64 reference.
 CHECK_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 
@@ -334,7 +345,8 @@ def _providers(kind: str, shape: Sequence[int], config: str) -> dict[str, Callab
 
 
 def time_case(fn: Callable, inputs: tuple, dy, kind: str, rep_ms: float) -> dict[str, float]:
-    """Median ms of forward, backward (retained graph) and forward+backward.
+    """Median ms of forward, backward (retained graph), forward+backward, and the latter by
+    CUDA-graph replay (``fwd+bwd (graph)``, ``nan`` where the step cannot be captured).
 
     Backward computes the gradients of x, weight, bias (and of the residual when fused).
     """
@@ -356,7 +368,42 @@ def time_case(fn: Callable, inputs: tuple, dy, kind: str, rep_ms: float) -> dict
         torch.autograd.grad(fn(*leaves), targets, dy)
 
     both = triton.testing.do_bench(step, rep=rep_ms, return_mode="median")
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both}
+    try:
+        graph = triton.testing.do_bench_cudagraph(step, rep=rep_ms, return_mode="median")
+    except Exception as error:  # a provider whose step cannot be captured: say so, go on
+        print(f"  graph replay failed: {type(error).__name__}: {error}"[:200], flush=True)
+        graph = float("nan")
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": both, "fwd+bwd (graph)": graph}
+
+
+def host_profile(fn: Callable, inputs: tuple, dy, kind: str) -> dict[str, Any]:
+    """The host's µs to issue one forward+backward, and the CUDA kernels one step launches."""
+    import torch
+
+    leaves = [t.detach().requires_grad_(kind == "fused" or i < 3) for i, t in enumerate(inputs)]
+    targets = leaves if kind == "fused" else leaves[:3]
+
+    def step():
+        torch.autograd.grad(fn(*leaves), targets, dy)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(HOST_STEPS):  # issued back to back: the host's time, unless the GPU is slower
+        step()
+    issued = (time.perf_counter() - start) / HOST_STEPS * 1e6
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = [
+        event.name
+        for event in prof.events()
+        if getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
+    ]
+    return {"host_us": issued, "kernels": len(kernels), "kernel_names": sorted(set(kernels))}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -385,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     copy_gbps = copy_bandwidth_gbps(args.rep_ms)
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s")
     rows: list[Row] = []
+    host: list[dict[str, Any]] = []
     started = time.monotonic()
     skipped: list[list[int]] = []
     for shape in shapes:
@@ -399,6 +447,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 x, w, b, z, dy = _make(shape, config, "cuda")
                 for provider, fn in _providers(kind, shape, config).items():
                     times = time_case(fn, (x, w, b, z), dy, kind, args.rep_ms)
+                    profile = host_profile(fn, (x, w, b, z), dy, kind)
+                    host.append({"shape": list(shape), "config": config, "kind": kind,
+                                 "provider": provider, **profile})  # fmt: skip
+                    print(
+                        f"  {config} {kind} {provider}: fwd+bwd {times['fwd+bwd']:.3f} ms, "
+                        f"graph {times['fwd+bwd (graph)']:.3f} ms, host {profile['host_us']:.0f}"
+                        f" µs, {profile['kernels']} kernels",
+                        flush=True,
+                    )
                     for direction, ms in times.items():
                         nbytes = minimal_bytes(shape, dtype_name, kind, direction)
                         rows.append(
@@ -424,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "skipped_shapes_time_limit": skipped,
         "minimal_bytes_in_S": {f"{k}/{d}": v for (k, d), v in MINIMAL_S.items()},
         "rows": [asdict(row) for row in rows],
+        "host": host,
         "speedups": [
             {"shape": list(k[0]), "config": k[1], "kind": k[2], "direction": k[3], **v}
             for k, v in speedups(rows).items()

@@ -160,3 +160,15 @@ def test_cpu_kernels_tiny_run() -> None:
     assert completed.returncode == 0, completed.stderr[-3000:]
     rows = [line for line in completed.stdout.splitlines() if "forward numba" in line]
     assert len(rows) == 2  # float32 and bfloat16
+
+
+def test_device_script_is_valid_bash_and_names_existing_scripts() -> None:
+    """The prepared device run parses, and every benchmark it calls exists."""
+    import re
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "device_run.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    called = set(re.findall(r"python (benchmarks/\w+\.py)", script.read_text()))
+    assert {"benchmarks/gpu.py", "benchmarks/gpu_check.py", "benchmarks/gpu_host.py"} <= called
+    for relative in called:
+        assert (script.parents[1] / relative).is_file(), relative
