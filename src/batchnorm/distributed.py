@@ -41,6 +41,9 @@ References:
     T. F. Chan, G. H. Golub, R. J. LeVeque, "Updating Formulae and a Pairwise Algorithm for
     Computing Sample Variances", Stanford CS Tech. Report STAN-CS-79-773, 1979.
     C. Peng et al., "MegDet: A Large Mini-Batch Object Detector", CVPR 2018 (cross-GPU BN).
+
+Why this file is long: the synchronized statistics, their autograd function and the conversion
+to and from local layers must agree on one protocol (what is gathered, when, in which order).
 """
 
 from __future__ import annotations

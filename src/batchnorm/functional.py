@@ -14,6 +14,9 @@ Two forms:
   ``torch.nn.functional.batch_norm``;
 * :func:`batch_norm_pure` returns the new running statistics instead, so it composes with
   ``torch.func.vmap``, ``torch.func.grad`` and ``torch.func.functional_call``.
+
+Why this file is long: the two public entry points keep ``F.batch_norm``'s full signature and
+documentation, and every argument check lives here, beside the one dispatch.
 """
 
 from __future__ import annotations

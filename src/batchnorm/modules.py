@@ -3,6 +3,9 @@
 The modules hold the policy (when buffers update, the momentum schedule, train/eval), the
 functional (:mod:`batchnorm.functional`) holds the math. Parameter and buffer names, dtypes and
 the ``state_dict`` layout are those of ``torch.nn.BatchNorm*``, so checkpoints load both ways.
+
+Why this file is long: the whole module family, policy in one class (BatchNormBase) and its
+TorchScript twin, as ``torch/nn/modules/batchnorm.py`` keeps torch's.
 """
 
 import inspect

@@ -29,6 +29,9 @@ skips the per-call work of the generic path (an autograd function in Python, scr
 separate running update), about 60 µs a call, which is 5–10% of a 1 ms batch norm. What remains
 on top of ``F.batch_norm`` is our argument checks and backend choice, about 10 µs a call with
 warm caches and 20–25 µs with cold ones (``benchmarks/cpu_overhead.py``).
+
+Why this file is long: the layout rules ATen's kernels need (row views, channels_last, dtypes)
+are small helpers used by the ``cpu`` backend too, kept beside the backend they serve.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ References:
     E. Hoffer, I. Hubara, D. Soudry, "Train longer, generalize better" (Ghost BN), NeurIPS 2017.
     T. Cooijmans et al., "Recurrent Batch Normalization", ICLR 2017.
     S. Santurkar et al., "How Does Batch Normalization Help Optimization?", NeurIPS 2018.
+
+Why this file is long: one function per claim of the lab (seven), each with its own setup and
+verdict; none is on a hot path.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ A run is a pure function of its spec and the dataset: the weights come from
 ``torch.manual_seed(spec.seed)``, the batches from a ``torch.Generator`` seeded from it, and every
 process trains with one intra-op thread, so the same spec gives the same numbers in the main
 process and in any worker.
+
+Why this file is long: the lab's one training loop with its recorders (losses, activations,
+gradients, landscapes) so that every experiment measures the same way.
 """
 
 from __future__ import annotations

@@ -39,6 +39,9 @@ ordinary out-of-place composition ``act(bn(x; γ', β))`` and leaves the input a
 Reference:
     S. Rota Bulò, L. Porzi and P. Kontschieder, "In-Place Activated BatchNorm for
     Memory-Optimized Training of DNNs", CVPR 2018.
+
+Why this file is long: the in-place autograd function, its input checks and the three module
+classes depend on each other's conventions (|γ| + ε_γ, which storage is overwritten).
 """
 
 from __future__ import annotations

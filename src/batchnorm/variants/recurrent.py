@@ -24,6 +24,9 @@ batch-normalized in training; it is normalized with that step's running statisti
 Reference:
     T. Cooijmans, N. Ballas, C. Laurent, Ç. Gülçehre and A. Courville, "Recurrent Batch
     Normalization", ICLR 2017 (arXiv:1603.09025).
+
+Why this file is long: the paper's three pieces (per-step batch norm, the BN-LSTM cell and the
+layer over a sequence) are one unit and are read together.
 """
 
 from __future__ import annotations

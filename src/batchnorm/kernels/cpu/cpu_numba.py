@@ -34,6 +34,9 @@ Every kernel writes into arrays the caller allocates. ``weight``/``bias`` are fl
 length ``C`` (ones/zeros when the caller has none); statistics are float64 arrays of length ``C``.
 Reductions are compiled with ``reassoc`` only (SIMD partial sums), not full fast-math, so NaN and
 infinity propagate as in plain arithmetic.
+
+Why this file is long: the six Numba kernels (three passes in two layouts) share their block
+helpers (moments, Chan merge, gradient sums), which a split would scatter.
 """
 
 from __future__ import annotations
