@@ -324,7 +324,7 @@ def _checked_normalize(
         or negative_slope != _DEFAULT_SLOPE
     ):
         check_fusion_args(input, activation, residual, negative_slope)
-    if input.shape == (0,):  # F.batch_norm's empty 1-D input: nothing to normalize or update
+    if not symbolic and input.shape == (0,):  # F.batch_norm's empty 1-D input: nothing to do
         return BatchNormOutput(torch.empty_like(input), running_mean, running_var)
     if mask is not None:
         if activation is not None or residual is not None:

@@ -135,11 +135,8 @@ class BatchNormBase(nn.Module):
     affine: bool
     track_running_stats: bool
     freeze_stats: bool
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-    running_mean: torch.Tensor | None
-    running_var: torch.Tensor | None
-    num_batches_tracked: torch.Tensor | None
+    # Parameters and buffers are annotated where they are registered (in __init__), not here:
+    # TorchScript would take class-level annotations for plain attributes, not buffers.
 
     def __init__(
         self,
@@ -185,6 +182,11 @@ class BatchNormBase(nn.Module):
             resolve_backend(backend, torch.device("meta"))
         self.backend = backend
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.weight: torch.Tensor | None
+        self.bias: torch.Tensor | None
+        self.running_mean: torch.Tensor | None
+        self.running_var: torch.Tensor | None
+        self.num_batches_tracked: torch.Tensor | None
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
             shift = nn.Parameter(torch.empty(num_features, **factory)) if bias else None
@@ -352,6 +354,11 @@ class BatchNormBase(nn.Module):
         use_batch_stats = self.training or self.running_mean is None
         updates_stats = self._updates_stats()
         symbolic = _compat.is_fx_proxy(input)
+        counter = self.num_batches_tracked
+        if symbolic and counter is not None:
+            # A proxy of the buffer, recorded in the graph (so that the traced module keeps it
+            # in its state_dict, as it keeps the other buffers), used below in training.
+            counter = _compat.fx_attribute(input, self, "num_batches_tracked")
         if symbolic and updates_stats and self.momentum is None:
             raise RuntimeError(
                 f"{type(self).__name__}: momentum=None (a cumulative average over "
@@ -373,10 +380,7 @@ class BatchNormBase(nn.Module):
                 momentum, self.eps, backend=self.backend, activation=self.activation,
                 residual=residual, negative_slope=self.negative_slope,
             )  # fmt: skip
-            if self.num_batches_tracked is not None:
-                counter = self.num_batches_tracked
-                if symbolic:  # recorded in the graph, not run now: a proxy of the buffer
-                    counter = _compat.fx_attribute(input, self, "num_batches_tracked")
+            if counter is not None:  # under FX, recorded in the graph rather than run now
                 counter.add_(1)
             return output
         if symbolic and updates_stats:
