@@ -172,3 +172,30 @@ def test_device_script_is_valid_bash_and_names_existing_scripts() -> None:
     assert {"benchmarks/gpu.py", "benchmarks/gpu_check.py", "benchmarks/gpu_host.py"} <= called
     for relative in called:
         assert (script.parents[1] / relative).is_file(), relative
+
+
+def test_compare_cpu_pairs_the_rounds(tmp_path: Path) -> None:
+    """compare_cpu: the paired ratio is the median of per-round ratios; unchanged runs give 1."""
+    spec = importlib.util.spec_from_file_location(
+        "compare_cpu", Path(__file__).resolve().parents[1] / "benchmarks" / "compare_cpu.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(scale: float) -> dict:
+        times = {"aten": [2.0, 4.0, 6.0], "aten-control": [2.0, 4.0, 6.0], "ours": [1.0, 1.0, 3.0]}
+        providers = {
+            name: {"times_ms": [t * (scale if name == "ours" else 1.0) for t in values]}
+            for name, values in times.items()
+        }
+        record = {"shape": [2, 3], "layout": "contiguous", "dtype": "float32", "pass": "forward"}
+        return {"records": [{**record, "providers": providers}]}
+
+    (row,) = module.compare(run(1.0), run(1.0))
+    assert row["before"] == 2.0  # median of 2/1, 4/1, 6/3
+    assert row["after/before"] == 1.0
+    assert row["control_before"] == 1.0
+    (slower,) = module.compare(run(1.0), run(2.0))
+    assert slower["after/before"] == 0.5
