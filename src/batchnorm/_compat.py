@@ -113,7 +113,7 @@ def traced(x: Any) -> bool:
     return (
         is_compiling()  # first: Dynamo then never sees the private calls below
         or type(x) not in PLAIN_TENSOR_TYPES
-        or x.device.type == "meta"
+        or x.is_meta
         or _is_tracing()
         or dispatch_modes() > 0
     )

@@ -80,10 +80,10 @@ def check_batch_norm_args(
             "input: expected a floating-point tensor (float16, bfloat16, float32 or float64), "
             f"got {input.dtype}"
         )
-    if input.shape == (0,):
-        _check_empty_1d_args(running_mean, running_var, weight, bias)
-        return
     if input.dim() < 2:
+        if input.shape == (0,):
+            _check_empty_1d_args(running_mean, running_var, weight, bias)
+            return
         raise ValueError(
             "input: expected a tensor of shape (N, C, *) with at least 2 dimensions, "
             f"got shape {tuple(input.shape)}"
@@ -324,7 +324,7 @@ def _checked_normalize(
         or negative_slope != _DEFAULT_SLOPE
     ):
         check_fusion_args(input, activation, residual, negative_slope)
-    if not symbolic and input.shape == (0,):  # F.batch_norm's empty 1-D input: nothing to do
+    if not symbolic and input.dim() == 1:  # F.batch_norm's empty (0,) input (checked): no work
         return BatchNormOutput(torch.empty_like(input), running_mean, running_var)
     if mask is not None:
         if activation is not None or residual is not None:

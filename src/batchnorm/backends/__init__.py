@@ -57,8 +57,8 @@ _REGISTRY: dict[str, tuple[str, str]] = {
 _ALIASES: dict[str, str] = {"numba": "cpu"}
 #: Backend name → its shared instance, made on first use.
 _INSTANCES: dict[str, Backend] = {}
-#: Device type → the backend ``auto`` chose there (chosen once per process).
-_AUTO: dict[str, Backend] = {}
+#: Device → the backend ``auto`` chose there (chosen once per process and device).
+_AUTO: dict[torch.device, Backend] = {}
 
 
 def available_backends() -> tuple[str, ...]:
@@ -162,14 +162,15 @@ def resolve_backend(name: str | None, device: torch.device) -> Backend:
         ValueError: if the name (argument or environment variable) is not a known backend.
         ImportError: if the named backend needs a package that is not installed.
     """
-    source = "backend"
     if name is None:
         name = os.environ.get(BACKEND_ENV_VAR) or "auto"
         source = BACKEND_ENV_VAR
+    else:
+        source = "backend"
     if name == "auto":
-        chosen = _AUTO.get(device.type)
+        chosen = _AUTO.get(device)  # keyed by the device itself: reading .type costs more
         if chosen is None:
-            chosen = _AUTO[device.type] = resolve_backend(_auto(device.type), device)
+            chosen = _AUTO[device] = resolve_backend(_auto(device.type), device)
         return chosen
     name = _ALIASES.get(name, name)
     if name not in _REGISTRY:
