@@ -4,6 +4,13 @@
 [--quick|--full] [--out DIR] [--jobs N]`` runs the lab's experiments (all by default), writes a
 PNG per experiment, ``results.json``, ``report.md`` and ``report.html`` into ``--out``, and
 prints a table of claims → measured effects. Bad arguments exit with code 2 and a message.
+
+``batchnorm calibrate [--threads N ...] [--quick] [--rounds R] [--min-size S] [--max-size S]
+[--dtypes ...] [--show | --reset]`` measures where the CPU kernels beat ATen's on this machine
+(:meth:`batchnorm.backends.cpu_backend.CpuBackend.calibrate`: each case on a geometric ladder of
+sizes, median of interleaved rounds), stores the thresholds in the cache directory (what
+``auto`` then routes by) and prints the table; ``--show`` prints what is stored for this
+machine, ``--reset`` removes it (the committed defaults and lazy measurement route again).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["build_parser", "main"]
 
@@ -37,6 +45,32 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20,
+               "g": 1 << 30, "gib": 1 << 30}  # fmt: skip
+
+
+def _size(text: str) -> int:
+    """argparse type: bytes, with an optional unit (``64K``, ``16MiB``, ``4096``)."""
+    stripped = text.strip().lower()
+    number = stripped.rstrip("bgikm ")
+    unit = stripped[len(number) :].strip()
+    try:
+        value = int(number) * _SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"expected a size in bytes such as 65536, 64K or 16MiB, got {text!r}"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive size, got {text!r}")
+    return value
+
+
+#: ``calibrate``'s ladders: (smallest bytes, largest bytes, factor, rounds).
+CALIBRATE_DEFAULT = (64 << 10, 64 << 20, 2, 9)
+CALIBRATE_QUICK = (64 << 10, 16 << 20, 4, 5)
+CALIBRATE_DTYPES = ("float32", "bfloat16", "float64")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +134,65 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         metavar="N",
         help="worker processes for training (default: CPUs, at most 2)",
     )
+    _add_calibrate(commands)
     return parser, lab
+
+
+def _add_calibrate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The ``calibrate`` sub-parser."""
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="measure where the CPU kernels beat ATen's on this machine and store it",
+        description="Times our CPU kernels against ATen's (behind the same checks) for each "
+        "pass, layout and dtype on a geometric ladder of sizes, at this machine's thread count "
+        "(or --threads), stores the thresholds in the cache directory ($BATCHNORM_CACHE_DIR, "
+        "else $XDG_CACHE_HOME/batchnorm or ~/.cache/batchnorm), where the cpu backend's "
+        "default routing reads them, and prints the table.",
+    )
+    calibrate.add_argument(
+        "--threads",
+        type=_positive_int,
+        nargs="+",
+        metavar="N",
+        help="torch thread counts to measure (default: torch.get_num_threads())",
+    )
+    calibrate.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a short ladder (x{CALIBRATE_QUICK[2]} steps up to 16 MiB, "
+        f"{CALIBRATE_QUICK[3]} rounds)",
+    )
+    calibrate.add_argument(
+        "--rounds",
+        type=_positive_int,
+        metavar="R",
+        help="timed rounds per size (default: 9; quick 5)",
+    )
+    calibrate.add_argument(
+        "--min-size", type=_size, metavar="S", help="smallest input (default: 64K)"
+    )
+    calibrate.add_argument(
+        "--max-size", type=_size, metavar="S", help="largest input (default: 64M; quick 16M)"
+    )
+    calibrate.add_argument(
+        "--dtypes",
+        nargs="+",
+        choices=CALIBRATE_DTYPES,
+        metavar="DTYPE",
+        help=f"dtypes to measure (default: all the kernels run here: "
+        f"{', '.join(CALIBRATE_DTYPES)})",
+    )
+    action = calibrate.add_mutually_exclusive_group()
+    action.add_argument(
+        "--show",
+        action="store_true",
+        help="print the table stored for this machine; measure nothing",
+    )
+    action.add_argument(
+        "--reset",
+        action="store_true",
+        help="remove the tables stored for this machine (all thread counts unless --threads)",
+    )
 
 
 def _check_lab_arguments(lab_parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -136,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     parser, lab_parser = _build_parsers()
     args = parser.parse_args(argv)
+    if args.command == "calibrate":
+        return _calibrate(parser, args)
     _check_lab_arguments(lab_parser, args)
 
     from batchnorm.lab.report import claims_table
@@ -154,4 +248,80 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(claims_table(output.results))
     print(f"\nReport: {output.report.resolve()}  ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def _calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``batchnorm calibrate``: sweep and store, ``--show`` or ``--reset``; returns the code."""
+    smallest, largest, factor, rounds = CALIBRATE_QUICK if args.quick else CALIBRATE_DEFAULT
+    smallest = args.min_size or smallest
+    largest = args.max_size or largest
+    if largest < smallest:
+        parser.error(f"calibrate: --max-size ({largest}) is below --min-size ({smallest})")
+
+    import torch
+    from tqdm import tqdm
+
+    from batchnorm.backends import calibration, cpu_backend
+
+    try:
+        backend = cpu_backend.CpuBackend()
+    except ImportError as error:
+        print(f"batchnorm calibrate: nothing to measure: {error}", file=sys.stderr)
+        return 1
+    threads = args.threads or [torch.get_num_threads()]
+    kernels = backend.kernel_set()
+    if args.reset:
+        if args.threads:
+            paths = [calibration.table_path(calibration.routing_key(n, kernels)) for n in threads]
+        else:
+            paths = calibration.stored_paths(calibration.routing_key(threads[0], kernels))
+        removed = calibration.remove(paths)
+        for path in removed:
+            print(f"removed {path}")
+        if not removed:
+            print(f"nothing stored for this machine in {calibration.cache_dir()}")
+        return 0
+    if args.show:
+        if not args.threads:
+            stored = calibration.stored_paths(calibration.routing_key(threads[0], kernels))
+            counts = [path.stem.rpartition("-t")[2] for path in stored]
+            threads = [int(count) for count in counts if count.isdigit()] or threads
+        for index, count in enumerate(threads):
+            table = backend.routing_table(count)
+            print(("\n" if index else "") + calibration.describe(table))
+            if table.state != "stored":
+                print(
+                    f"\nnothing stored for {count} thread(s): the committed defaults and "
+                    f"measurements on first use route the kernels"
+                )
+        return 0
+    sizes = calibration.ladder(smallest, largest, factor)
+    rounds = args.rounds or rounds
+    dtypes = None if args.dtypes is None else {calibration.DTYPES[name] for name in args.dtypes}
+    for index, count in enumerate(threads):
+        cases = [
+            case for case in backend.measurable_cases(count) if dtypes is None or case[2] in dtypes
+        ]
+        if not cases:
+            print(f"no kernel of ours runs here at {count} thread(s): nothing to measure")
+            continue
+        begin = time.perf_counter()
+        with tqdm(
+            total=calibration.sweep_steps(cases, sizes),
+            desc=f"calibrating, {count} thread(s)",
+            unit="size",
+            file=sys.stderr,
+            disable=None,  # no bar where stderr is not a terminal
+        ) as bar:
+
+            def progress(text: str, bar: Any = bar) -> None:
+                bar.set_postfix_str(text, refresh=False)
+                bar.update()
+
+            table = backend.calibrate(
+                count, sizes=sizes, rounds=rounds, dtypes=dtypes, progress=progress
+            )
+        print(("\n" if index else "") + calibration.describe(table))
+        print(f"\nmeasured in {time.perf_counter() - begin:.1f} s; stored in {table.path}")
     return 0

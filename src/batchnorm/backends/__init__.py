@@ -7,8 +7,8 @@ Selection, first match wins:
 3. ``auto``: for CUDA tensors the ``cuda`` backend (Triton kernels where they measured faster
    than PyTorch's, ATen's CUDA kernels elsewhere: ``benchmarks/gpu.py``) when Triton imports,
    else ATen's; for CPU tensors the ``cpu`` backend (our C or Numba kernels where they measured
-   faster than ATen, ATen's elsewhere: ``benchmarks/cpu.py``) when either kernel set runs here,
-   else ATen's native kernels; else the pure-torch backend.
+   faster than ATen on this machine, ATen's elsewhere: :mod:`batchnorm.backends.calibration`)
+   when either kernel set runs here, else ATen's native kernels; else the pure-torch backend.
 
 Backends live in their own modules and are imported on first use, so a missing optional
 dependency (Triton) only matters to whoever asks for that backend.

@@ -14,13 +14,21 @@ training forward, backward and evaluation:
   count, for float64 and where the streaming kernels do not run (not built, no AVX-512, or
   several threads without torch's OpenMP runtime).
 
-By default they run only where they measured faster than ATen (the tables of
-:mod:`batchnorm.backends.measured`: ``MEASURED_KERNEL_CASES`` on one thread,
-``MEASURED_THREADED_CASES`` on several, ``MEASURED_NUMBA_CASES`` for Numba's kernels alone,
-each with the machine and command it was measured with), with outputs on huge pages
-(:mod:`batchnorm.backends.memory`); every other case goes to the ATen backend (float16 and
-other strides always do), and tensors under ``torch.func`` transforms (whose storage the kernels
-cannot see) to the pure-torch backend, which those transforms differentiate and batch.
+By default (``CpuBackend()``, what ``auto`` runs) they run only where they measured faster
+than ATen *on this machine, at this thread count* (:mod:`batchnorm.backends.calibration`): a
+table stored by ``batchnorm calibrate``, else a measurement on the first call of each case and
+size class (about 0.05–0.4 s once, stored for later calls and processes), else, and for inputs
+under 64 KiB, the committed tables of :mod:`batchnorm.backends.measured` (``MEASURED_KERNEL_CASES``
+on one thread, ``MEASURED_THREADED_CASES`` on several, ``MEASURED_NUMBA_CASES`` for Numba's
+kernels alone, each with the machine and command it was measured with; two threads at most).
+:func:`explain` says which kernel an input takes and why. ``BATCHNORM_CALIBRATE=0`` measures
+nothing (a stored table still routes; the committed ones otherwise): which kernel runs changes the
+rounding of the result (within the dtype's tolerance), so bitwise-reproducible runs should set
+it. An explicit table (``CpuBackend(ALL_KERNEL_CASES)``, ``CpuBackend({})``) is used as given,
+nothing measured. Outputs land on huge pages (:mod:`batchnorm.backends.memory`); every other
+case goes to the ATen backend (float16 and other strides always do), and tensors under
+``torch.func`` transforms (whose storage the kernels cannot see) to the pure-torch backend, which
+those transforms differentiate and batch.
 
 A training call the kernels take in either direction runs through
 :meth:`CpuBackend.native_batch_norm` (:func:`batchnorm.autograd.native_forward_train`): one
@@ -38,21 +46,26 @@ compiled when the package is installed (about 7 s).
 Without Numba the C kernels run alone (float32, bfloat16); without either the backend is
 unavailable (``auto`` takes ATen's).
 
-Why this file is long: the routing of every (pass, layout, dtype) case and the NumPy/C calls of
-the three passes in both layouts belong to the one class that owns the CPU's whole call.
+Why this file is long: the routing of every (pass, layout, dtype) case (and its explanation)
+and the NumPy/C calls of the three passes in both layouts belong to the one class that owns the
+CPU's whole call.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import threading
-from collections.abc import Callable, Mapping
-from typing import Any
+import time
+import warnings
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from batchnorm import _compat
+from batchnorm.backends import calibration
 from batchnorm.backends.aten_backend import (
     AtenBackend,
     any_requires_grad,
@@ -71,11 +84,17 @@ from batchnorm.backends.base import (
     channel_view,
     compute_dtype,
 )
+from batchnorm.backends.calibration import RoutingTable, Timing
 from batchnorm.backends.measured import (
+    ALL_KERNEL_CASES,
+    CPU_KERNELS_ONE_THREAD,
+    CPU_KERNELS_THREADED,
+    CPU_NUMBA_ONLY,
     MEASURED_KERNEL_CASES,
     MEASURED_NUMBA_CASES,
     MEASURED_THREADED_CASES,
     KernelCase,
+    Measured,
 )
 from batchnorm.backends.memory import empty_like
 from batchnorm.backends.native import native_forward_train
@@ -95,7 +114,7 @@ def _optional(name: str) -> Any:
 numba = _optional("numba")
 cpu_numba: Any = _optional("batchnorm.kernels.cpu.cpu_numba") if numba is not None else None
 
-__all__ = ["CpuBackend"]
+__all__ = ["CpuBackend", "Explanation", "explain"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 #: Dtypes ``Tensor.numpy()`` does not take.
@@ -267,6 +286,20 @@ def _stream_threads(x: torch.Tensor) -> int:
     return max(1, min(torch.get_num_threads(), x.numel() // _GRAIN))
 
 
+def _warn_unmeasured(table: RoutingTable) -> None:
+    """Says once per table that a thread count the committed tables were not measured at is
+    routed by them, nothing being measured."""
+    table.warned_unmeasured = True
+    warnings.warn(
+        f"batchnorm: nothing is measured (BATCHNORM_CALIBRATE=0 or deterministic algorithms) "
+        f"and nothing measured on this machine at {table.threads} threads routes this call: "
+        f"the committed table does ({table.committed_source}); run `batchnorm calibrate "
+        f"--threads {table.threads}` to measure the kernels here",
+        calibration.CalibrationWarning,
+        stacklevel=6,
+    )
+
+
 def _launch(kernel: Callable[..., None], work: int, *args: Any) -> None:
     """Runs ``kernel(*args)`` on up to ``torch.get_num_threads()`` threads.
 
@@ -305,6 +338,8 @@ class CpuBackend(Backend):
     def train(self, call: Call) -> BatchNormOutput | None:
         """Plain training on the kernels or in one ATen call; see :class:`Backend`."""
         if call.fusion is not None:
+            if not self._fixed:  # the generic path's primitives measure nothing
+                self._measure_training(call.input, call.weight, call.bias)
             return None
         input, weight, bias = call.input, call.weight, call.bias
         running_mean, running_var = call.running_mean, call.running_var
@@ -338,12 +373,18 @@ class CpuBackend(Backend):
 
         Args:
             kernel_cases: ``(pass, layout, dtype)`` → the smallest input (bytes) the kernels
-                take in that case, the rest going to ATen, on any number of threads; default
+                take in that case, the rest going to ATen, on any number of threads, used as
+                given (nothing measured). Default: routed by what was measured on this machine
+                at the call's thread count (:mod:`batchnorm.backends.calibration`: a table
+                stored by ``batchnorm calibrate``, else a measurement on first use), with
                 :data:`MEASURED_KERNEL_CASES` on one thread and :data:`MEASURED_THREADED_CASES`
                 on several (:data:`MEASURED_NUMBA_CASES` where Numba's kernels run instead of
-                the streaming ones).
+                the streaming ones) as the cold start (:attr:`kernel_cases`,
+                :attr:`threaded_kernel_cases`). ``BATCHNORM_CALIBRATE=0`` measures nothing:
+                the chosen kernel changes the rounding of the result (within the dtype's
+                tolerance), so bitwise-reproducible runs should set it.
                 :data:`ALL_KERNEL_CASES` runs them wherever they can (the tests do, to check
-                every kernel).
+                every kernel); ``{}`` nowhere (ATen behind the same checks).
             streaming: use the streaming-store kernels (:mod:`batchnorm.kernels.cpu.cpu_stream`)
                 for float32/bfloat16: ``None`` where this machine runs them, ``False`` never
                 (Numba's kernels alone).
@@ -393,26 +434,311 @@ class CpuBackend(Backend):
             False: _smallest_inputs(self.kernel_cases),
             True: _smallest_inputs(self.threaded_kernel_cases),
         }
+        # Tables given: used as they are. None: routed by what was measured on this machine,
+        # one table per thread count (calibration.RoutingTable, shared by instances of a key).
+        self._fixed = kernel_cases is not None
+        self._tables: dict[int, RoutingTable] = {}
+        self._measuring: tuple[CpuBackend, CpuBackend] | None = None
         self._aten = AtenBackend()
         self._torch = TorchBackend()
 
     def _may_run(self, pass_name: str, x: torch.Tensor) -> bool:
         """Whether the kernels may take ``x`` in this pass by its dtype and size (layout aside)."""
-        smallest = self._smallest[torch.get_num_threads() > 1].get((pass_name, x.dtype))
-        return smallest is not None and 0 < x.numel() * x.element_size() >= smallest
+        threads = torch.get_num_threads()
+        if self._fixed:
+            smallest = self._smallest[threads > 1].get((pass_name, x.dtype))
+            return smallest is not None and 0 < x.numel() * x.element_size() >= smallest
+        table = self._tables.get(threads)
+        if table is None:
+            table = self.routing_table(threads)
+        key = (pass_name, x.dtype)
+        smallest = table.smallest.get(key)
+        nbytes = x.numel() * x.element_size()
+        if smallest is None or not 0 < nbytes >= smallest:
+            return False
+        if nbytes >= table.smallest_unmeasured.get(key, nbytes + 1):
+            return True
+        # Only a size a measurement could still give the kernels reads the switch.
+        if calibration.calibrating():
+            return True
+        if table.threads > 2 and not table.warned_unmeasured:
+            _warn_unmeasured(table)
+        return False
 
-    def _kernel_layout(self, pass_name: str, x: torch.Tensor) -> str | None:
-        """:func:`kernel_layout` of ``x`` ``(N, C, *)`` if the kernels run this case, else None."""
+    def _kernel_layout(self, pass_name: str, x: torch.Tensor, measure: bool = False) -> str | None:
+        """:func:`kernel_layout` of ``x`` ``(N, C, *)`` if the kernels run this case, else None.
+
+        ``measure``: a whole call's entry (:meth:`train`, :meth:`inference`), where a case
+        nothing decided yet may be measured; the primitives (which the generic path calls
+        inside our autograd functions, where a ``torch.func`` transform no longer shows) pass
+        False and route such a case by the committed table.
+        """
         if not self._may_run(pass_name, x):  # one dict lookup: most calls end here
             return None
         layout = kernel_layout(x)
-        return layout if layout is not None and self._takes(pass_name, layout, x) else None
+        return layout if layout is not None and self._takes(pass_name, layout, x, measure) else None
 
-    def _takes(self, pass_name: str, layout: str, x: torch.Tensor) -> bool:
-        """Whether the kernels run ``pass_name`` on ``x`` read in ``layout`` (by size)."""
-        table = self.threaded_kernel_cases if torch.get_num_threads() > 1 else self.kernel_cases
-        smallest = table.get((pass_name, layout, x.dtype))
-        return smallest is not None and x.numel() * x.element_size() >= smallest
+    def _measure_training(
+        self, input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
+    ) -> None:
+        """Decides the training passes of ``input`` now (measuring where nothing did), for a
+        call the generic path runs on the primitives."""
+        if _is_transformed(input):
+            return
+        self._kernel_layout("forward", input, measure=True)
+        if _needs_grad(input, weight, bias):
+            self._kernel_layout("backward", input, measure=True)
+
+    def _takes(self, pass_name: str, layout: str, x: torch.Tensor, measure: bool = False) -> bool:
+        """Whether the kernels run ``pass_name`` on ``x`` read in ``layout`` (by size).
+
+        Given tables decide alone; the default routing asks this thread count's
+        :class:`~batchnorm.backends.calibration.RoutingTable` (stored threshold, lazy decision)
+        and, with ``measure``, measures on first use where neither answers (:meth:`_decide`).
+        """
+        threads = torch.get_num_threads()
+        nbytes = x.numel() * x.element_size()
+        case = (pass_name, layout, x.dtype)
+        if self._fixed:
+            table = self.threaded_kernel_cases if threads > 1 else self.kernel_cases
+            smallest = table.get(case)
+            return smallest is not None and nbytes >= smallest
+        routing = self._tables.get(threads)
+        if routing is None:
+            routing = self.routing_table(threads)
+        choice = routing.choice(case, nbytes)
+        if choice is not None:
+            return choice
+        return (
+            self._decide(routing, case, nbytes, x)
+            if measure
+            else routing.committed_choice(case, nbytes)
+        )
+
+    def _decide(
+        self, routing: RoutingTable, case: KernelCase, nbytes: int, x: torch.Tensor
+    ) -> bool:
+        """The route of a case nothing measured here decides at this size: a lazy measurement
+        where one may run (the training passes of a layout and dtype together), else the
+        committed table.
+
+        Nothing is measured below :data:`calibration.LAZY_MIN_BYTES`, for a case the kernels
+        cannot run here, after a failed measurement of it, or where
+        :func:`calibration.may_measure` says no (``BATCHNORM_CALIBRATE=0``, tracing,
+        ``torch.func``, an OpenMP region, inside a measurement). With measuring switched off
+        on more than two threads, where the committed tables were not measured, a
+        :class:`calibration.CalibrationWarning` says once what routes instead.
+        """
+        if nbytes < calibration.LAZY_MIN_BYTES or case not in routing.measurable:
+            return routing.committed_choice(case, nbytes)
+        if not calibration.calibrating():  # first: the one refusal that lasts (µs a call)
+            if routing.threads > 2 and not routing.warned_unmeasured:
+                _warn_unmeasured(routing)
+            return routing.committed_choice(case, nbytes)
+        failed = (case, calibration.size_class(nbytes)) in routing.failed
+        if failed or not calibration.may_measure(x):
+            return routing.committed_choice(case, nbytes)
+        cases = [case]
+        pass_name, layout, dtype = case
+        if pass_name != "inference":  # forward and backward: one measurement
+            other = ("backward" if pass_name == "forward" else "forward", layout, dtype)
+            if other in routing.measurable and routing.choice(other, nbytes) is None:
+                cases.append(other)
+        measured = calibration.measure_lazily(
+            routing, cases, nbytes, x.shape, self._measuring_backends
+        )
+        return routing.committed_choice(case, nbytes) if measured is None else measured
+
+    def _measuring_backends(self) -> tuple[CpuBackend, CpuBackend]:
+        """``(our kernels everywhere, ATen behind the same checks)`` for measurements."""
+        if self._measuring is None:
+            self._measuring = (
+                CpuBackend(ALL_KERNEL_CASES, streaming=self.streaming),
+                CpuBackend({}),
+            )
+        return self._measuring
+
+    def kernel_set(self) -> str:
+        """Which kernels run, with versions, for the routing key: ``"c+numba-0.61.0"``."""
+        parts = ["c"] if self.streaming else []
+        if cpu_numba is not None:
+            parts.append(f"numba-{numba.__version__}")
+        return "+".join(parts)
+
+    def measurable_cases(self, threads: int) -> Mapping[KernelCase, int]:
+        """The cases the kernels can run at ``threads`` (what a measurement may choose)."""
+        if cpu_numba is not None:
+            return ALL_KERNEL_CASES
+        return _stream_cases(ALL_KERNEL_CASES) if threads == 1 or cpu_stream.THREADED else {}
+
+    def committed_record(self, threads: int) -> tuple[str, Measured]:
+        """The committed table that routes ``threads`` cold, by name, and where it was
+        measured."""
+        if not self.streaming or (threads > 1 and not cpu_stream.THREADED):
+            return "MEASURED_NUMBA_CASES", CPU_NUMBA_ONLY
+        if threads == 1:
+            return "MEASURED_KERNEL_CASES", CPU_KERNELS_ONE_THREAD
+        return "MEASURED_THREADED_CASES", CPU_KERNELS_THREADED
+
+    def routing_table(self, threads: int | None = None) -> RoutingTable:
+        """The default routing at ``threads`` (default: torch's count): what was measured on
+        this machine and stored in the cache directory of the first call, over the committed
+        table; shared by the instances of one key.
+
+        Raises:
+            ValueError: for a backend made with explicit tables (nothing measured for those).
+        """
+        threads = torch.get_num_threads() if threads is None else threads
+        table = self._tables.get(threads)
+        if table is None:
+            if self._fixed:
+                raise ValueError("routing_table: this backend's tables were given explicitly")
+            name, record = self.committed_record(threads)
+            source = (
+                f"{name}, {record.machine}, {record.threads} thread(s), {record.date}, "
+                f"`{record.command}`"
+            )
+            if record.threads != threads:
+                source += f"; measured at {record.threads} thread(s), not at {threads}"
+            table = calibration.table_for(
+                calibration.routing_key(threads, self.kernel_set()),
+                self.kernel_cases if threads == 1 else self.threaded_kernel_cases,
+                source,
+                self.measurable_cases(threads),
+            )
+            self._tables[threads] = table
+        return table
+
+    def calibrate(
+        self,
+        threads: int | None = None,
+        *,
+        sizes: Sequence[int],
+        rounds: int,
+        dtypes: Collection[torch.dtype] | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> RoutingTable:
+        """Measures the thresholds at ``threads`` on a ladder of sizes and stores them.
+
+        Each case the kernels can run here (of ``dtypes``, default all) is timed at each of
+        ``sizes`` (:func:`calibration.sweep`: ``CpuBackend(ALL_KERNEL_CASES)`` against
+        ``CpuBackend({})``, median of ``rounds`` interleaved rounds, caches cold); its
+        threshold is the smallest size from which the kernels win at every larger one
+        (:func:`calibration.threshold_from`). torch's thread count is set to ``threads`` for
+        the sweep and restored; no lazy measurement runs meanwhile.
+
+        Returns:
+            The updated table (stored in the cache directory).
+        """
+        saved = torch.get_num_threads()
+        threads = saved if threads is None else threads
+        table = self.routing_table(threads)
+        cases = [case for case in table.measurable if dtypes is None or case[2] in dtypes]
+        kernels, aten = self._measuring_backends()
+        torch.set_num_threads(threads)
+        try:
+            with calibration.LOCK:
+                start = time.perf_counter()
+                points = calibration.sweep(kernels, aten, cases, sizes, rounds, progress)
+                date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                info = {
+                    "date": date,
+                    "rounds": rounds,
+                    "sizes": list(sizes),
+                    "seconds": round(time.perf_counter() - start, 3),
+                }
+                table.record_sweep(points, info)
+        finally:
+            torch.set_num_threads(saved)
+        return table
+
+    def explain(
+        self, x: torch.Tensor, pass_name: str = "forward", threads: int | None = None
+    ) -> Explanation:
+        """Which kernel a call on ``x`` takes in ``pass_name``, and why (nothing is measured).
+
+        Args:
+            x: the input ``(N, C, *)`` as the call would get it.
+            pass_name: ``"forward"`` (training), ``"backward"`` or ``"inference"``.
+            threads: the thread count to explain (default: torch's).
+
+        Returns:
+            An :class:`Explanation`; ``str()`` of it is one readable paragraph.
+        """
+        if pass_name not in calibration.PASSES:
+            raise ValueError(
+                f"pass_name: expected one of {', '.join(calibration.PASSES)}, got {pass_name!r}"
+            )
+        threads = torch.get_num_threads() if threads is None else threads
+        nbytes = x.numel() * x.element_size()
+        base = Explanation(
+            pass_name, None, x.dtype, nbytes, threads, "ATen", "none", None, None, ""
+        )
+        if _is_transformed(x):
+            return base._replace(
+                kernel="pure torch", note="a torch.func transform: torch operations run"
+            )
+        layout = kernel_layout(x)
+        if layout is None or nbytes == 0:
+            return base._replace(note="no kernel of ours takes this device, dtype or strides")
+        base = base._replace(layout=layout)
+        if pass_name == "inference" and _needs_grad(x):
+            return base._replace(note="autograd records the call: ATen's differentiable kernel")
+        case = (pass_name, layout, x.dtype)
+        if self._fixed:
+            table = self.threaded_kernel_cases if threads > 1 else self.kernel_cases
+            threshold = table.get(case)
+            ours = threshold is not None and nbytes >= threshold
+            return base._replace(
+                kernel=self._kernel_name(ours, x.dtype, threads), source="explicit",
+                threshold=threshold, note="the tables this backend was made with",
+            )  # fmt: skip
+        routing = self.routing_table(threads)
+        cls = calibration.size_class(nbytes)
+        if case in routing.thresholds:
+            threshold = routing.thresholds[case]
+            ours = threshold is not None and nbytes >= threshold
+            points = routing.sweeps.get(case, [])
+            below = [point for point in points if point.nbytes <= nbytes] or points[:1]
+            timing = below[-1].timing if below else None
+            swept = routing.swept or {}
+            return base._replace(
+                kernel=self._kernel_name(ours, x.dtype, threads), source="stored",
+                threshold=threshold, timing=timing,
+                note=f"`batchnorm calibrate` of {swept.get('date', '?')} in {routing.path}"
+                + (f" (times at {calibration.format_bytes(below[-1].nbytes)})" if below else ""),
+            )  # fmt: skip
+        decision = routing.decisions.get((case, cls))
+        if decision is not None:
+            return base._replace(
+                kernel=self._kernel_name(decision.kernels, x.dtype, threads), source="lazy",
+                timing=decision.timing,
+                note=f"measured on first use for {calibration.class_range(cls)} at "
+                f"{calibration.format_bytes(decision.nbytes)} ({decision.date}, "
+                f"{decision.seconds * 1e3:.0f} ms once), stored in {routing.path}",
+            )  # fmt: skip
+        threshold = routing.committed.get(case)
+        ours = threshold is not None and nbytes >= threshold
+        note = routing.committed_source
+        if nbytes < calibration.LAZY_MIN_BYTES:
+            note += "; inputs under 64 KiB are not measured"
+        elif case not in routing.measurable:
+            note += "; no kernel of ours runs this case here"
+        elif calibration.calibrating():
+            note += "; not measured yet: the next call of this case and size class measures it"
+        else:
+            note += "; BATCHNORM_CALIBRATE=0: nothing is measured"
+        return base._replace(
+            kernel=self._kernel_name(ours, x.dtype, threads), source="committed",
+            threshold=threshold, note=note,
+        )  # fmt: skip
+
+    def _kernel_name(self, ours: bool, dtype: torch.dtype, threads: int) -> str:
+        """Ours, "C" or "Numba", where they run, else "ATen"."""
+        if not ours:
+            return "ATen"
+        streams = self.streaming and dtype in _STREAM_DTYPES
+        return "C" if streams and (cpu_stream.THREADED or threads == 1) else "Numba"
 
     def _streams(self, x: torch.Tensor) -> bool:
         """Whether the streaming kernels run the pass on ``x``: one C call.
@@ -439,10 +765,11 @@ class CpuBackend(Backend):
         """
         if _is_transformed(input):
             return False
-        if self._kernel_layout("forward", input) is not None:
+        if self._kernel_layout("forward", input, measure=True) is not None:
             return True
-        return self._kernel_layout("backward", input) is not None and _needs_grad(
-            input, weight, bias
+        return (
+            _needs_grad(input, weight, bias)
+            and self._kernel_layout("backward", input, measure=True) is not None
         )
 
     def forward(
@@ -543,11 +870,13 @@ class CpuBackend(Backend):
             return False
         if (running_mean is None) != (running_var is None) or _is_transformed(input):
             return False
-        if self._kernel_layout("forward", input) is not None:
+        if self._kernel_layout("forward", input, measure=True) is not None:
             return running_mean is None or (
                 running_mean.dtype in _BUFFER_DTYPES and running_var.dtype in _BUFFER_DTYPES  # type: ignore[union-attr]
             )
-        if self._kernel_layout("backward", input) is None or not _needs_grad(input, weight, bias):
+        if not _needs_grad(input, weight, bias):
+            return False
+        if self._kernel_layout("backward", input, measure=True) is None:
             return False
         return native_operand(input, weight, bias, running_mean, running_var) is not None
 
@@ -655,8 +984,10 @@ class CpuBackend(Backend):
             y3 = torch_inference(channel_view(x), weight, bias, running_mean, running_var, eps)
             return y3.reshape(x.shape)
         # ATen's kernel is differentiable (gradients in evaluation mode); ours is not.
-        layout = self._kernel_layout("inference", x)
-        if layout is None or _needs_grad(x, weight, bias):
+        if _needs_grad(x, weight, bias):
+            return self._aten.inference(x, weight, bias, running_mean, running_var, eps)
+        layout = self._kernel_layout("inference", x, measure=True)
+        if layout is None:
             return self._aten.inference(x, weight, bias, running_mean, running_var, eps)
         if self._streams(x):
             keep: list[torch.Tensor] = []
@@ -746,6 +1077,90 @@ class CpuBackend(Backend):
         _launch(kernel, x.numel(), dy_array, array, *per_channel, dx_array, dweight, dbias)
         dweight_t, dbias_t = _stats_tensors(grads, compute_dtype(x.dtype))  # (C,) each
         return dx, dweight_t, dbias_t
+
+
+class Explanation(NamedTuple):
+    """Which kernel a call takes and why (:func:`explain`).
+
+    Attributes:
+        pass_name: ``"forward"``, ``"backward"`` or ``"inference"``.
+        layout: ``"ncl"`` or ``"rows"`` as the kernels would read the input, None if they cannot.
+        dtype, nbytes, threads: the input's dtype and size, the thread count explained.
+        kernel: ``"C"`` or ``"Numba"`` (ours), ``"ATen"``, ``"pure torch"``.
+        source: what decided: ``"stored"`` (``batchnorm calibrate``), ``"lazy"`` (measured on
+            first use), ``"committed"`` (:mod:`batchnorm.backends.measured`), ``"explicit"``
+            (tables given to the backend), ``"none"`` (no kernel of ours applies).
+        threshold: the smallest input (bytes) the deciding table gives the kernels (None: none
+            or not a threshold).
+        timing: the measured times behind the choice, where known.
+        note: the details, in words.
+    """
+
+    pass_name: str
+    layout: str | None
+    dtype: torch.dtype
+    nbytes: int
+    threads: int
+    kernel: str
+    source: str
+    threshold: int | None
+    timing: Timing | None
+    note: str
+
+    @property
+    def ours(self) -> bool:
+        """Whether one of our kernels runs (else ATen's or torch operations)."""
+        return self.kernel in ("C", "Numba")
+
+    def __str__(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        text = (
+            f"{self.pass_name} of {dtype} {self.layout or 'input'} "
+            f"({calibration.format_bytes(self.nbytes)}) on {self.threads} thread(s): "
+            f"{'ours (' + self.kernel + ')' if self.ours else self.kernel}, from the "
+            f"{self.source} routing"
+        )
+        if self.threshold is not None:
+            text += f" (ours from {calibration.format_bytes(self.threshold)})"
+        if self.timing is not None:
+            text += (
+                f"; measured ours {self.timing.kernels_ms:.3f} ms, ATen "
+                f"{self.timing.aten_ms:.3f} ms (x{self.timing.ratio:.2f})"
+            )
+        return f"{text}; {self.note}" if self.note else text
+
+
+def explain(x: torch.Tensor, pass_name: str = "forward", threads: int | None = None) -> Explanation:
+    """Which kernel the ``cpu`` backend (``auto``'s on CPU) runs for ``x`` in ``pass_name``.
+
+    Says ours (C or Numba) or ATen's, which routing decided (stored by ``batchnorm calibrate``,
+    measured lazily on first use, the committed defaults, or tables given explicitly), the
+    threshold and the measured times where known. Measures nothing.
+
+    Args:
+        x: the input ``(N, C, *)``.
+        pass_name: ``"forward"`` (training), ``"backward"`` or ``"inference"``.
+        threads: the thread count to explain (default: ``torch.get_num_threads()``).
+    """
+    from batchnorm import backends
+
+    note = ""
+    chosen = os.environ.get(backends.BACKEND_ENV_VAR) or "auto"
+    if chosen not in ("auto", "cpu", "numba"):
+        note = f"BATCHNORM_BACKEND={chosen} sends calls to another backend"
+    try:
+        backend = backends.resolve_backend("cpu", torch.device("cpu"))
+    except ImportError as error:
+        nbytes = x.numel() * x.element_size()
+        threads = torch.get_num_threads() if threads is None else threads
+        return Explanation(
+            pass_name, None, x.dtype, nbytes, threads, "ATen", "none", None, None,
+            "; ".join(filter(None, (f"the cpu backend cannot run here ({error})", note))),
+        )  # fmt: skip
+    if not isinstance(backend, CpuBackend):  # another class installed under the name
+        backend = CpuBackend()
+    result = backend.explain(x, pass_name, threads)
+    return result._replace(note="; ".join(filter(None, (result.note, note)))) if note else result
 
 
 #: The class's name before it ran C kernels too (``backend="numba"`` is an alias of ``cpu``).
