@@ -65,7 +65,9 @@ ALL_KERNEL_CASES: Mapping[KernelCase, int] = {
 #: output, the kernels' huge-page outputs one per 2 MiB (:mod:`batchnorm.backends.memory`).
 FRESH_MAPPING_BYTES = ADVISE_FROM_BYTES
 
-_XEON = "2-core Intel Xeon (family 6 model 143/207, AVX-512, KVM), 24 GiB"
+#: The results files record only "Intel(R) Xeon(R) Processor", 2 cores (issue #20 names it an
+#: Emerald Rapids Xeon); AVX-512, under KVM.
+_XEON = "2-core Intel(R) Xeon(R) Processor (AVX-512, KVM), 24 GiB"
 
 CPU_NUMBA_ONLY = Measured(
     _XEON,
