@@ -28,16 +28,7 @@ import torch
 
 import batchnorm
 from batchnorm import backends
-
-# dtype → (atol, rtol) for values of order 1 (normalized outputs, gradients of a random dy).
-# Low precision: the library computes in float32 and rounds once to the input dtype, so the error
-# is about half an ulp of |y| (2^-11 for float16, 2^-8 for bfloat16) plus a little slack.
-TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
-    torch.float64: (1e-10, 1e-8),
-    torch.float32: (2e-5, 1e-4),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
+from tolerances import TOLERANCES, tol  # noqa: F401  (re-exported: tests import them from here)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One intra-op thread per xdist worker: the tensors here are tiny, and two workers with two
@@ -60,12 +51,6 @@ SHAPE_FORMATS: list[tuple[tuple[int, ...], str]] = [
     ((2, 3, 3, 2, 4), "contiguous"),
     ((2, 3, 3, 2, 4), "channels_last"),
 ]
-
-
-def tol(dtype: torch.dtype) -> dict[str, float]:
-    """``atol``/``rtol`` keyword arguments for ``torch.testing.assert_close`` at ``dtype``."""
-    atol, rtol = TOLERANCES[dtype]
-    return {"atol": atol, "rtol": rtol}
 
 
 def assert_close(

@@ -19,6 +19,7 @@ from batchnorm.backends import compute_dtype, measured, resolve_backend
 from batchnorm.functional import batch_norm, batch_norm_pure
 from batchnorm.kernels.cpu import cpu_stream
 from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from tolerances import STATS_TOLERANCES, TOLERANCES
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 NEEDS_NUMBA = pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")
@@ -33,16 +34,6 @@ BACKEND_VARIANTS = [
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 EPS = 1e-5
 
-# dtype → (atol, rtol) for order-1 values (outputs, dx). Low precision: computed in float32 and
-# rounded once to the input dtype (half an ulp: 2^-11 float16, 2^-8 bfloat16) plus slack.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-8),
-    torch.float32: (2e-5, 1e-4),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
-# Per-channel statistics and dγ/dβ are float32 (float64 for float64 input) whatever the input.
-STATS_TOLERANCES = {torch.float64: (1e-10, 1e-8), torch.float32: (1e-4, 1e-4)}
 
 # (shape, memory format): every rank, both layouts, odd sizes (primes, 1×1 spatial, C = 1).
 CASES = [

@@ -39,13 +39,8 @@ from batchnorm.modules import (
     BatchNormAct2d,
     BatchNormBase,
 )
+from tolerances import TOLERANCES
 
-#: dtype → (atol, rtol) for the comparisons with torch.nn on the concatenated batch.
-TOLERANCE = {
-    torch.float32: (1e-5, 1e-5),
-    torch.float64: (1e-10, 1e-10),
-    torch.bfloat16: (1.6e-2, 1.6e-2),  # one rounding of an order-1 value to 8 bits of mantissa
-}
 #: Wall-clock limit of one spawned group; a broken test fails here instead of hanging CI.
 GROUP_DEADLINE_S = 180.0
 #: The process-group timeout of the equivalence groups (a stuck collective fails after this).
@@ -144,7 +139,7 @@ def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    atol, rtol = TOLERANCE[dtype]
+    atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 

@@ -16,14 +16,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-# dtype → (atol, rtol) for values of order 1 against a float64 reference computed from the same
-# (rounded) inputs: the kernels compute in float32 and round the output once.
-TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
-    torch.float32: (5e-5, 1e-4),
-    torch.float16: (4e-3, 4e-3),
-    torch.bfloat16: (3e-2, 3e-2),
-}
-DTYPES = tuple(TOLERANCES)
+from tolerances import TOLERANCES, tol  # noqa: F401  (re-exported for the Triton tests)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 #: (shape, layout) cases: C and M prime, 1×1 spatial, N = 2, 1D/3D/5D, channels_last, strided.
 CASES: list[tuple[tuple[int, ...], str]] = [
@@ -43,12 +38,6 @@ ACTIVATION_FUNCTIONS = {
     "gelu": F.gelu,
 }
 NEGATIVE_SLOPE = 0.2
-
-
-def tol(dtype: torch.dtype) -> dict[str, float]:
-    """``atol``/``rtol`` for ``torch.testing.assert_close`` at ``dtype``."""
-    atol, rtol = TOLERANCES[dtype]
-    return {"atol": atol, "rtol": rtol}
 
 
 def make(
