@@ -72,6 +72,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="smoke test: tiny shapes, no compile")
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first")
+    parser.add_argument(
+        "--sample-ms",
+        type=float,
+        default=20.0,
+        help="a sample is the mean of back-to-back calls lasting about this long (0: one call)",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=None, help="time torch.compile"
@@ -83,6 +89,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.compile = not args.tiny
     if args.tiny:
         args.repeats, args.warmup = min(args.repeats, 2), min(args.warmup, 1)
+        args.sample_ms = 0.0
     if args.out is None and not args.tiny:
         today = datetime.date.today().isoformat()
         args.out = Path(__file__).resolve().parent / "results" / f"cpu-{today}.json"
@@ -271,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads "
         f"(torch.set_num_threads({args.threads})), ours = backend {backend!r}; "
-        f"median of {args.repeats} interleaved rounds; ms (fraction of copy bandwidth)",
+        f"median of {args.repeats} interleaved rounds, samples of ~{args.sample_ms:g} ms; "
+        "ms per call (fraction of copy bandwidth)",
         flush=True,
     )
     records = []
@@ -279,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         case = Case(shape, layout, dtype, args.compile)
         case.check()
         for pass_name in MIN_BYTES:
-            times = harness.time_interleaved(case.steps(pass_name), args.repeats, args.warmup)
+            times = harness.time_interleaved(
+                case.steps(pass_name), args.repeats, args.warmup, args.sample_ms
+            )
             record = _summarize(case, pass_name, times)
             _print_row(record)
             records.append(record)
@@ -289,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             "ours_backend": backend,
             "repeats": args.repeats,
             "warmup": args.warmup,
+            "sample_ms": args.sample_ms,
             "command": " ".join(["python", "benchmarks/cpu.py", *(argv or sys.argv[1:])]),
             "records": records,
         }

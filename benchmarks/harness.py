@@ -4,7 +4,9 @@ Timing runs every provider of a case in turn within each repeat, so a burst of l
 processes hits all of them alike, in a new order each repeat (shuffled with a fixed seed): a
 provider's time depends on the allocator state the one before it left (whether its output lands
 on memory already mapped or page-faults on a fresh mapping), and shuffling spreads that over
-all of them instead of always charging the same provider. The figure reported is the median.
+all of them instead of always charging the same provider. The figure reported is the median; a
+sample can be the mean of several back-to-back calls (``min_sample_ms``), so that one page fault
+or interrupt does not decide it.
 Bandwidth is the copy bandwidth of the case's own tensor (``dst.copy_(src)`` moves ``2S`` bytes:
 one read, one write), timed in the same rounds, so "fraction of copy bandwidth at ``k·S``" is
 ``(k·S / t) / (2S / t_copy) = k·t_copy / (2·t)``.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import random
@@ -49,20 +52,39 @@ def untimed_setup() -> None:
 ORDER_SEED = 0
 
 
-def time_interleaved(steps: dict[str, Step], repeats: int, warmup: int) -> dict[str, list[float]]:
+def time_interleaved(
+    steps: dict[str, Step], repeats: int, warmup: int, min_sample_ms: float = 0.0
+) -> dict[str, list[float]]:
     """Times each step ``repeats`` times, one round after another, after ``warmup`` rounds.
+
+    With ``min_sample_ms`` a sample is the mean of ``k`` back-to-back calls of the step (its
+    setup untimed before each), ``k`` chosen per step from the warmup so that a sample lasts
+    about ``min_sample_ms``: a page fault or an interrupt that costs a 1 ms call 30% then costs
+    the sample a few percent, while a slow step still takes one call per sample.
 
     Args:
         steps: provider name → ``(setup, run)``; only ``run(setup())`` is timed.
         repeats: timed rounds.
-        warmup: untimed rounds first (compilation, allocator, caches).
+        warmup: untimed rounds first (compilation, allocator, caches); at least one when
+            ``min_sample_ms`` is set, which is what ``k`` is measured on.
+        min_sample_ms: the least time one sample should take (0: one call per sample).
 
     Returns:
-        Provider name → its ``repeats`` wall-clock times in milliseconds.
+        Provider name → its ``repeats`` times in milliseconds, each per call.
     """
-    for _ in range(warmup):
-        for setup, run in steps.values():
-            run(setup())
+    last_ms: dict[str, float] = {}
+    for _ in range(max(warmup, 1 if min_sample_ms > 0 else 0)):
+        for name, (setup, run) in steps.items():
+            state = setup()
+            start = time.perf_counter()
+            run(state)
+            last_ms[name] = (time.perf_counter() - start) * 1e3
+    calls = {
+        name: max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(min_sample_ms / max(ms, 1e-3))))
+        if min_sample_ms > 0
+        else 1
+        for name, ms in last_ms.items()
+    }
     times: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     order = random.Random(ORDER_SEED)
@@ -70,11 +92,19 @@ def time_interleaved(steps: dict[str, Step], repeats: int, warmup: int) -> dict[
         order.shuffle(names)  # a new order each round, the same sequence every run
         for name in names:
             setup, run = steps[name]
-            state = setup()
-            start = time.perf_counter()
-            run(state)
-            times[name].append((time.perf_counter() - start) * 1e3)
+            total = 0.0
+            count = calls.get(name, 1)
+            for _ in range(count):
+                state = setup()
+                start = time.perf_counter()
+                run(state)
+                total += time.perf_counter() - start
+            times[name].append(total * 1e3 / count)
     return times
+
+
+#: The most calls one sample of :func:`time_interleaved` makes (tiny steps would take thousands).
+MAX_CALLS_PER_SAMPLE = 64
 
 
 def median_ms(times: list[float]) -> float:

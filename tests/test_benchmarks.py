@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,73 @@ def test_time_interleaved_shuffles_each_round() -> None:
     assert len(set(rounds)) > 6  # not one fixed order
     assert len({r[0] for r in rounds}) > 2  # the first slot changes hands
     assert record(12) == rounds  # seeded: the same sequence every run
+
+
+def test_time_interleaved_samples_average_back_to_back_calls() -> None:
+    """With ``min_sample_ms`` a fast step is called several times per sample (its setup before
+    each call, untimed) and the sample is the time per call; a slow step is called once."""
+    harness = _load_harness()
+    calls = {"fast": 0, "slow": 0, "setups": 0}
+
+    def setup():
+        calls["setups"] += 1
+
+    def fast(_):
+        calls["fast"] += 1
+
+    def slow(_):
+        calls["slow"] += 1
+        time.sleep(0.004)
+
+    steps = {"fast": (setup, fast), "slow": (harness.untimed_setup, slow)}
+    times = harness.time_interleaved(steps, repeats=3, warmup=1, min_sample_ms=2.0)
+    assert calls["slow"] == 1 + 3  # one warmup call, then one call per sample
+    assert calls["fast"] == 1 + 3 * harness.MAX_CALLS_PER_SAMPLE  # capped
+    assert calls["setups"] == calls["fast"]
+    assert all(t >= 4.0 for t in times["slow"])  # per call, not per sample
+    assert all(t < 1.0 for t in times["fast"])
+
+
+@pytest.mark.slow
+def test_ab_benchmark_against_this_commit(tmp_path: Path) -> None:
+    """``ab_cpu.py --tiny --base HEAD`` imports HEAD's package renamed beside ours and reports
+    both paired ratios and the A/A control for every (case, pass)."""
+    out = tmp_path / "ab.json"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    options = [
+        "--base",
+        "HEAD",
+        "--tiny",
+        "--dtypes",
+        "float32",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--sample-ms",
+        "0",
+    ]
+    command = [sys.executable, str(ROOT / "benchmarks" / "ab_cpu.py"), *options]
+    command += ["--cache", str(tmp_path / "cache"), "--out", str(out)]
+    completed = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 * 4  # 4 tiny cases (one 4D in two layouts) × 4 passes, one dtype
+    for row in rows:
+        assert min(row["functional"], row["module"], row["control"]) > 0
+        assert {"ours", "base", "ours-module", "base-module"} <= set(row["median_ms"])
+    assert (tmp_path / "cache").is_dir()
+    assert "within 0.95–1.05" in completed.stdout
 
 
 @pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")

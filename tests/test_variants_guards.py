@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import batchnorm.tools
 from batchnorm.modules import BatchNorm1d, BatchNorm2d, NonFiniteBatchWarning
 from batchnorm.variants.ghost import GhostBatchNorm2d
 from batchnorm.variants.renorm import BatchRenorm2d
@@ -80,9 +81,19 @@ def test_raise_names_the_layer_and_keeps_buffers():
     before = _snapshot(net)
     x = torch.randn(5, 4)
     x[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"^BatchNorm1d\(3, .*nonfinite='raise'\): NaN or Inf"):
+        net(x)  # not told its name yet: named by its repr
+    _assert_same(net, before)
+    batchnorm.tools.name_layers(net)
     with pytest.raises(RuntimeError, match=r"^1\.1 \(BatchNorm1d\): NaN or Inf"):
         net(x)
     _assert_same(net, before)
+    loaded = nn.Sequential(
+        nn.Linear(4, 3), nn.Sequential(nn.ReLU(), BatchNorm1d(3, nonfinite="raise"))
+    )
+    loaded.load_state_dict(net.state_dict())  # the keys' prefixes name the layers too
+    with pytest.raises(RuntimeError, match=r"^1\.1 \(BatchNorm1d\): NaN or Inf"):
+        loaded(x)
     alone = BatchNorm1d(3, nonfinite="raise")
     with pytest.raises(RuntimeError, match=r"BatchNorm1d\(3, .*nonfinite='raise'\)"):
         alone(torch.full((2, 3), float("inf")))
@@ -114,3 +125,10 @@ def test_bad_switch_values():
         BatchNorm1d(2, nonfinite="ignore")
     with pytest.raises(TypeError, match="freeze_stats"):
         BatchNorm1d(2, freeze_stats=1)
+
+
+def test_convert_names_the_layers_it_creates():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(nn.BatchNorm2d(4)))
+    converted = batchnorm.tools.convert(net)
+    assert converted[1][0].layer_name == "1.0"
+    assert converted[1][0]._layer_name() == "1.0 (BatchNorm2d)"

@@ -8,7 +8,6 @@ Why this file is long: the whole module family, policy in one class (BatchNormBa
 TorchScript twin, as ``torch/nn/modules/batchnorm.py`` keeps torch's.
 """
 
-import inspect
 import warnings
 from typing import Any
 
@@ -122,6 +121,9 @@ class BatchNormBase(nn.Module):
     _commits_in_place: bool = True
     #: Whether ``torch.jit.script`` can compile this class's math (see ``_scripted``).
     _scriptable: bool = True
+    #: The layer's dotted name in its model, for messages (``None``: unknown; see
+    #: :meth:`_layer_name` and :func:`batchnorm.tools.name_layers`).
+    layer_name: str | None = None
     #: Input ranks the subclass accepts, and how it names them in errors.
     _allowed_dims: tuple[int, ...] = ()
     _shape_text: str = "(N, C, *)"
@@ -446,24 +448,15 @@ class BatchNormBase(nn.Module):
         return False
 
     def _layer_name(self) -> str:
-        """This layer's qualified name in the outermost module whose forward is running.
+        """How errors and warnings name this layer: ``'layer1.0.bn2 (BatchNorm2d)'`` or its repr.
 
-        The callers' frames are searched for the modules being called (``self`` of each
-        ``forward``); the outermost one that contains this layer gives the dotted name, e.g.
-        ``'layer1.0.bn2 (BatchNorm2d)'``. Outside such a call, the layer's ``repr``.
+        The dotted name is :attr:`layer_name`, stored by :func:`batchnorm.tools.name_layers`
+        (and by :func:`batchnorm.tools.convert`, and by loading a ``state_dict``, whose keys
+        carry it); a layer that was never told its name is named by its ``repr``.
         """
-        root: nn.Module | None = None
-        frame = inspect.currentframe()
-        while frame is not None:
-            caller = frame.f_locals.get("self")
-            if isinstance(caller, nn.Module) and caller is not self:
-                root = caller  # keeps the outermost module found
-            frame = frame.f_back
-        if root is not None:
-            for name, module in root.named_modules():
-                if module is self:
-                    return f"{name} ({type(self).__name__})"
-        return repr(self)
+        if self.layer_name is None:
+            return repr(self)
+        return f"{self.layer_name} ({type(self).__name__})"
 
     def _normalize(
         self, input: torch.Tensor, use_batch_stats: bool, momentum: float
@@ -546,6 +539,8 @@ class BatchNormBase(nn.Module):
         As PyTorch does for checkpoints older than version 2 (which lack the counter), the
         module keeps its current counter; unlike PyTorch, this holds for any checkpoint that
         lacks the key, so a checkpoint with the counter removed still loads with ``strict=True``.
+        The keys' ``prefix`` is the layer's dotted name in the model, stored as
+        :attr:`layer_name` for messages.
         """
         key = prefix + "num_batches_tracked"
         if self.track_running_stats and key not in state_dict:
@@ -555,6 +550,8 @@ class BatchNormBase(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if prefix:
+            self.layer_name = prefix.removesuffix(".")
 
 
 class BatchNorm1d(BatchNormBase, nn.BatchNorm1d):  # type: ignore[misc]

@@ -25,6 +25,7 @@ from torch import nn
 
 from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct2d, BatchNormBase
 from batchnorm.tools.common import is_batchnorm
+from batchnorm.tools.names import name_layers
 
 __all__ = ["convert"]
 
@@ -227,4 +228,4 @@ def convert(model: nn.Module, to: str = "batchnorm", *, inplace: bool = False) -
             swapped = _swap(child, to)
             if swapped is not child:
                 setattr(parent, child_name, swapped)
-    return model
+    return name_layers(model) if to == "batchnorm" else model

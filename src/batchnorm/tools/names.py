@@ -1,0 +1,30 @@
+"""Tells each batch-norm layer of a model its dotted name, for the layers' messages."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from batchnorm.modules import BatchNormBase
+
+__all__ = ["name_layers"]
+
+
+def name_layers(model: nn.Module) -> nn.Module:
+    """Stores in each of our batch-norm layers its dotted name in ``model`` (``layer_name``).
+
+    A layer's errors and warnings (e.g. ``nonfinite="raise"``) then name it as
+    ``'layer1.0.bn2 (BatchNorm2d)'`` instead of by its ``repr``. A layer learns its name also
+    when a ``state_dict`` is loaded into the model and when :func:`batchnorm.tools.convert`
+    creates it; call this after building a model that is neither.
+
+    Args:
+        model: any module; ``model`` itself, if one of our layers, gets the empty name's
+            fallback (its ``repr``).
+
+    Returns:
+        ``model``, for chaining.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, BatchNormBase) and name:
+            module.layer_name = name
+    return model
