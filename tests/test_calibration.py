@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -194,7 +195,7 @@ def test_stored_file_round_trips(cache) -> None:
         {"date": "2026-12-01", "rounds": 3, "sizes": [1 << 16, 1 << 18], "seconds": 0.5},
     )
     decision = calibration.Decision(True, Timing(1.0, 3.0, 5), 1 << 20, 0.1, "2026-12-01")
-    table.record_decisions({(("inference", "rows", torch.bfloat16), 20): decision})
+    table.record_decisions({(("inference", "rows", torch.bfloat16), (20, 3)): decision})
     assert table.path.parent == cache
     assert table.path.exists()
     assert [p.name for p in cache.iterdir() if p.name.endswith(".tmp")] == []  # atomic write
@@ -208,7 +209,7 @@ def test_stored_file_round_trips(cache) -> None:
     assert loaded.state == "stored"
     assert loaded.thresholds == {F32_NCL: 1 << 18, B32_NCL: None}
     assert loaded.sweeps == sweeps
-    assert loaded.decisions == {(("inference", "rows", torch.bfloat16), 20): decision}
+    assert loaded.decisions == {(("inference", "rows", torch.bfloat16), (20, 3)): decision}
     assert loaded.swept == swept
 
 
@@ -239,7 +240,7 @@ def test_a_table_of_another_key_is_not_used(cache, timed, monkeypatch) -> None:
     [
         "{not json",
         "",
-        '{"format": 1, "key": {}, "thresholds": {"forward/ncl/float32": "big"}}',
+        '{"format": 2, "key": {}, "thresholds": {"forward/ncl/float32": "big"}}',
         "[1, 2, 3]",
     ],
 )
@@ -259,6 +260,23 @@ def test_a_corrupt_file_warns_and_leaves_the_defaults(cache, timed, content) -> 
     _train_step(x, weight, bias, mean, var)
     assert len(timed) == 1
     assert json.loads(path.read_text())["lazy"]
+
+
+def test_a_table_of_the_earlier_format_is_replaced_quietly(cache, timed) -> None:
+    """Format 1 (size classes alone) is not read, not warned about, and replaced by the next
+    measurement."""
+    path = calibration.table_path(
+        calibration.routing_key(torch.get_num_threads(), cpu_backend.CpuBackend().kernel_set())
+    )
+    path.parent.mkdir(parents=True)
+    path.write_text('{"format": 1, "key": {}, "thresholds": {}, "lazy": {}}')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        table = _default_table()
+        assert table.state == "ignored"
+        x, weight, bias, mean, var = _inputs()
+        _train_step(x, weight, bias, mean, var)
+    assert json.loads(path.read_text())["format"] == calibration.FORMAT == 2
 
 
 # -- measuring off, measuring once ---------------------------------------------------------
@@ -291,7 +309,7 @@ def test_calibrate_0_measures_nothing(cache, timed, monkeypatch, launches) -> No
     assert timed == []  # deterministic algorithms: nothing measured either
 
 
-def test_lazy_measurement_once_per_case_and_size_class(cache, timed, launches) -> None:
+def test_lazy_measurement_once_per_case_and_shape_class(cache, timed, launches) -> None:
     x, weight, bias, mean, var = _inputs()  # 64 KiB
     _train_step(x, weight, bias, mean, var)
     assert timed == [(("forward", "backward"), (4, 16, 256))]  # both training passes at once
@@ -314,17 +332,38 @@ def test_lazy_measurement_once_per_case_and_size_class(cache, timed, launches) -
     # Stored: a new process (forget the memory) routes by it without measuring.
     stored = json.loads(_default_table().path.read_text())["lazy"]
     assert set(stored) == {
-        "forward/ncl/float32@16", "backward/ncl/float32@16", "forward/ncl/float32@17",
-        "backward/ncl/float32@17", "inference/ncl/float32@16",
+        "forward/ncl/float32@16/4", "backward/ncl/float32@16/4", "forward/ncl/float32@17/4",
+        "backward/ncl/float32@17/4", "inference/ncl/float32@16/4",
     }  # fmt: skip
-    assert stored["forward/ncl/float32@16"]["kernels"] is True
-    assert stored["backward/ncl/float32@16"]["kernels"] is False
+    assert stored["forward/ncl/float32@16/4"]["kernels"] is True
+    assert stored["backward/ncl/float32@16/4"]["kernels"] is False
     calibration.forget()
     with backends.fresh():
         before = launches["train_forward"]
         _train_step(x, weight, bias, mean, var)
         assert launches["train_forward"] == before + 1
     assert len(timed) == 3
+
+
+def test_runs_of_another_length_are_measured_apart(cache, timed, launches) -> None:
+    """The same size read in runs of another class (L = 64, not 256) is its own measurement,
+    also where a sweep's threshold covers the case: that answers only for its run class."""
+    x, weight, bias, mean, var = _inputs()  # (4, 16, 256): 64 KiB, runs of 256
+    _train_step(x, weight, bias, mean, var)
+    assert len(timed) == 1
+    short = torch.randn(16, 16, 64).requires_grad_()  # 64 KiB too, runs of 64
+    _train_step(short, weight, bias, mean, var)
+    assert timed[1] == (("forward", "backward"), (16, 16, 64))
+    table = _default_table()
+    assert (F32_NCL, (16, 3)) in table.decisions
+    assert calibration.run_class(64) != calibration.run_class(256) == calibration.SWEEP_RUN["ncl"]
+    table.record_sweep(  # a sweep at runs of 256 where ATen wins: no threshold
+        {F32_NCL: [calibration.SweepPoint(1 << 16, calibration.Timing(2.0, 1.0, 3))]},
+        {"date": "2026-12-02", "rounds": 3, "sizes": [1 << 16], "seconds": 0.1},
+    )
+    assert table.choice(F32_NCL, 1 << 16, 256) is False  # the sweep's run class: its threshold
+    assert table.choice(F32_NCL, 1 << 16, 64) is True  # another: the lazy decision
+    assert calibration.class_range((16, 3)) == "64 KiB–128 KiB, runs 32–127"
 
 
 def test_a_real_lazy_measurement_leaves_the_call_alone(cache, monkeypatch) -> None:
@@ -354,7 +393,7 @@ def test_a_real_lazy_measurement_leaves_the_call_alone(cache, monkeypatch) -> No
     assert_close(mean, mean_ref)  # moved once, by the call itself
     assert_close(var, var_ref)
     table = _default_table()
-    decision = table.decisions[(F32_NCL, 16)]
+    decision = table.decisions[(F32_NCL, (16, 4))]
     assert decision.timing.kernels_ms > 0
     assert decision.timing.aten_ms > 0
     assert decision.timing.rounds >= calibration.LAZY_MIN_ROUNDS

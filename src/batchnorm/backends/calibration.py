@@ -9,11 +9,16 @@ here, in this order:
 1. **stored**: a threshold of ``batchnorm calibrate`` (:func:`sweep`, sizes on a geometric
    ladder, our kernels ``CpuBackend(ALL_KERNEL_CASES)`` against ATen behind the same checks
    ``CpuBackend({})``, median of interleaved rounds): the kernels from that size on;
-2. **lazy**: like ``cudnn.benchmark``, the first call of a case in a size class
-   (:func:`size_class`: ``[2^k, 2^(k+1))`` bytes, every input from 32 MiB on in one class) times
-   both a few rounds on scratch tensors of the call's shape and layout (:data:`LAZY_ROUNDS`,
-   within :data:`LAZY_BUDGET_S` once :data:`LAZY_MIN_ROUNDS` are done; about 0.05–0.4 s once),
-   and the choice is stored for later calls and processes;
+2. **lazy**: like ``cudnn.benchmark``, the first call of a case in a shape class
+   (:func:`shape_class`: the size class ``[2^k, 2^(k+1))`` bytes, every input from 32 MiB on in
+   one class, and the run class of the values the kernels read in one stretch, ``L`` of
+   ``(N, C, L)`` or ``C`` of a channels-innermost input, by factors of 4) times both a few
+   rounds on scratch tensors of the call's shape and layout (:data:`LAZY_ROUNDS`, within
+   :data:`LAZY_BUDGET_S` once :data:`LAZY_MIN_ROUNDS` are done; about 0.1–0.6 s once), and the
+   choice is stored for later calls and processes. A stored threshold answers only for the run
+   class it was swept at (:data:`SWEEP_RUN`); every other run class is measured on first use,
+   since how fast a kernel streams depends on how long its runs are (7×7 and 56×56 inputs of
+   one size can fall on opposite sides);
 3. **committed**: the tables of :mod:`batchnorm.backends.measured`, the cold start (inputs under
    :data:`LAZY_MIN_BYTES`, where per-call work decides and measuring is noise, and whenever
    nothing may be measured).
@@ -81,6 +86,9 @@ __all__ = [
     "machine",
     "remove",
     "routing_key",
+    "run_class",
+    "run_length",
+    "shape_class",
     "size_class",
     "sweep",
     "sweep_shape",
@@ -92,7 +100,7 @@ __all__ = [
 CACHE_DIR_ENV_VAR = "BATCHNORM_CACHE_DIR"
 CALIBRATE_ENV_VAR = "BATCHNORM_CALIBRATE"
 #: Version of the file format (part of the key: an older file is not read).
-FORMAT = 1
+FORMAT = 2
 #: The ISA flags of ``/proc/cpuinfo`` the kernels' speed depends on (part of the key).
 ISA_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16", "amx_tile")
 #: Smallest input (bytes) measured lazily: below it the committed tables decide (ATen there).
@@ -103,17 +111,27 @@ LAZY_MAX_CLASS = 25
 #: Rounds of a lazy measurement (each: one call of each side, in a shuffled order) after one
 #: untimed warm-up round; it stops after :data:`LAZY_MIN_ROUNDS` once :data:`LAZY_BUDGET_S`
 #: seconds have passed.
-LAZY_ROUNDS = 7
-LAZY_MIN_ROUNDS = 3
-LAZY_BUDGET_S = 0.25
-#: The kernels win a size when ATen's median time is at least this many times theirs (ties go
-#: to ATen, whose rounding is ``F.batch_norm``'s).
-WIN_RATIO = 1.02
+LAZY_ROUNDS = 11
+LAZY_MIN_ROUNDS = 5
+LAZY_BUDGET_S = 0.5
+#: The kernels win a size when ATen's median time is at least this many times theirs. Ties go
+#: to ATen, whose rounding is ``F.batch_norm``'s; the margin is above the spread of a few
+#: rounds' medians on a busy machine, so that noise does not hand a case to a kernel that is
+#: slower (a case the kernels win by less than 5% loses little on ATen).
+WIN_RATIO = 1.05
+#: Largest run class (:func:`run_class`): every run from 2048 values on.
+RUN_MAX_CLASS = 6
 #: Values copied (float32; read and written) before each timed call, so caches start cold as
 #: in a network, as ``benchmarks/cpu_sizes.py`` does: 16 MB read and 16 MB written.
 FLUSH_ELEMENTS = 4 << 20
 #: The sweep's inputs, ``(N, 64, 16, 16)`` (``benchmarks/cpu_sizes.py``: ``(N, 64, 14, 14)``).
 SWEEP_CHANNELS, SWEEP_SPATIAL = 64, (16, 16)
+#: The run class a sweep's thresholds stand for, per layout (runs of 256 and of 64 values; the
+#: sweep's smallest sizes, ``(2, 64, 1, L)``, are below the sizes where this matters).
+SWEEP_RUN = {
+    "ncl": (SWEEP_SPATIAL[0] * SWEEP_SPATIAL[1]).bit_length() // 2,
+    "rows": SWEEP_CHANNELS.bit_length() // 2,
+}
 PASSES = ("forward", "backward", "inference")
 LAYOUTS = ("ncl", "rows")
 DTYPES: dict[str, torch.dtype] = {
@@ -239,6 +257,33 @@ def stored_paths(key: Mapping[str, Any], folder: Path | None = None) -> list[Pat
 def size_class(nbytes: int) -> int:
     """The lazy measurement's size class of an input of ``nbytes`` bytes: ``⌊log2⌋``, capped."""
     return min(nbytes.bit_length() - 1, LAZY_MAX_CLASS)
+
+
+def run_length(shape: Sequence[int], layout: str) -> int:
+    """How many values the kernels read in one stretch of a channel: ``L`` = the product of the
+    spatial sizes for ``"ncl"`` (``(N, C, L)``), ``C`` for ``"rows"`` (channels innermost)."""
+    if layout == "rows":
+        return int(shape[1])
+    run = 1
+    for size in shape[2:]:
+        run *= int(size)
+    return run
+
+
+def run_class(run: int) -> int:
+    """``run.bit_length() // 2``, capped at :data:`RUN_MAX_CLASS`: classes a factor 4 wide, 1,
+    2–7, 8–31, 32–127, 128–511, 512–2047 and 2048 on. Runs of 7×7 and 10×10 values share a
+    class, 14×14 and 16×16 another, 28×28 a third, 56×56 the last."""
+    return min(max(run, 1).bit_length() // 2, RUN_MAX_CLASS)
+
+
+#: A lazy decision's class: ``(size class, run class)``.
+ShapeClass = tuple[int, int]
+
+
+def shape_class(nbytes: int, run: int) -> ShapeClass:
+    """The class of an input of ``nbytes`` bytes read in runs of ``run`` values."""
+    return (size_class(nbytes), run_class(run))
 
 
 def ladder(smallest: int, largest: int, factor: int) -> list[int]:
@@ -546,12 +591,12 @@ class RoutingTable:
         self.thresholds: dict[KernelCase, int | None] = {}
         self.sweeps: dict[KernelCase, list[SweepPoint]] = {}
         self.swept: dict[str, Any] | None = None
-        self.decisions: dict[tuple[KernelCase, int], Decision] = {}
-        self.failed: set[tuple[KernelCase, int]] = set()
+        self.decisions: dict[tuple[KernelCase, ShapeClass], Decision] = {}
+        self.failed: set[tuple[KernelCase, ShapeClass]] = set()
         self.state = "empty"
         self.warned_unmeasured = False
         # What this process added, for the merge with the file when saving.
-        self._new_decisions: set[tuple[KernelCase, int]] = set()
+        self._new_decisions: set[tuple[KernelCase, ShapeClass]] = set()
         self._new_sweep = False
         self.smallest: dict[tuple[str, torch.dtype], int] = {}
         self.smallest_unmeasured: dict[tuple[str, torch.dtype], int] = {}
@@ -562,19 +607,32 @@ class RoutingTable:
         """The thread count this table routes."""
         return int(self.key["threads"])
 
-    def choice(self, case: KernelCase, nbytes: int) -> bool | None:
-        """Whether the kernels run ``case`` at ``nbytes`` by what was measured here (stored
-        threshold, then lazy decision of its size class); None where nothing was."""
-        if case in self.thresholds:
+    def choice(self, case: KernelCase, nbytes: int, run: int) -> bool | None:
+        """Whether the kernels run ``case`` at ``nbytes`` in runs of ``run`` values by what was
+        measured here: the lazy decision of the shape class, else a stored threshold where it
+        answers (the run class it was swept at, and sizes under :data:`LAZY_MIN_BYTES`, which
+        are not measured on first use); None where nothing measured answers."""
+        cls = shape_class(nbytes, run)
+        decision = self.decisions.get((case, cls))
+        if decision is not None:
+            return decision.kernels
+        if case in self.thresholds and (cls[1] == SWEEP_RUN[case[1]] or nbytes < LAZY_MIN_BYTES):
             threshold = self.thresholds[case]
             return threshold is not None and nbytes >= threshold
-        decision = self.decisions.get((case, size_class(nbytes)))
-        return None if decision is None else decision.kernels
+        return None
 
     def committed_choice(self, case: KernelCase, nbytes: int) -> bool:
         """The committed tables' answer for ``case`` at ``nbytes``."""
         threshold = self.committed.get(case)
         return threshold is not None and nbytes >= threshold
+
+    def unmeasured_choice(self, case: KernelCase, nbytes: int) -> bool:
+        """The answer where nothing is measured for this shape class: a stored threshold (of
+        another run class, the nearest measurement there is), else the committed table."""
+        if case in self.thresholds:
+            threshold = self.thresholds[case]
+            return threshold is not None and nbytes >= threshold
+        return self.committed_choice(case, nbytes)
 
     def _refresh(self) -> None:
         """Recomputes :attr:`smallest` and :attr:`smallest_unmeasured` (each replaced whole:
@@ -584,19 +642,20 @@ class RoutingTable:
         for case in {*self.committed, *self.measurable, *self.thresholds}:
             pass_name, _layout, dtype = case
             group = (pass_name, dtype)
+            # The sweep's threshold answers for its run class, the committed table (where
+            # nothing is measured) and the lazy decisions for the others.
+            candidates = [self.committed.get(case)]
             if case in self.thresholds:
-                candidates = [self.thresholds[case]]
-            else:
-                candidates = [self.committed.get(case)]
-                candidates += [
-                    1 << cls
-                    for (other, cls), decision in self.decisions.items()
-                    if other == case and decision.kernels
-                ]
+                candidates.append(self.thresholds[case])
+            candidates += [
+                1 << size
+                for (other, (size, _run)), decision in self.decisions.items()
+                if other == case and decision.kernels
+            ]
             for value in candidates:
                 if value is not None:
                     unmeasured[group] = min(value, unmeasured.get(group, value))
-            if case not in self.thresholds and case in self.measurable:
+            if case in self.measurable:
                 candidates.append(LAZY_MIN_BYTES)
             for value in candidates:
                 if value is not None:
@@ -606,7 +665,7 @@ class RoutingTable:
 
     # -- changes (under LOCK) -------------------------------------------------------------------
 
-    def record_decisions(self, decisions: Mapping[tuple[KernelCase, int], Decision]) -> None:
+    def record_decisions(self, decisions: Mapping[tuple[KernelCase, ShapeClass], Decision]) -> None:
         """Adds lazy decisions and saves the table."""
         self.decisions.update(decisions)
         self._new_decisions.update(decisions)
@@ -620,6 +679,7 @@ class RoutingTable:
         for case, case_points in points.items():
             self.sweeps[case] = sorted(case_points)
             self.thresholds[case] = threshold_from(case_points)
+        _drop_swept(self.decisions, points)
         self.swept = info
         self._new_sweep = True
         self._refresh()
@@ -654,7 +714,7 @@ class RoutingTable:
                 for case, points in self.sweeps.items()
             },
             "lazy": {
-                f"{case_name(case)}@{cls}": {
+                f"{case_name(case)}@{cls[0]}/{cls[1]}": {
                     "kernels": decision.kernels,
                     "bytes": decision.nbytes,
                     "seconds": decision.seconds,
@@ -679,6 +739,10 @@ class RoutingTable:
             return
         try:
             parsed = _parse(json.loads(text))
+        except _OlderFormat as error:
+            self.state = "ignored"
+            _log.info("%s was written by an earlier version (%s): not used", self.path, error)
+            return
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             self._corrupt(f"is not a routing table ({type(error).__name__}: {error})")
             return
@@ -739,6 +803,7 @@ class RoutingTable:
             merged.thresholds.update(self.thresholds)
             merged.sweeps.update(self.sweeps)
             merged.swept = self.swept
+            _drop_swept(merged.decisions, self.sweeps)
         for item in self._new_decisions:
             if item in self.decisions:
                 merged.decisions[item] = self.decisions[item]
@@ -752,12 +817,15 @@ def _parse(
     dict[KernelCase, int | None],
     dict[KernelCase, list[SweepPoint]],
     dict[str, Any] | None,
-    dict[tuple[KernelCase, int], Decision],
+    dict[tuple[KernelCase, ShapeClass], Decision],
 ]:
     """A file's JSON checked entry by entry; raises ValueError/KeyError/TypeError if anything
-    is not what :meth:`RoutingTable.to_json` writes."""
+    is not what :meth:`RoutingTable.to_json` writes (:class:`_OlderFormat` for a file an
+    earlier version of the library wrote)."""
+    if isinstance(data, dict) and type(data.get("format")) is int and data["format"] < FORMAT:
+        raise _OlderFormat(f"format {data['format']}, not {FORMAT}")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError("not of format 1")
+        raise ValueError(f"not of format {FORMAT}")
     key = data["key"]
     if not isinstance(key, dict):
         raise TypeError("key: expected an object")
@@ -773,16 +841,31 @@ def _parse(
     swept = data["swept"]
     if swept is not None and not isinstance(swept, dict):
         raise TypeError("swept: expected an object or null")
-    decisions: dict[tuple[KernelCase, int], Decision] = {}
+    decisions: dict[tuple[KernelCase, ShapeClass], Decision] = {}
     for name, entry in data["lazy"].items():
         case, _, cls = name.rpartition("@")
+        size, _, run = cls.partition("/")
         if type(entry["kernels"]) is not bool or not isinstance(entry["date"], str):
             raise TypeError(f"lazy {name!r}: bad entry")
-        decisions[(parse_case(case), int(cls))] = Decision(
+        decisions[(parse_case(case), (int(size), int(run)))] = Decision(
             entry["kernels"], _timing_from(entry), _bytes_from(entry["bytes"]),
             float(entry["seconds"]), entry["date"],
         )  # fmt: skip
     return key, thresholds, sweeps, swept, decisions
+
+
+def _drop_swept(
+    decisions: dict[tuple[KernelCase, ShapeClass], Decision], swept: Mapping[KernelCase, Any]
+) -> None:
+    """Removes the lazy decisions a sweep of ``swept`` replaces: its cases at its run class."""
+    for item in [
+        (case, cls) for case, cls in decisions if case in swept and cls[1] == SWEEP_RUN[case[1]]
+    ]:
+        del decisions[item]
+
+
+class _OlderFormat(ValueError):
+    """A table an earlier version of the library wrote: replaced, not warned about."""
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -937,8 +1020,9 @@ def measure_lazily(
     shape: Sequence[int],
     backends: Callable[[], tuple[Backend, Backend]],
 ) -> bool | None:
-    """Measures ``cases`` (one layout and dtype; the first is the one asked for) at the size
-    class of ``nbytes`` on scratch inputs of ``shape``, records and stores the decisions.
+    """Measures ``cases`` (one layout and dtype; the first is the one asked for) at the shape
+    class of ``nbytes`` and ``shape`` on scratch inputs of ``shape``, records and stores the
+    decisions.
 
     One measurement at a time (:data:`LOCK`); a thread that waited for another's measurement
     of the same case takes its result. A failure warns, is not retried in this process and
@@ -947,7 +1031,8 @@ def measure_lazily(
     Returns:
         Whether the kernels run ``cases[0]``, or None where nothing was measured.
     """
-    cls = size_class(nbytes)
+    _pass, layout, dtype = cases[0]
+    cls = shape_class(nbytes, run_length(shape, layout))
     first = (cases[0], cls)
     with LOCK:
         decided = table.decisions.get(first)
@@ -956,7 +1041,6 @@ def measure_lazily(
         if first in table.failed:
             return None
         todo = [case for case in cases if (case, cls) not in table.decisions]
-        _pass, layout, dtype = cases[0]
         itemsize = torch.empty((), dtype=dtype).element_size()
         scratch = scratch_shape(shape, itemsize)
         if scratch is None:
@@ -1064,11 +1148,18 @@ def format_bytes(nbytes: int | None) -> str:
     return f"{nbytes} B"
 
 
-def class_range(cls: int) -> str:
-    """The sizes of a size class: ``"1 MiB–2 MiB"``, ``"32 MiB and up"`` (the last)."""
-    if cls >= LAZY_MAX_CLASS:
-        return f"{format_bytes(1 << cls)} and up"
-    return f"{format_bytes(1 << cls)}–{format_bytes(2 << cls)}"
+def class_range(cls: ShapeClass) -> str:
+    """The inputs of a shape class: ``"1 MiB–2 MiB, runs 64–255"``, ``"32 MiB and up, runs
+    4096+"`` (the last classes)."""
+    size, run = cls
+    sizes = (
+        f"{format_bytes(1 << size)} and up"
+        if size >= LAZY_MAX_CLASS
+        else f"{format_bytes(1 << size)}–{format_bytes(2 << size)}"
+    )
+    low = 1 << max(2 * run - 1, 0)  # see run_class
+    runs = f"{low}+" if run >= RUN_MAX_CLASS else f"{low}–{(2 << 2 * run) - 1}"
+    return f"{sizes}, runs {runs}"
 
 
 def describe(table: RoutingTable) -> str:
@@ -1118,7 +1209,7 @@ def describe(table: RoutingTable) -> str:
         ):
             timing = decision.timing
             lines.append(
-                f"  {case_name(case):24} {class_range(cls):>17}  "
+                f"  {case_name(case):24} {class_range(cls):>30}  "
                 f"{'ours' if decision.kernels else 'ATen':4}  ours {timing.kernels_ms:.3f} ms, "
                 f"ATen {timing.aten_ms:.3f} ms (x{timing.ratio:.2f}), "
                 f"cost {decision.seconds * 1e3:.0f} ms"

@@ -16,8 +16,9 @@ training forward, backward and evaluation:
 
 By default (``CpuBackend()``, what ``auto`` runs) they run only where they measured faster
 than ATen *on this machine, at this thread count* (:mod:`batchnorm.backends.calibration`): a
-table stored by ``batchnorm calibrate``, else a measurement on the first call of each case and
-size class (about 0.05–0.4 s once, stored for later calls and processes), else, and for inputs
+table stored by ``batchnorm calibrate`` (for the run length it swept), else a measurement on the
+first call of each case and shape class (size and run length; about 0.1–0.6 s once, stored for
+later calls and processes), else, and for inputs
 under 64 KiB, the committed tables of :mod:`batchnorm.backends.measured` (``MEASURED_KERNEL_CASES``
 on one thread, ``MEASURED_THREADED_CASES`` on several, ``MEASURED_NUMBA_CASES`` for Numba's
 kernels alone, each with the machine and command it was measured with; two threads at most).
@@ -506,13 +507,14 @@ class CpuBackend(Backend):
         routing = self._tables.get(threads)
         if routing is None:
             routing = self.routing_table(threads)
-        choice = routing.choice(case, nbytes)
+        run = calibration.run_length(x.shape, layout)
+        choice = routing.choice(case, nbytes, run)
         if choice is not None:
             return choice
         return (
             self._decide(routing, case, nbytes, x)
             if measure
-            else routing.committed_choice(case, nbytes)
+            else routing.unmeasured_choice(case, nbytes)
         )
 
     def _decide(
@@ -530,24 +532,25 @@ class CpuBackend(Backend):
         :class:`calibration.CalibrationWarning` says once what routes instead.
         """
         if nbytes < calibration.LAZY_MIN_BYTES or case not in routing.measurable:
-            return routing.committed_choice(case, nbytes)
+            return routing.unmeasured_choice(case, nbytes)
         if not calibration.calibrating():  # first: the one refusal that lasts (µs a call)
             if routing.threads > 2 and not routing.warned_unmeasured:
                 _warn_unmeasured(routing)
-            return routing.committed_choice(case, nbytes)
-        failed = (case, calibration.size_class(nbytes)) in routing.failed
+            return routing.unmeasured_choice(case, nbytes)
+        run = calibration.run_length(x.shape, case[1])
+        failed = (case, calibration.shape_class(nbytes, run)) in routing.failed
         if failed or not calibration.may_measure(x):
-            return routing.committed_choice(case, nbytes)
+            return routing.unmeasured_choice(case, nbytes)
         cases = [case]
         pass_name, layout, dtype = case
         if pass_name != "inference":  # forward and backward: one measurement
             other = ("backward" if pass_name == "forward" else "forward", layout, dtype)
-            if other in routing.measurable and routing.choice(other, nbytes) is None:
+            if other in routing.measurable and routing.choice(other, nbytes, run) is None:
                 cases.append(other)
         measured = calibration.measure_lazily(
             routing, cases, nbytes, x.shape, self._measuring_backends
         )
-        return routing.committed_choice(case, nbytes) if measured is None else measured
+        return routing.unmeasured_choice(case, nbytes) if measured is None else measured
 
     def _measuring_backends(self) -> tuple[CpuBackend, CpuBackend]:
         """``(our kernels everywhere, ATen behind the same checks)`` for measurements."""
@@ -694,8 +697,8 @@ class CpuBackend(Backend):
                 threshold=threshold, note="the tables this backend was made with",
             )  # fmt: skip
         routing = self.routing_table(threads)
-        cls = calibration.size_class(nbytes)
-        if case in routing.thresholds:
+        cls = calibration.shape_class(nbytes, calibration.run_length(x.shape, case[1]))
+        if case in routing.thresholds and cls[1] == calibration.SWEEP_RUN[case[1]]:
             threshold = routing.thresholds[case]
             ours = threshold is not None and nbytes >= threshold
             points = routing.sweeps.get(case, [])
@@ -725,7 +728,7 @@ class CpuBackend(Backend):
         elif case not in routing.measurable:
             note += "; no kernel of ours runs this case here"
         elif calibration.calibrating():
-            note += "; not measured yet: the next call of this case and size class measures it"
+            note += "; not measured yet: the next call of this case and shape class measures it"
         else:
             note += "; BATCHNORM_CALIBRATE=0: nothing is measured"
         return base._replace(
