@@ -19,6 +19,7 @@ from batchnorm._math import new_running_stats
 from batchnorm.autograd import batch_norm_train
 from batchnorm.backends import measured, memory
 from batchnorm.backends.aten_backend import AtenBackend, native_operand, rows_as_input
+from batchnorm.backends.base import Call
 from batchnorm.functional import batch_norm, batch_norm_pure, channel_view
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
@@ -98,7 +99,7 @@ def test_forward_update_matches_generic_path(layout, dtype) -> None:
     leaves_fast = [base.to(dtype).requires_grad_(), weight.clone().requires_grad_()]
     before = (running_mean.clone(), running_var.clone())
     done = backend.forward_update(
-        leaves_fast[0], leaves_fast[1], bias, running_mean, running_var, 0.3, EPS
+        Call(leaves_fast[0], running_mean, running_var, leaves_fast[1], bias, 0.3, EPS, None, False)
     )
     assert done is not None
     y_fast, mean_fast, var_fast = done
@@ -132,8 +133,9 @@ def test_forward_update_declines() -> None:
     """None where the generic path must run: one buffer only, or no fast layout."""
     backend = AtenBackend()
     x, ones = torch.randn(4, 3, 5), torch.ones(3)
-    assert backend.forward_update(x, None, None, ones, None, 0.1, EPS) is None
-    assert backend.forward_update(x[..., ::2], None, None, ones, ones, 0.1, EPS) is None
+    assert backend.forward_update(Call(x, ones, None, None, None, 0.1, EPS, None, False)) is None
+    strided = Call(x[..., ::2], ones, ones, None, None, 0.1, EPS, None, False)
+    assert backend.forward_update(strided) is None
 
 
 @pytest.mark.parametrize("backend", ["aten", pytest.param("numba", marks=NEEDS_NUMBA)])

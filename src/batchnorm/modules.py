@@ -369,20 +369,23 @@ class BatchNormBase(nn.Module):
             )
         momentum = self._momentum_for_this_step() if updates_stats else 0.0
         if (
-            updates_stats
-            and mask is None
+            mask is None
             and (residual is None or symbolic or _compat.traced(input))
             and self.nonfinite == "propagate"
             and self._commits_in_place
         ):
             # Nothing to check before committing: the in-place functional lets the kernel move
-            # the buffers (after every argument is checked), as torch.nn.BatchNorm does.
+            # the buffers (after every argument is checked), as torch.nn.BatchNorm does. The
+            # buffers are handed over where this call reads or moves them: evaluation, and
+            # training that updates them (not frozen training, which normalizes with the batch).
+            uses_buffers = not self.training or updates_stats
             output = batch_norm(
-                input, self.running_mean, self.running_var, self.weight, self.bias, True,
-                momentum, self.eps, backend=self.backend, activation=self.activation,
-                residual=residual, negative_slope=self.negative_slope,
+                input, self.running_mean if uses_buffers else None,
+                self.running_var if uses_buffers else None, self.weight, self.bias,
+                use_batch_stats, momentum, self.eps, backend=self.backend,
+                activation=self.activation, residual=residual, negative_slope=self.negative_slope,
             )  # fmt: skip
-            if counter is not None:  # under FX, recorded in the graph rather than run now
+            if updates_stats and counter is not None:  # under FX, recorded in the graph
                 counter.add_(1)
             return output
         if symbolic and updates_stats:

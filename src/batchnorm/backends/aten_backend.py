@@ -247,13 +247,7 @@ class AtenBackend(Backend):
 
     def train(self, call: Call) -> BatchNormOutput | None:
         """Plain training in one ATen call where it takes the tensors; see :class:`Backend`."""
-        if call.fusion is not None:
-            return None
-        done = self.forward_update(
-            call.input, call.weight, call.bias, call.running_mean, call.running_var,
-            call.momentum, call.eps, call.update_in_place,
-        )  # fmt: skip
-        return None if done is None else BatchNormOutput(*done)
+        return None if call.fusion is not None else self.forward_update(call)
 
     def evaluate(self, call: Call) -> torch.Tensor | None:
         """Plain evaluation in one ATen pass; see :class:`Backend`."""
@@ -301,49 +295,38 @@ class AtenBackend(Backend):
         var = scratch_var * ((count - 1) / count)  # (C,)  unbiased → biased σ²
         return ForwardResult(y if rows is None else _from_rows(y, x), mean, invstd, var)
 
-    def forward_update(
-        self,
-        input: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        running_mean: torch.Tensor | None,
-        running_var: torch.Tensor | None,
-        momentum: float,
-        eps: float,
-        in_place: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
-        """A whole training call in one ATen operation, or ``None`` where it cannot run.
+    def forward_update(self, call: Call) -> BatchNormOutput | None:
+        """A whole plain training call in one ATen operation, or ``None`` where it cannot run.
 
         ``y = γ·(x − μ)·r + β`` with the batch statistics, differentiable by autograd
         (ATen's ``native_batch_norm_backward``, double backward included); ATen moves copies
-        of the running buffers, so the given ones are left as they are, unless ``in_place``.
+        of the running buffers, so the given ones are left as they are, unless
+        ``call.update_in_place`` (the caller has checked every argument, so the kernel cannot
+        fail half-way).
 
         Args:
-            input: the checked input ``(N, C, *)`` as the caller has it (not the 3D view).
-            weight, bias: ``γ``, ``β`` ``(C,)`` or None.
-            running_mean, running_var: the buffers ``(C,)``, both or neither.
-            momentum: the running-average factor of this step.
-            eps: added to the variance inside the square root.
-            in_place: let ATen move the given buffers themselves (the caller has checked every
-                argument, so the kernel cannot fail half-way) instead of copies.
+            call: the checked call (its ``fusion`` is not looked at: the caller's business).
 
         Returns:
-            ``(y, new_running_mean, new_running_var)``, ``y`` like ``input``, the statistics
-            new tensors (the given ones with ``in_place``; ``None`` where no buffer was given);
-            or ``None`` when
+            ``y`` like ``call.input`` and the new running statistics (the given buffers with
+            ``update_in_place``; ``None`` where no buffer was given); or ``None`` when
             :func:`native_operand` rejects the tensors or only one buffer is given (the caller
             then runs the generic path).
         """
+        input, weight, bias = call.input, call.weight, call.bias
+        running_mean, running_var = call.running_mean, call.running_var
         if (running_mean is None) != (running_var is None):
             return None
         native = native_operand(input, weight, bias, running_mean, running_var)
         if native is None:
             return None
         operand, is_rows = native  # input, or its (M, C) view
-        new_mean, new_var = kernel_buffers(running_mean, running_var, in_place)
+        new_mean, new_var = kernel_buffers(running_mean, running_var, call.update_in_place)
         weight = statistics_weight(input, weight, bias, running_mean, running_var)
-        y = torch.batch_norm(operand, weight, bias, new_mean, new_var, True, momentum, eps, False)
-        return (rows_as_input(y, input) if is_rows else y), new_mean, new_var
+        y = torch.batch_norm(
+            operand, weight, bias, new_mean, new_var, True, call.momentum, call.eps, False
+        )
+        return BatchNormOutput(rows_as_input(y, input) if is_rows else y, new_mean, new_var)
 
     def inference(
         self,

@@ -344,6 +344,10 @@ class CpuBackend(Backend):
             return None
         input, weight, bias = call.input, call.weight, call.bias
         running_mean, running_var = call.running_mean, call.running_var
+        if not self._may_run("forward", input) and not self._may_run("backward", input):
+            # No kernel of ours takes this size (most small calls): ATen's one call, without
+            # asking the routing again for each pass.
+            return self._aten.forward_update(call)
         if self.native_forward(input, weight, bias, running_mean, running_var):
             new_mean, new_var = kernel_buffers(running_mean, running_var, call.update_in_place)
             weight = statistics_weight(input, weight, bias, running_mean, running_var)
@@ -351,11 +355,7 @@ class CpuBackend(Backend):
                 input, weight, bias, new_mean, new_var, call.momentum, call.eps, self
             )
             return BatchNormOutput(y, new_mean, new_var)
-        done = self.forward_update(
-            input, weight, bias, running_mean, running_var, call.momentum, call.eps,
-            call.update_in_place,
-        )  # fmt: skip
-        return None if done is None else BatchNormOutput(*done)
+        return self.forward_update(call)
 
     def evaluate(self, call: Call) -> torch.Tensor | None:
         """Plain evaluation on the kernels or ATen's; see :class:`Backend`."""
@@ -820,28 +820,16 @@ class CpuBackend(Backend):
         _launch(kernel, x.numel(), array, weight64, bias64, float(eps), y_array, mean, var, invstd)
         return y, stats
 
-    def forward_update(
-        self,
-        input: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        running_mean: torch.Tensor | None,
-        running_var: torch.Tensor | None,
-        momentum: float,
-        eps: float,
-        in_place: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    def forward_update(self, call: Call) -> BatchNormOutput | None:
         """:meth:`AtenBackend.forward_update` where ATen runs the whole call, else ``None``.
 
-        Where a Numba kernel runs the forward, or the backward of a call autograd will
+        Where a kernel of ours runs the forward, or the backward of a call autograd will
         differentiate, ``None`` sends the call to the generic path (our autograd function,
         :meth:`forward`, :meth:`backward`).
         """
-        if self._runs_kernels(input, weight, bias):
+        if self._runs_kernels(call.input, call.weight, call.bias):
             return None
-        return self._aten.forward_update(
-            input, weight, bias, running_mean, running_var, momentum, eps, in_place
-        )
+        return self._aten.forward_update(call)
 
     def native_forward(
         self,
