@@ -16,7 +16,7 @@ COMPAT_STAMP := $(COMPAT_VENV)/.installed
 COMPAT_TESTS := tests/test_ecosystem.py tests/test_modules.py tests/test_functional.py \
 	tests/test_fused.py tests/test_tools_convert.py tests/test_variants_frozen.py
 
-.PHONY: venv demo lint test test-isolated test-compat clean
+.PHONY: venv demo lint test test-isolated test-compat aot clean
 
 venv: $(STAMP)
 
@@ -57,6 +57,11 @@ $(COMPAT_STAMP): pyproject.toml Makefile src/batchnorm/kernels/cpu/cpu_stream.c
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT_VENV)/bin/python -c "import torch, torchvision, timm; print('test-compat on torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"
 	$(COMPAT_VENV)/bin/python -m pytest -n 2 -q $(COMPAT_TESTS)
+
+# The Triton kernels compiled ahead of time for sm_90 (no GPU needed): registers, shared memory,
+# occupancy and PTX load widths per kernel and benchmark shape, into benchmarks/results/.
+aot: $(STAMP)
+	$(BIN)/python benchmarks/triton_aot.py
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

@@ -236,7 +236,8 @@ def test_device_script_is_valid_bash_and_names_existing_scripts() -> None:
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "device_run.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
-    called = set(re.findall(r"python (benchmarks/\w+\.py)", script.read_text()))
+    text = script.read_text()
+    called = set(re.findall(r'(?:python|"\$PY") "?(benchmarks/\w+\.py)', text))
     assert {"benchmarks/gpu.py", "benchmarks/gpu_check.py", "benchmarks/gpu_host.py"} <= called
     for relative in called:
         assert (script.parents[1] / relative).is_file(), relative

@@ -1,4 +1,5 @@
-"""Ahead-of-time compilation of the kernels for an H100 (sm_90), no GPU needed.
+"""Ahead-of-time compilation of the kernels for an H100 (sm_90), no GPU needed; and that the
+compiled objects carry what the direct launcher reads of them.
 
 The interpreter runs the kernels as NumPy code, so it misses what only the compiler sees (types
 carried through loops, constexpr branches, the spin barrier's loop, atomics with memory
@@ -62,20 +63,44 @@ def compile_all(activation: int) -> None:
     from batchnorm.kernels.triton import inference
 
     flags = {"HAS_WEIGHT": True, "HAS_BIAS": True, "HAS_RESIDUAL": True, "ACTIVATION": activation}
+    nchw = {"L_VEC": 4, "BLOCK_N": 4, "BLOCK_L": 256, "BLOCK_C": 4}
+    rows = {"L_VEC": 1, "BLOCK_N": 1, "BLOCK_L": 64, "BLOCK_C": 64}
     built = [
         _compile(fwd.persistent_forward_kernel,
-                 {**flags, "SAVE_MASK": True, "UPDATE_RUNNING": True, "BLOCK_M": 256,
-                  "BLOCK_P": 64, "BLOCK_C": 4}, ("sx_l",)),
+                 {**flags, "SAVE_MASK": True, "UPDATE_RUNNING": True, **nchw, "BLOCK_P": 64},
+                 ("sx_l",)),
         _compile(bwd.persistent_backward_kernel,
-                 {**flags, "FROM_MASK": activation == 1, "WRITE_DZ": True, "BLOCK_M": 64,
-                  "BLOCK_P": 64, "BLOCK_C": 64}, ("sd_c", "sx_c")),
-        _compile(fwd.partial_stats_kernel, {"BLOCK_M": 64, "BLOCK_C": 64}, ("stride_c",)),
-        _compile(fwd.merge_stats_kernel, {"UPDATE_RUNNING": False, "BLOCK_P": 8, "BLOCK_C": 128}),
-        _compile(bwd.merge_grads_kernel, {"BLOCK_P": 8, "BLOCK_C": 128}),
-        _compile(inference.inference_kernel, {**flags, "BLOCK_M": 64, "BLOCK_C": 64}),
+                 {**flags, "FROM_MASK": activation == 1, "WRITE_DZ": True, **rows,
+                  "BLOCK_P": 64}, ("sd_c", "sx_c")),
+        _compile(fwd.reduce_stats_kernel, {"UPDATE_RUNNING": True, **rows, "BLOCK_P": 8},
+                 ("sx_c",)),
+        _compile(fwd.normalize_kernel, {**flags, "SAVE_MASK": True, **nchw}, ("sx_l", "sy_l")),
+        _compile(bwd.reduce_grads_kernel, {**flags, "FROM_MASK": activation == 1, **nchw,
+                                           "BLOCK_P": 8}),
+        _compile(bwd.input_grad_kernel, {**flags, "FROM_MASK": activation == 1,
+                                         "WRITE_DZ": True, **rows}),
+        _compile(inference.inference_kernel, {**flags, **rows}),
     ]  # fmt: skip
     for kernel in built:
         assert kernel.asm["cubin"]  # type: ignore[attr-defined]
+        check_launcher_metadata(kernel)
+
+
+def check_launcher_metadata(kernel: object) -> None:
+    """What :class:`batchnorm.kernels.triton.launcher.DirectLauncher` reads of a compiled kernel
+    is there: ``packed_metadata``, ``run`` (a property that loads the binary on first use, then
+    Triton's ``CudaLauncher``, called as ``(grid_x, grid_y, grid_z, stream, function, ...)``),
+    and the occupancy inputs ``metadata.num_warps`` and ``metadata.shared``."""
+    import inspect
+
+    from triton.backends.nvidia.driver import CudaLauncher
+
+    assert kernel.packed_metadata is not None  # type: ignore[attr-defined]
+    assert isinstance(type(kernel).__dict__["run"], property)
+    assert isinstance(kernel.metadata.num_warps, int)  # type: ignore[attr-defined]
+    assert isinstance(kernel.metadata.shared, int)  # type: ignore[attr-defined]
+    names = list(inspect.signature(CudaLauncher.__call__).parameters)
+    assert names[:6] == ["self", "gridX", "gridY", "gridZ", "stream", "function"], names
 
 
 @pytest.mark.slow

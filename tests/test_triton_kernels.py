@@ -114,29 +114,53 @@ def test_inference_kernel(dtype: torch.dtype, activation: str | None) -> None:
     assert y.dtype == dtype
 
 
-def test_many_row_programs_merge_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Small tiles, several row programs and a 2-wide merge step: every Chan merge path runs."""
+@pytest.mark.parametrize(
+    ("shape", "tiles", "programs"),
+    [
+        ((1, 3, 67), {"block_l": 16}, 5),  # 1-D rows: 5 programs of 16 rows, the last partial
+        ((5, 3, 13), {"block_l": 8, "block_n": 2}, 6),  # 2-D (n, l) tiles: 3 × 2 of them
+    ],
+    ids=["rows", "n-l-tiles"],
+)
+def test_many_row_programs_merge_exactly(
+    monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], tiles: dict[str, int], programs: int
+) -> None:
+    """Small tiles, several row programs and a 2-wide merge step: every Chan merge path runs,
+    and the last program to arrive merges the partials of all the others."""
 
-    def small_tiles(x3: torch.Tensor) -> object:
-        n, c, length = x3.shape
-        return tile_config(n * length, c, False, 64, block_m=16, block_c=2)
+    def small_tiles(x3: torch.Tensor, batch: int, length: int, vec: int = 1) -> object:
+        return tile_config(batch, length, x3.shape[1], False, 64, block_c=2, vec=vec, **tiles)
 
     monkeypatch.setattr(launch, "_config", small_tiles)
     monkeypatch.setattr(batchnorm_fwd, "merge_block_p", lambda row_programs: 2)
-    shape = (1, 3, 67)  # 5 row programs of 16 rows, the last one partial; 3 merge steps
     x = th.make(shape, offset=3.0)
     dy = th.make(shape, seed=3)
     weight, bias = th.make((3,), seed=1), th.make((3,), seed=2)
     backend = resolve_backend("triton", CPU)
-    assert small_tiles(x).row_programs == 5
-    result = backend.forward(x, weight, bias, 1e-5)
-    expected = th.reference(x, weight, bias, None, dy)
-    th.assert_close_to(result.y, expected["y"], torch.float32, "y")
-    torch.testing.assert_close(result.var.double(), expected["var"], atol=1e-6, rtol=1e-5)
-    dx, dweight, dbias = backend.backward(dy, x, weight, result.mean, result.invstd)
-    th.assert_close_to(dx, expected["dx"], torch.float32, "dx")
-    th.assert_close_to(dweight, expected["dweight"], torch.float32, "dweight")
-    th.assert_close_to(dbias, expected["dbias"], torch.float32, "dbias")
+    batch, length, _vec, _ = launch._geometry(shape[0], shape[2], (x,))
+    assert small_tiles(x, batch, length).row_programs == programs
+    for _ in range(2):  # the second call finds the counters the first one left at zero
+        result = backend.forward(x, weight, bias, 1e-5)
+        expected = th.reference(x, weight, bias, None, dy)
+        th.assert_close_to(result.y, expected["y"], torch.float32, "y")
+        torch.testing.assert_close(result.var.double(), expected["var"], atol=1e-6, rtol=1e-5)
+        dx, dweight, dbias = backend.backward(dy, x, weight, result.mean, result.invstd)
+        th.assert_close_to(dx, expected["dx"], torch.float32, "dx")
+        th.assert_close_to(dweight, expected["dweight"], torch.float32, "dweight")
+        th.assert_close_to(dbias, expected["dbias"], torch.float32, "dbias")
+
+
+def test_counters_are_left_at_zero(arrangement: str) -> None:
+    """Every kernel that counts arrivals resets its counter: the cached buffer stays all zeros
+    (arrivals) after forward and backward, so no launch ever needs a zero fill."""
+    x = th.make((3, 5, 7)).requires_grad_()
+    y = resolve_backend("triton", CPU).forward(x, None, None, 1e-5).y
+    _partial, counter = launch.scratch(CPU, 1, 1)
+    assert torch.equal(counter[0::2], torch.zeros_like(counter[0::2]))
+    backend = resolve_backend("triton", CPU)
+    result = backend.forward(x.detach(), None, None, 1e-5)
+    backend.backward(torch.ones_like(y), x.detach(), None, result.mean, result.invstd)
+    assert torch.equal(counter[0::2], torch.zeros_like(counter[0::2]))
 
 
 def test_large_offset_keeps_precision() -> None:
@@ -180,33 +204,68 @@ def test_unknown_arrangement_is_rejected(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 @pytest.mark.parametrize(
-    ("rows", "channels", "contiguous", "target"),
+    ("batch", "length", "channels", "contiguous", "target"),
     [
-        (1, 1, False, 4),
-        (70, 3, False, 4),
-        (13, 64, True, 528),
-        (10**6, 1000, True, 528),
-        (5, 7, False, 1),
+        (1, 1, 1, False, 4),
+        (2, 35, 3, False, 4),
+        (1, 13, 64, True, 528),
+        (1, 10**6, 1000, True, 528),
+        (256, 49, 2048, False, 528),
+        (256, 196, 256, False, 528),
+        (256, 3136, 64, False, 528),
+        (5, 7, 7, False, 1),
     ],
 )
 def test_tile_config_covers_the_problem(
-    rows: int, channels: int, contiguous: bool, target: int
+    batch: int, length: int, channels: int, contiguous: bool, target: int
 ) -> None:
-    """Every row and channel belongs to exactly one program; tiles are powers of two."""
-    config = tile_config(rows, channels, contiguous, target)
-    assert config.block_m & (config.block_m - 1) == 0
-    assert config.block_c & (config.block_c - 1) == 0
+    """Every (n, l) row and channel belongs to exactly one program; tiles are powers of two."""
+    config = tile_config(batch, length, channels, contiguous, target)
+    for block in (config.block_n, config.block_l, config.block_c, config.l_vec):
+        assert block & (block - 1) == 0
+    assert length % config.l_vec == 0
     assert (
         config.channel_blocks * config.block_c
         >= channels
         > (config.channel_blocks - 1) * config.block_c
     )
-    assert config.rows_per_program % config.block_m == 0
-    assert config.row_programs * config.rows_per_program >= rows
-    assert (config.row_programs - 1) * config.rows_per_program < max(rows, 1)
+    tiles = -(-batch // config.block_n) * -(-length // config.block_l)
+    assert config.row_programs * config.tiles_per_program >= tiles
+    assert (config.row_programs - 1) * config.tiles_per_program < tiles
     assert config.grid == (config.channel_blocks, config.row_programs)
     if target == 1:
         assert config.row_programs == 1
+
+
+@pytest.mark.parametrize(
+    ("length", "block_l", "l_vec"),
+    [(3136, 256, 8), (784, 64, 8), (12544, 1024, 8), (196, 256, 4), (49, 64, 1)],
+)
+def test_nchw_tiles_for_resnet_sizes(length: int, block_l: int, l_vec: int) -> None:
+    """56², 28², 112² get tiles that mask at most 1/16 of the rows; 14² and 7² whole rows per
+    tile; ``L_VEC`` divides L and the strides (the vector width the kernels may use along l),
+    which are passed in units of it."""
+    x3 = torch.empty(256, 256, length, device="meta")  # NCHW
+    batch, length_, vec, strides = launch._geometry(256, length, (x3, x3))
+    assert (batch, length_, vec) == (256, length, l_vec)
+    assert strides[0] == (256 * length // l_vec, length // l_vec, 1)
+    config = tile_config(batch, length, 256, False, 528, vec=vec)
+    assert (config.block_l, config.l_vec) == (block_l, l_vec)
+    assert config.block_n * config.block_l * config.block_c <= 4096
+    # Batch rows 4 elements apart from a multiple of 8: at most 4-wide, whatever L allows.
+    odd = torch.empty_strided((256, 256, length), (256 * length + 4, length, 1), device="meta")
+    assert launch._geometry(256, length, (odd,))[2] == (1 if l_vec == 1 else min(l_vec, 4))
+
+
+def test_geometry_merges_rows_only_when_every_tensor_allows() -> None:
+    """channels_last and (M, C) take one row axis; NCHW, or any NCHW tensor, keeps (n, l)."""
+    nchw = torch.empty(4, 3, 10)
+    last = torch.empty(4, 10, 3).transpose(1, 2)  # (N, C, L) view of channels_last
+    assert launch._geometry(4, 10, (last, last)) == (1, 40, 1, [(0, 1, 3), (0, 1, 3)])
+    assert launch._geometry(4, 10, (nchw,)) == (4, 10, 2, [(15, 5, 1)])  # in units of L_VEC 2
+    assert launch._geometry(4, 10, (last, nchw))[0] == 4
+    flat = torch.empty(4, 3, 1)
+    assert launch._geometry(4, 1, (flat,)) == (1, 4, 1, [(0, 1, 3)])
 
 
 def test_resident_programs_follows_occupancy(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -57,7 +57,7 @@ class TritonBackend(Backend):
 
     Whole calls, plain and fused (``y = act(γ·x̂ + β + z)``), for the dtypes the kernels take
     (:meth:`supports_fusion`): :meth:`train` runs :meth:`forward_act` (differentiable, with the
-    running update in the merge kernel), :meth:`evaluate` runs :meth:`inference_act`. Backward,
+    running update in the reduction kernel), :meth:`evaluate` runs :meth:`inference_act`. Backward,
     through autograd: ``du = dy·act'(u)``, ``dz = du``, ``(dx, dγ, dβ)`` from the saved ``μ``,
     ``r`` (nothing input-sized but a 1-byte mask where the activation needs one).
     """

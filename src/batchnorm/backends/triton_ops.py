@@ -4,9 +4,9 @@ Three ops in the ``batchnorm`` namespace, each with a fake (meta) implementation
 ``torch.compile(fullgraph=True)`` traces through them without graph breaks:
 
 * ``batchnorm::triton_train`` — training forward ``y = act(γ·x̂ + β + z)`` with the batch
-  statistics, the new running statistics (computed in the merge kernel, out of place) and, for
-  (leaky) ReLU with a residual, a uint8 ``u > 0`` mask; its backward is registered with
-  :func:`torch.library.register_autograd` and calls
+  statistics, the new running statistics (computed by the reduction's merging program, out
+  of place) and, for (leaky) ReLU with a residual, a uint8 ``u > 0`` mask; its backward is
+  registered with :func:`torch.library.register_autograd` and calls
 * ``batchnorm::tritontrain_backward`` — ``(dx, dγ, dβ, dz)`` in one reduction + one
   elementwise pass;
 * ``batchnorm::triton_inference`` — evaluation forward from the running statistics.

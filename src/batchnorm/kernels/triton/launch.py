@@ -1,20 +1,34 @@
 """Launch code of the Triton kernels: tile configurations, occupancy, the three passes.
 
+(One file of about 440 lines: the forward, backward and inference launches share the geometry,
+the stand-ins for absent tensors and the occupancy check, and each lists its kernels' arguments
+in the kernels' own order; scratch memory and the launcher live beside it.)
+
 Each function takes checked ``(N, C, L)`` views (any strides) and launches the kernels of
 :mod:`batchnorm.kernels.triton` with Triton's own launcher; nothing here knows about autograd or
 running-statistics policy (the backend, :mod:`batchnorm.backends.triton_backend`, does).
 
-Arrangements (``BATCHNORM_TRITON_ARRANGEMENT``): ``split`` (default) launches reduction, merge and
-elementwise pass separately; ``persistent`` runs each direction as one launch with a barrier per
-channel block, its grid sized from the compiled kernel's occupancy (falling back to ``split`` when
-the channel blocks do not all fit at once). Under ``TRITON_INTERPRET=1`` programs run one after
-another, so ``persistent`` is only used with a single program (whole problem in one program),
-which exercises the same device functions without a barrier that could deadlock.
+Arrangements (``BATCHNORM_TRITON_ARRANGEMENT``): ``split`` (default) launches two kernels per
+direction, the reduction (whose last program per channel block merges the partials and writes the
+statistics and running buffers) and the elementwise pass; ``persistent`` runs each direction as
+one launch with a barrier per channel block, its grid sized from the compiled kernel's occupancy
+(falling back to ``split`` when the channel blocks do not all fit at once). Under
+``TRITON_INTERPRET=1`` programs run one after another, so ``persistent`` is only used with a
+single program (whole problem in one program), which exercises the same device functions
+without a barrier that could deadlock.
+
+Host work per launch is kept small: every launch goes through a cached
+:class:`~batchnorm.kernels.triton.launcher.DirectLauncher`; the partial-summary scratch and the
+arrival counters are cached per device and stream (the counters are zeroed once, when
+allocated, and reset by the kernels themselves); ``(n, l)`` merge into one row axis whenever
+every tensor of the launch allows it (channels_last, ``(M, C)``), so those inputs take 1-D row
+tiles.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Any
 
@@ -24,17 +38,20 @@ from batchnorm.kernels.triton import batchnorm_bwd, batchnorm_fwd, inference
 from batchnorm.kernels.triton.common import (
     ACTIVATIONS,
     TileConfig,
-    cdiv,
     interpreting,
     next_power_of_2,
     tile_config,
+    vector_width,
 )
+from batchnorm.kernels.triton.launcher import DirectLauncher
+from batchnorm.kernels.triton.scratch import scratch
 
 __all__ = [
     "ARRANGEMENT_ENV_VAR",
     "check_device",
     "placeholder",
     "run_inference",
+    "scratch",
     "train_backward",
     "train_forward",
     "uses_mask",
@@ -68,11 +85,37 @@ def _multiprocessors(index: int) -> int:
     return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
 
-def _config(x3: torch.Tensor) -> TileConfig:
-    """The tile configuration of the split arrangement for the ``(N, C, L)`` view ``x3``."""
-    n, c, length = x3.shape
+def _geometry(
+    n: int, length: int, tensors: tuple[torch.Tensor, ...]
+) -> tuple[int, int, int, list[tuple[int, int, int]]]:
+    """``(N, L, L_VEC, strides)`` as the kernels see the ``(N, C, L)`` ``tensors`` of one launch.
+
+    When every tensor's ``(n, l)`` offset is ``m·stride_l`` for the flat row ``m = n·L + l``
+    (``stride_n == L·stride_l``, or ``L == 1``, or ``N == 1``: channels_last, ``(M, C)``), the
+    rows are passed as ``N = 1, L = M``: one row axis, 1-D row tiles. Otherwise (NCHW) the tiles
+    are 2-D over ``(n, l)``. Where every tensor is contiguous along ``l``, ``L_VEC``
+    (:func:`~.common.vector_width`) divides ``L`` and all ``n``/``c`` strides, which are returned
+    in units of ``L_VEC`` (the kernels multiply them back).
+    """
+    if length == 1 or n == 1 or all(t.stride(0) == length * t.stride(2) for t in tensors):
+        axis = 0 if length == 1 else 2
+        n, length = 1, n * length
+        strides = [(0, t.stride(1), t.stride(axis)) for t in tensors]
+    else:
+        strides = [(t.stride(0), t.stride(1), t.stride(2)) for t in tensors]
+    if length == 1 or any(s[2] != 1 for s in strides):
+        return n, length, 1, strides
+    vec = vector_width(math.gcd(length, *(s[0] for s in strides), *(s[1] for s in strides)))
+    if vec == 1:
+        return n, length, 1, strides
+    return n, length, vec, [(s[0] // vec, s[1] // vec, s[2]) for s in strides]
+
+
+def _config(x3: torch.Tensor, batch: int, length: int, vec: int) -> TileConfig:
+    """The tile configuration of the split arrangement for ``x3`` seen as ``(batch, C, length)``."""
+    c = x3.shape[1]
     channels_contiguous = x3.stride(1) == 1 and c > 1
-    return tile_config(n * length, c, channels_contiguous, _target_programs(x3.device))
+    return tile_config(batch, length, c, channels_contiguous, _target_programs(x3.device), vec=vec)
 
 
 def _resident_programs(compiled: Any, device: torch.device) -> int:
@@ -97,7 +140,7 @@ def _resident_programs(compiled: Any, device: torch.device) -> int:
 
 
 def _persistent_config(
-    x3: torch.Tensor, compile_kernel: Any, split: TileConfig
+    x3: torch.Tensor, batch: int, length: int, vec: int, compile_kernel: Any, split: TileConfig
 ) -> TileConfig | None:
     """The persistent grid for ``x3``, or ``None`` when its channel blocks cannot all be resident.
 
@@ -105,14 +148,17 @@ def _persistent_config(
     rows are then spread over at most as many programs as the GPU holds at once. In the
     interpreter (sequential programs) the grid is a single program over the whole problem.
     """
-    n, c, length = x3.shape
+    c = x3.shape[1]
     channels_contiguous = x3.stride(1) == 1 and c > 1
     if interpreting() or x3.device.type != "cuda":
-        return tile_config(n * length, c, channels_contiguous, 1, block_c=next_power_of_2(c))
+        return tile_config(
+            batch, length, c, channels_contiguous, 1, block_c=next_power_of_2(c), vec=vec
+        )
     capacity = _resident_programs(compile_kernel(split), x3.device)
     config = tile_config(
-        n * length, c, channels_contiguous, capacity, block_m=split.block_m, block_c=split.block_c
-    )
+        batch, length, c, channels_contiguous, capacity, block_l=split.block_l,
+        block_c=split.block_c, vec=vec,
+    )  # fmt: skip
     programs = config.channel_blocks * config.row_programs
     # The final grid compiles its own variant (BLOCK_P follows P): check its occupancy too.
     if programs > capacity or programs > _resident_programs(compile_kernel(config), x3.device):
@@ -120,12 +166,8 @@ def _persistent_config(
     return config
 
 
-def _strides(t: torch.Tensor | None) -> tuple[int, int, int]:
-    """Strides of an ``(N, C, L)`` tensor, or zeros for an absent one."""
-    if t is None or t.dim() != 3:
-        return (0, 0, 0)
-    stride_n, stride_c, stride_l = t.stride()
-    return (stride_n, stride_c, stride_l)
+#: Strides passed for an absent tensor (never read).
+_NO_STRIDES = (0, 0, 0)
 
 
 def check_device(x3: torch.Tensor) -> None:
@@ -152,6 +194,15 @@ def _activation_code(activation: str) -> int:
     return int(ACTIVATIONS[None if activation == "none" else activation])
 
 
+_REDUCE_STATS = DirectLauncher(batchnorm_fwd, "reduce_stats_kernel")
+_NORMALIZE = DirectLauncher(batchnorm_fwd, "normalize_kernel")
+_PERSISTENT_FORWARD = DirectLauncher(batchnorm_fwd, "persistent_forward_kernel")
+_REDUCE_GRADS = DirectLauncher(batchnorm_bwd, "reduce_grads_kernel")
+_INPUT_GRAD = DirectLauncher(batchnorm_bwd, "input_grad_kernel")
+_PERSISTENT_BACKWARD = DirectLauncher(batchnorm_bwd, "persistent_backward_kernel")
+_INFERENCE = DirectLauncher(inference, "inference_kernel")
+
+
 def train_forward(
     x3: torch.Tensor,
     weight: torch.Tensor | None,
@@ -168,10 +219,10 @@ def train_forward(
     """Launches the training forward; returns ``(y, mean, invstd, var, mask, new_rm, new_rv)``.
 
     Absent outputs (the mask, the running statistics) are 0-element tensors. With ``in_place``
-    the merge kernel writes the new running statistics over ``running_mean``/``running_var``
-    (each channel's value is read before it is written, by the same program), which are then
-    returned as ``new_rm``/``new_rv``: no separate update or copy. The op (``torch.library``)
-    never passes it: its inputs are not mutable.
+    the reduction's merging program writes the new running statistics over
+    ``running_mean``/``running_var`` (each channel's value is read before it is written, by the
+    same program), which are then returned as ``new_rm``/``new_rv``: no separate update or copy.
+    The op (``torch.library``) never passes it: its inputs are not mutable.
     """
     check_device(x3)
     n, c, length = x3.shape
@@ -182,7 +233,7 @@ def train_forward(
     positive = torch.empty_like(x3, dtype=torch.uint8) if save_mask else placeholder(x3)
     update = running_mean is not None and running_var is not None and rows > 0
     if update and in_place:
-        new_mean, new_var = running_mean, running_var  # (C,), (C,): moved by the merge kernel
+        new_mean, new_var = running_mean, running_var  # (C,), (C,): moved by the kernel
     else:
         new_mean = torch.empty_like(running_mean) if update else placeholder(x3)  # type: ignore[arg-type]
         new_var = torch.empty_like(running_var) if update else placeholder(x3)  # type: ignore[arg-type]
@@ -199,52 +250,60 @@ def train_forward(
     z_ = x3 if residual is None else residual
     positive_ = positive if save_mask else x3
     old_mean, old_var = (running_mean, running_var) if update else (mean, var)
-    strides = (*_strides(x3), *_strides(y), *_strides(residual), *_strides(positive))
-    flags = {
-        "HAS_WEIGHT": weight is not None,
-        "HAS_BIAS": bias is not None,
-        "HAS_RESIDUAL": residual is not None,
-        "ACTIVATION": _activation_code(activation),
-        "SAVE_MASK": save_mask,
-    }
-    split = _config(x3)
+    out_mean, out_var = (new_mean, new_var) if update else (mean, var)
+    batch, length_, vec, (sx, sy, sz, sp) = _geometry(n, length, (x3, y, z_, positive_))
+    strides = (*sx, *sy, *(sz if residual is not None else _NO_STRIDES),
+               *(sp if save_mask else _NO_STRIDES))  # fmt: skip
+    flags = (
+        weight is not None, bias is not None, residual is not None, _activation_code(activation),
+        save_mask,
+    )  # fmt: skip
+    split = _config(x3, batch, length_, vec)
 
     def persistent(config: TileConfig, warmup: bool = False) -> Any:
-        partial = x3.new_empty((3, config.row_programs, c), dtype=torch.float32)  # (3, P, C)
-        counter = torch.zeros(config.channel_blocks, dtype=torch.int32, device=x3.device)
-        kernel = batchnorm_fwd.persistent_forward_kernel
-        run = kernel.warmup if warmup else kernel[config.grid]
-        extra = {"grid": config.grid} if warmup else {}
-        return run(
+        partial, counter = scratch(x3.device, 3 * config.row_programs * c, config.channel_blocks)
+        args = (
             x3, y, z_, positive_, weight_, bias_, partial, counter, mean, invstd, var,
-            old_mean, old_var, new_mean if update else mean, new_var if update else var,
-            rows, length, c, config.row_programs, eps, momentum, negative_slope, *strides,
-            config.rows_per_program, **flags, UPDATE_RUNNING=update, BLOCK_M=config.block_m,
-            BLOCK_P=batchnorm_fwd.merge_block_p(config.row_programs), BLOCK_C=config.block_c,
-            num_warps=config.num_warps, **extra,
+            old_mean, old_var, out_mean, out_var, batch, length_ // config.l_vec, c,
+            config.row_programs, config.tiles_per_program, *strides, eps, momentum,
+            negative_slope,
         )  # fmt: skip
+        constexprs = (
+            *flags, update, config.l_vec, config.block_n, config.block_l, config.block_c,
+            batchnorm_fwd.merge_block_p(config.row_programs),
+        )  # fmt: skip
+        run = _PERSISTENT_FORWARD.warmup if warmup else _PERSISTENT_FORWARD
+        return run(config.grid, args, constexprs, config.num_warps)
 
     if _arrangement() == "persistent":
-        config = _persistent_config(x3, lambda cfg: persistent(cfg, warmup=True), split)
+        config = _persistent_config(
+            x3, batch, length_, vec, lambda cfg: persistent(cfg, warmup=True), split
+        )
         if config is not None:
             persistent(config)
             return outputs
-    partial = x3.new_empty((3, split.row_programs, c), dtype=torch.float32)  # (3, P, C)
-    batchnorm_fwd.partial_stats_kernel[split.grid](
-        x3, partial, rows, length, c, split.row_programs, *_strides(x3), split.rows_per_program,
-        BLOCK_M=split.block_m, BLOCK_C=split.block_c, num_warps=split.num_warps,
+    partial, counter = scratch(x3.device, 3 * split.row_programs * c, split.channel_blocks)
+    l_groups = length_ // split.l_vec
+    _REDUCE_STATS(
+        split.grid,
+        (
+            x3, partial, counter, mean, invstd, var, old_mean, old_var, out_mean, out_var,
+            batch, l_groups, c, split.row_programs, split.tiles_per_program, *sx, eps, momentum,
+        ),
+        (
+            update, split.l_vec, split.block_n, split.block_l, split.block_c,
+            batchnorm_fwd.merge_block_p(split.row_programs),
+        ),
+        split.num_warps,
     )  # fmt: skip
-    merge_block_c = min(next_power_of_2(c), 128)
-    batchnorm_fwd.merge_stats_kernel[(cdiv(c, merge_block_c),)](
-        partial, x3, x3.stride(1), split.row_programs, c, eps, momentum, mean, invstd, var,
-        old_mean, old_var,
-        new_mean if update else mean, new_var if update else var, UPDATE_RUNNING=update,
-        BLOCK_P=batchnorm_fwd.merge_block_p(split.row_programs), BLOCK_C=merge_block_c,
-    )  # fmt: skip
-    batchnorm_fwd.normalize_kernel[split.grid](
-        x3, y, z_, positive_, weight_, bias_, mean, invstd, rows, length, c, negative_slope,
-        *strides, split.rows_per_program, **flags, BLOCK_M=split.block_m,
-        BLOCK_C=split.block_c, num_warps=split.num_warps,
+    _NORMALIZE(
+        split.grid,
+        (
+            x3, y, z_, positive_, weight_, bias_, mean, invstd, batch, l_groups, c,
+            split.tiles_per_program, *strides, negative_slope,
+        ),
+        (*flags, split.l_vec, split.block_n, split.block_l, split.block_c),
+        split.num_warps,
     )  # fmt: skip
     return outputs
 
@@ -275,7 +334,8 @@ def train_backward(
     dz = torch.empty_like(x3) if residual_grad else placeholder(x3)  # (N, C, L)
     if rows == 0:  # no values: zero gradients (separate tensors: op outputs may not alias)
         return dx, *(x3.new_zeros((c,), dtype=torch.float32) for _ in range(2)), dz
-    # dγ, dβ of every channel are stored by the merge (split) or by program 0 of its block.
+    # dγ, dβ of every channel are stored by the reduction's last program (split) or by
+    # program 0 of its block (persistent).
     dweight, dbias = (x3.new_empty((c,), dtype=torch.float32) for _ in range(2))  # (C,), (C,)
     from_mask = positive.dim() == 3
     # Absent tensors are never read or written (constexpr flags); x3 stands in for them.
@@ -284,57 +344,64 @@ def train_backward(
     z_ = x3 if residual is None else residual
     positive_ = positive if from_mask else x3
     dz_ = dz if residual_grad else x3
-    strides = (
-        *_strides(dy), *_strides(x3), *_strides(residual), *_strides(positive),
-        *_strides(dx), *_strides(dz),
+    batch, length_, vec, (sd, sx, sz, sp, sdx, sdz) = _geometry(
+        n, length, (dy, x3, z_, positive_, dx, dz_)
+    )
+    grad_strides = (
+        *sd, *sx, *(sz if residual is not None else _NO_STRIDES),
+        *(sp if from_mask else _NO_STRIDES),
     )  # fmt: skip
-    flags = {
-        "HAS_WEIGHT": weight is not None,
-        "HAS_BIAS": bias is not None,
-        "HAS_RESIDUAL": residual is not None,
-        "ACTIVATION": _activation_code(activation),
-        "FROM_MASK": from_mask,
-        "WRITE_DZ": residual_grad,
-    }
-    split = _config(x3)
+    strides = (*grad_strides, *sdx, *(sdz if residual_grad else _NO_STRIDES))
+    flags = (
+        weight is not None, bias is not None, residual is not None, _activation_code(activation),
+        from_mask,
+    )  # fmt: skip
+    split = _config(x3, batch, length_, vec)
 
     def persistent(config: TileConfig, warmup: bool = False) -> Any:
-        partial = x3.new_empty((2, config.row_programs, c), dtype=torch.float32)  # (2, P, C)
-        counter = torch.zeros(config.channel_blocks, dtype=torch.int32, device=x3.device)
-        kernel = batchnorm_bwd.persistent_backward_kernel
-        run = kernel.warmup if warmup else kernel[config.grid]
-        extra = {"grid": config.grid} if warmup else {}
-        return run(
+        partial, counter = scratch(x3.device, 2 * config.row_programs * c, config.channel_blocks)
+        args = (
             dy, x3, z_, positive_, dx, dz_, weight_, bias_, mean, invstd, partial, counter,
-            dweight, dbias, rows, length, c, config.row_programs, negative_slope, *strides,
-            config.rows_per_program, **flags, BLOCK_M=config.block_m,
-            BLOCK_P=batchnorm_fwd.merge_block_p(config.row_programs), BLOCK_C=config.block_c,
-            num_warps=config.num_warps, **extra,
+            dweight, dbias, batch, length_ // config.l_vec, c, config.row_programs,
+            config.tiles_per_program, *strides, negative_slope,
         )  # fmt: skip
+        constexprs = (
+            *flags, residual_grad, config.l_vec, config.block_n, config.block_l,
+            config.block_c, batchnorm_fwd.merge_block_p(config.row_programs),
+        )  # fmt: skip
+        run = _PERSISTENT_BACKWARD.warmup if warmup else _PERSISTENT_BACKWARD
+        return run(config.grid, args, constexprs, config.num_warps)
 
     if _arrangement() == "persistent":
-        config = _persistent_config(x3, lambda cfg: persistent(cfg, warmup=True), split)
+        config = _persistent_config(
+            x3, batch, length_, vec, lambda cfg: persistent(cfg, warmup=True), split
+        )
         if config is not None:
             persistent(config)
             return dx, dweight, dbias, dz
-    partial = x3.new_empty((2, split.row_programs, c), dtype=torch.float32)  # (2, P, C)
-    grad_strides = strides[:12]  # dy, x, z, mask
-    batchnorm_bwd.partial_grads_kernel[split.grid](
-        dy, x3, z_, positive_, weight_, bias_, mean, invstd, partial, rows, length, c,
-        split.row_programs, negative_slope, *grad_strides, split.rows_per_program,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, ACTIVATION=flags["ACTIVATION"], FROM_MASK=from_mask,
-        BLOCK_M=split.block_m, BLOCK_C=split.block_c, num_warps=split.num_warps,
+    partial, counter = scratch(x3.device, 2 * split.row_programs * c, split.channel_blocks)
+    l_groups = length_ // split.l_vec
+    _REDUCE_GRADS(
+        split.grid,
+        (
+            dy, x3, z_, positive_, weight_, bias_, mean, invstd, partial, counter, dweight,
+            dbias, batch, l_groups, c, split.row_programs, split.tiles_per_program,
+            *grad_strides, negative_slope,
+        ),
+        (
+            *flags, split.l_vec, split.block_n, split.block_l, split.block_c,
+            batchnorm_fwd.merge_block_p(split.row_programs),
+        ),
+        split.num_warps,
     )  # fmt: skip
-    merge_block_c = min(next_power_of_2(c), 128)
-    batchnorm_bwd.merge_grads_kernel[(cdiv(c, merge_block_c),)](
-        partial, dweight, dbias, split.row_programs, c,
-        BLOCK_P=batchnorm_fwd.merge_block_p(split.row_programs), BLOCK_C=merge_block_c,
-    )  # fmt: skip
-    batchnorm_bwd.input_grad_kernel[split.grid](
-        dy, x3, z_, positive_, dx, dz_, weight_, bias_, mean, invstd, dweight, dbias, rows, length,
-        c, negative_slope, *strides, split.rows_per_program, **flags, BLOCK_M=split.block_m,
-        BLOCK_C=split.block_c, num_warps=split.num_warps,
+    _INPUT_GRAD(
+        split.grid,
+        (
+            dy, x3, z_, positive_, dx, dz_, weight_, bias_, mean, invstd, dweight, dbias, batch,
+            l_groups, c, split.tiles_per_program, *strides, negative_slope,
+        ),
+        (*flags, residual_grad, split.l_vec, split.block_n, split.block_l, split.block_c),
+        split.num_warps,
     )  # fmt: skip
     return dx, dweight, dbias, dz
 
@@ -356,13 +423,22 @@ def run_inference(
     y = torch.empty_like(x3)  # (N, C, L)
     if n * length == 0:
         return y
-    config = _config(x3)
-    inference.inference_kernel[config.grid](
-        x3, y, x3 if residual is None else residual, x3 if weight is None else weight,
-        x3 if bias is None else bias, running_mean, running_var, n * length, length, c, eps,
-        negative_slope, *_strides(x3), *_strides(y), *_strides(residual),
-        config.rows_per_program, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None, ACTIVATION=_activation_code(activation),
-        BLOCK_M=config.block_m, BLOCK_C=config.block_c, num_warps=config.num_warps,
+    z_ = x3 if residual is None else residual
+    batch, length_, vec, (sx, sy, sz) = _geometry(n, length, (x3, y, z_))
+    config = _config(x3, batch, length_, vec)
+    _INFERENCE(
+        config.grid,
+        (
+            x3, y, z_, x3 if weight is None else weight, x3 if bias is None else bias,
+            running_mean, running_var, batch, length_ // config.l_vec, c,
+            config.tiles_per_program, *sx, *sy, *(sz if residual is not None else _NO_STRIDES),
+            eps, negative_slope,
+        ),
+        (
+            weight is not None, bias is not None, residual is not None,
+            _activation_code(activation), config.l_vec, config.block_n, config.block_l,
+            config.block_c,
+        ),
+        config.num_warps,
     )  # fmt: skip
     return y
