@@ -16,6 +16,7 @@ import torch
 
 from batchnorm import backends, reference
 from batchnorm.backends import compute_dtype, measured, resolve_backend
+from batchnorm.backends.base import Saved
 from batchnorm.functional import batch_norm, batch_norm_pure
 from batchnorm.kernels.cpu import cpu_stream
 from batchnorm.modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
@@ -114,7 +115,7 @@ def test_backend_matches_reference(backend_name, dtype, shape, memory_format, af
     x3, dy3 = _channel_view(x), _channel_view(dy)
 
     y, mean, invstd, var = backend.forward(x3, weight, bias, EPS)
-    dx, dweight, dbias = backend.backward(dy3, x3, weight, mean, invstd)
+    dx, dweight, dbias = backend.backward(dy3, Saved(x3, weight, mean, invstd))
 
     stats_dtype = compute_dtype(dtype)
     assert (y.dtype, dx.dtype) == (dtype, dtype)
@@ -254,7 +255,7 @@ def test_empty_batch(backend_name, dtype, shape) -> None:
     backend = _backend(backend_name)
     x3 = torch.zeros(shape[0], 3, 4 if len(shape) == 3 else 1, dtype=dtype)[..., : shape[-1]]
     result = backend.forward(x3, None, None, EPS)  # (N, C, L) with N·L = 0
-    dx, dweight, dbias = backend.backward(x3, x3, None, result.mean, result.invstd)
+    dx, dweight, dbias = backend.backward(x3, Saved(x3, None, result.mean, result.invstd))
     assert result.y.shape == dx.shape == x3.shape
     assert torch.equal(dweight, torch.zeros(3, dtype=compute_dtype(dtype)))
     assert torch.equal(dbias, torch.zeros(3, dtype=compute_dtype(dtype)))

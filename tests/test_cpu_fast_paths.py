@@ -19,7 +19,7 @@ from batchnorm._math import new_running_stats
 from batchnorm.autograd import batch_norm_train
 from batchnorm.backends import measured, memory
 from batchnorm.backends.aten_backend import AtenBackend, native_operand, rows_as_input
-from batchnorm.backends.base import Call
+from batchnorm.backends.base import Call, Saved
 from batchnorm.functional import batch_norm, batch_norm_pure, channel_view
 
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
@@ -497,7 +497,7 @@ def test_numba_gradient_sums_precision_with_long_rows() -> None:
     dy = (0.3 + torch.randn(1, 2, 1 << 22, generator=gen)).float()
     backend = CpuBackend(ALL_KERNEL_CASES)
     stats = backend.forward(x, None, None, EPS)
-    _dx, dweight, dbias = backend.backward(dy, x, None, stats.mean, stats.invstd)
+    _dx, dweight, dbias = backend.backward(dy, Saved(x, None, stats.mean, stats.invstd))
     x64, dy64 = x.double(), dy.double()
     centered = x64 - stats.mean.double()[None, :, None]  # (1, 2, L)
     dbias64 = dy64.sum(dim=(0, 2))

@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 from batchnorm import backends
 from batchnorm.backends import cuda_backend as cb
+from batchnorm.backends.base import Saved
 from batchnorm.backends.triton_backend import TritonBackend
 from batchnorm.functional import batch_norm
 
@@ -164,8 +165,8 @@ def test_aten_backward_takes_dy_in_the_statistics_dtype(channels_last) -> None:
     dy = torch.randn(2, 3, 4)  # float32
     mean = x.float().mean((0, 2))
     invstd = torch.rsqrt(x.float().var((0, 2), correction=0) + 1e-5)
-    got = AtenBackend().backward(dy, x, torch.ones(3), mean, invstd)
-    expected = AtenBackend().backward(dy.bfloat16(), x, torch.ones(3), mean, invstd)
+    got = AtenBackend().backward(dy, Saved(x, torch.ones(3), mean, invstd))
+    expected = AtenBackend().backward(dy.bfloat16(), Saved(x, torch.ones(3), mean, invstd))
     for actual, want in zip(got, expected, strict=True):
         assert torch.equal(actual, want)
 
@@ -184,9 +185,9 @@ def test_aten_backward_without_weight_hands_aten_a_weight_of_ones(monkeypatch) -
     monkeypatch.setattr(torch.ops.aten, "native_batch_norm_backward", spy)
     x, dy = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
     mean, invstd = x.mean((0, 2)), torch.rsqrt(x.var((0, 2), correction=0) + 1e-5)
-    dx, dweight, dbias = AtenBackend().backward(dy, x, None, mean, invstd)
+    dx, dweight, dbias = AtenBackend().backward(dy, Saved(x, None, mean, invstd))
     assert torch.equal(seen[0], torch.ones(3))
-    expected = AtenBackend().backward(dy, x, torch.ones(3), mean, invstd)
+    expected = AtenBackend().backward(dy, Saved(x, torch.ones(3), mean, invstd))
     for got, want in zip((dx, dweight, dbias), expected, strict=True):
         assert torch.equal(got, want)
 

@@ -19,6 +19,7 @@ pytest.importorskip("triton")
 import triton_helpers as th
 from batchnorm.backends import resolve_backend
 from batchnorm.backends import triton_backend as tb
+from batchnorm.backends.base import Saved
 from batchnorm.kernels.triton import batchnorm_fwd, launch
 from batchnorm.kernels.triton.common import tile_config
 
@@ -58,7 +59,9 @@ def test_forward_backward_match_reference(
         actual = getattr(result, name)
         assert actual.dtype == torch.float32, name
         torch.testing.assert_close(actual.double(), expected[name], atol=1e-5, rtol=1e-5)
-    dx, dweight, dbias = backend.backward(_view3(dy), _view3(x), weight, result.mean, result.invstd)
+    dx, dweight, dbias = backend.backward(
+        _view3(dy), Saved(_view3(x), weight, result.mean, result.invstd)
+    )
     th.assert_close_to(dx.reshape(shape), expected["dx"], dtype, "dx")
     th.assert_close_to(dweight, expected["dweight"], dtype, "dweight")
     th.assert_close_to(dbias, expected["dbias"], dtype, "dbias")
@@ -144,7 +147,7 @@ def test_many_row_programs_merge_exactly(
         expected = th.reference(x, weight, bias, None, dy)
         th.assert_close_to(result.y, expected["y"], torch.float32, "y")
         torch.testing.assert_close(result.var.double(), expected["var"], atol=1e-6, rtol=1e-5)
-        dx, dweight, dbias = backend.backward(dy, x, weight, result.mean, result.invstd)
+        dx, dweight, dbias = backend.backward(dy, Saved(x, weight, result.mean, result.invstd))
         th.assert_close_to(dx, expected["dx"], torch.float32, "dx")
         th.assert_close_to(dweight, expected["dweight"], torch.float32, "dweight")
         th.assert_close_to(dbias, expected["dbias"], torch.float32, "dbias")
@@ -159,7 +162,7 @@ def test_counters_are_left_at_zero(arrangement: str) -> None:
     assert torch.equal(counter[0::2], torch.zeros_like(counter[0::2]))
     backend = resolve_backend("triton", CPU)
     result = backend.forward(x.detach(), None, None, 1e-5)
-    backend.backward(torch.ones_like(y), x.detach(), None, result.mean, result.invstd)
+    backend.backward(torch.ones_like(y), Saved(x.detach(), None, result.mean, result.invstd))
     assert torch.equal(counter[0::2], torch.zeros_like(counter[0::2]))
 
 
@@ -177,7 +180,7 @@ def test_empty_batch_and_float64() -> None:
     empty = torch.empty(0, 3, 4)
     result = backend.forward(empty, None, None, 1e-5)
     assert result.y.shape == empty.shape
-    dx, dweight, _dbias = backend.backward(empty, empty, None, result.mean, result.invstd)
+    dx, dweight, _dbias = backend.backward(empty, Saved(empty, None, result.mean, result.invstd))
     assert dx.shape == empty.shape
     assert torch.equal(dweight, torch.zeros(3))
     assert (
@@ -192,7 +195,9 @@ def test_empty_batch_and_float64() -> None:
     assert not backend.supports_fusion(x64)
     expected = th.reference(x64, None, None, None, torch.ones_like(x64))
     torch.testing.assert_close(result64.y, expected["y"])
-    dx64, _, _ = backend.backward(torch.ones_like(x64), x64, None, result64.mean, result64.invstd)
+    dx64, _, _ = backend.backward(
+        torch.ones_like(x64), Saved(x64, None, result64.mean, result64.invstd)
+    )
     torch.testing.assert_close(dx64, expected["dx"])
 
 

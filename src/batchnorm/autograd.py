@@ -37,7 +37,7 @@ from batchnorm._math import (
     new_running_stats,
 )
 from batchnorm.backends import Backend, ForwardResult
-from batchnorm.backends.base import Call, channel_view, normalize_with_running_stats
+from batchnorm.backends.base import Call, Saved, channel_view, normalize_with_running_stats
 from batchnorm.backends.native import backend_grads, save_for_backend
 
 __all__ = [
@@ -209,7 +209,7 @@ class BatchNormActFunction(torch.autograd.Function):
             if residual is not None:
                 u = u + residual.to(dtype)
             du = du * activation_derivative(u, ctx.activation, ctx.negative_slope)
-        dx, dweight, dbias = ctx.backend.backward(du, x, weight, mean, invstd)
+        dx, dweight, dbias = ctx.backend.backward(du, Saved(x, weight, mean, invstd))
         needs_x, needs_weight, needs_bias, needs_residual = ctx.needs_input_grad[:4]
         return (
             dx if needs_x else None,

@@ -44,6 +44,8 @@ from batchnorm.backends.base import (
     BatchNormOutput,
     Call,
     ForwardResult,
+    Gradients,
+    Saved,
     channel_view,
     compute_dtype,
     normalize_with_running_stats,
@@ -376,14 +378,7 @@ class AtenBackend(Backend):
         )
         return (y3 if rows is None else _from_rows(y3, x3)).reshape(x.shape)
 
-    def backward(
-        self,
-        dy: torch.Tensor,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        mean: torch.Tensor,
-        invstd: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def backward(self, dy: torch.Tensor, saved: Saved) -> Gradients:
         """Backward of :meth:`forward`; see :class:`Backend`.
 
         ``dy`` may come in the statistics dtype (float32 for float16/bfloat16 ``x``: the fused
@@ -392,12 +387,13 @@ class AtenBackend(Backend):
         it. Without ``weight``, a weight of ones goes in (``dx`` is the same): ATen's CUDA
         kernels need one to return ``dγ`` and ``dβ`` of shape ``(C,)``.
         """
+        x, weight, mean, invstd = saved
         stats_dtype = compute_dtype(x.dtype)
         if dy.dtype != x.dtype:
             dy = dy.to(x.dtype)  # (N, C, L)
         if x.shape[0] * x.shape[2] == 0:
             zeros = torch.zeros(x.shape[1], dtype=stats_dtype, device=x.device)  # (C,)
-            return torch.zeros_like(x), zeros, zeros.clone()
+            return Gradients(torch.zeros_like(x), zeros, zeros.clone())
         rows = channel_rows(x)  # (M, C) or None
         if weight is None:
             weight = torch.ones(x.shape[1], dtype=stats_dtype, device=x.device)  # (C,)  γ = 1
@@ -422,4 +418,4 @@ class AtenBackend(Backend):
                 0.0,
                 [True, True, True],
             )
-        return dx, dweight.to(stats_dtype), dbias.to(stats_dtype)
+        return Gradients(dx, dweight.to(stats_dtype), dbias.to(stats_dtype))

@@ -24,6 +24,8 @@ __all__ = [
     "ForwardResult",
     "FusedForwardResult",
     "Fusion",
+    "Gradients",
+    "Saved",
     "channel_view",
     "compute_dtype",
     "normalize_with_running_stats",
@@ -47,6 +49,36 @@ class ForwardResult(NamedTuple):
     mean: torch.Tensor
     invstd: torch.Tensor
     var: torch.Tensor
+
+
+class Saved(NamedTuple):
+    """What a training forward keeps for its backward (:meth:`Backend.backward`).
+
+    Attributes:
+        x: the input's ``(N, C, L)`` view.
+        weight: ``γ`` ``(C,)`` or ``None`` (1).
+        mean: the batch mean ``μ`` ``(C,)``, float32 (float64 for float64 input).
+        invstd: ``r = 1 / sqrt(σ² + ε)`` ``(C,)``, same dtype as ``mean``.
+    """
+
+    x: torch.Tensor
+    weight: torch.Tensor | None
+    mean: torch.Tensor
+    invstd: torch.Tensor
+
+
+class Gradients(NamedTuple):
+    """What :meth:`Backend.backward` returns.
+
+    Attributes:
+        dx: like ``x``, its dtype.
+        dweight: ``dγ = Σ dy·x̂`` ``(C,)``, float32 (float64 for float64 input).
+        dbias: ``dβ = Σ dy`` ``(C,)``, same dtype as ``dweight``.
+    """
+
+    dx: torch.Tensor
+    dweight: torch.Tensor
+    dbias: torch.Tensor
 
 
 class Fusion(NamedTuple):
@@ -120,15 +152,8 @@ class Backend:
         """Normalizes ``x`` of shape ``(N, C, L)`` with its own batch statistics."""
         raise NotImplementedError
 
-    def backward(
-        self,
-        dy: torch.Tensor,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        mean: torch.Tensor,
-        invstd: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns ``(dx, dweight, dbias)``: ``dx`` like ``x``, the others ``(C,)`` float32/64."""
+    def backward(self, dy: torch.Tensor, saved: Saved) -> Gradients:
+        """The gradients of :meth:`forward` for ``dy`` ``(N, C, L)``, from what it saved."""
         raise NotImplementedError
 
     def train(self, call: Call) -> BatchNormOutput | None:

@@ -82,6 +82,8 @@ from batchnorm.backends.base import (
     BatchNormOutput,
     Call,
     ForwardResult,
+    Gradients,
+    Saved,
     channel_view,
     compute_dtype,
 )
@@ -1016,20 +1018,14 @@ class CpuBackend(Backend):
         )
         return y3.reshape(x.shape)
 
-    def backward(
-        self,
-        dy: torch.Tensor,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        mean: torch.Tensor,
-        invstd: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def backward(self, dy: torch.Tensor, saved: Saved) -> Gradients:
         """Backward of :meth:`forward`; see :class:`Backend`."""
+        x, weight, mean, invstd = saved
         if _is_transformed(x, dy):
-            return self._torch.backward(dy, x, weight, mean, invstd)
+            return self._torch.backward(dy, saved)
         layout = self._kernel_layout("backward", x)
         if layout is None:
-            return self._aten.backward(dy, x, weight, mean, invstd)
+            return self._aten.backward(dy, saved)
         is_rows = layout == "rows"
         channels = x.shape[1]
         dx = empty_like(x)  # (N, C, L), strides of x (dense), huge pages
@@ -1054,7 +1050,7 @@ class CpuBackend(Backend):
                 (dweight_out.data_ptr(), dbias_out.data_ptr()),
                 _stream_threads(x),
             )
-            return dx, dweight_out, dbias_out
+            return Gradients(dx, dweight_out, dbias_out)
         array = _kernel_array(x, layout)  # (N, C, L) or (M, C)
         if is_rows:
             dy_array = _as_array(dy.transpose(1, 2).contiguous().view(array.shape))  # (M, C)
@@ -1067,7 +1063,7 @@ class CpuBackend(Backend):
         dx_array = _as_array(channel_rows(dx) if is_rows else dx)  # type: ignore[arg-type]
         _launch(kernel, x.numel(), dy_array, array, *per_channel, dx_array, dweight, dbias)
         dweight_t, dbias_t = _stats_tensors(grads, compute_dtype(x.dtype))  # (C,) each
-        return dx, dweight_t, dbias_t
+        return Gradients(dx, dweight_t, dbias_t)
 
 
 class Explanation(NamedTuple):

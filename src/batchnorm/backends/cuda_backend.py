@@ -17,7 +17,15 @@ from __future__ import annotations
 import torch
 
 from batchnorm.backends.aten_backend import AtenBackend
-from batchnorm.backends.base import Backend, BatchNormOutput, Call, ForwardResult, channel_view
+from batchnorm.backends.base import (
+    Backend,
+    BatchNormOutput,
+    Call,
+    ForwardResult,
+    Gradients,
+    Saved,
+    channel_view,
+)
 from batchnorm.backends.measured import TRITON_CASES, TritonCase
 from batchnorm.backends.triton_backend import TritonBackend
 
@@ -75,16 +83,9 @@ class CudaBackend(Backend):
         """ATen's forward primitive (what the generic path composes)."""
         return self._aten.forward(x, weight, bias, eps)
 
-    def backward(
-        self,
-        dy: torch.Tensor,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        mean: torch.Tensor,
-        invstd: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def backward(self, dy: torch.Tensor, saved: Saved) -> Gradients:
         """ATen's backward primitive."""
-        return self._aten.backward(dy, x, weight, mean, invstd)
+        return self._aten.backward(dy, saved)
 
     def train(self, call: Call) -> BatchNormOutput | None:
         """Triton's whole call where it takes it, else ATen's; see :class:`Backend`."""

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from batchnorm._math import differentiable_grads
-from batchnorm.backends.base import Backend, channel_view
+from batchnorm.backends.base import Backend, Saved, channel_view
 
 __all__ = ["backend_grads", "native_forward_train", "save_for_backend"]
 
@@ -44,10 +44,10 @@ def backend_grads(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]
     if torch.is_grad_enabled():  # create_graph: a differentiable graph, not the kernels
         return differentiable_grads(dy, (x, weight, bias), needs, ctx.eps)
     if x.dim() == 3:
-        dx, dweight, dbias = ctx.backend.backward(dy, x, weight, mean, invstd)
+        dx, dweight, dbias = ctx.backend.backward(dy, Saved(x, weight, mean, invstd))
     else:  # the input as the caller had it: the backend takes its (N, C, L) view
         x3, dy3 = channel_view(x), channel_view(dy)  # (N, C, L) each
-        dx, dweight, dbias = ctx.backend.backward(dy3, x3, weight, mean, invstd)
+        dx, dweight, dbias = ctx.backend.backward(dy3, Saved(x3, weight, mean, invstd))
         dx = dx.reshape(x.shape)  # (N, C, *), a view for the dense layouts
     return (
         dx if needs_x else None,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from batchnorm import reference
-from batchnorm.backends.base import Backend, ForwardResult, compute_dtype
+from batchnorm.backends.base import Backend, ForwardResult, Gradients, Saved, compute_dtype
 
 __all__ = ["NumpyBackend"]
 
@@ -58,20 +58,14 @@ class NumpyBackend(Backend):
             _to_torch(cache.var, x, stats_dtype),
         )
 
-    def backward(
-        self,
-        dy: torch.Tensor,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        mean: torch.Tensor,
-        invstd: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def backward(self, dy: torch.Tensor, saved: Saved) -> Gradients:
         """Backward of :meth:`forward`; see :class:`Backend`."""
+        x, weight, mean, invstd = saved
         channels = x.shape[1]
         stats_dtype = compute_dtype(x.dtype)
         if x.shape[0] * x.shape[2] == 0:
             zeros = torch.zeros(channels, dtype=stats_dtype, device=x.device)  # (C,)
-            return torch.zeros_like(x), zeros, zeros.clone()
+            return Gradients(torch.zeros_like(x), zeros, zeros.clone())
         mean64 = _to_float64(mean, 0, 0.0)  # (C,)
         invstd64 = _to_float64(invstd, 0, 0.0)  # (C,)
         x_hat = (_to_float64(x, 0, 0.0) - mean64[None, :, None]) * invstd64[None, :, None]
@@ -83,7 +77,7 @@ class NumpyBackend(Backend):
             var=1.0 / invstd64**2,  # σ² + ε; backward does not read it
         )
         dx, dweight, dbias = reference.backward(_to_float64(dy, 0, 0.0), cache)
-        return (
+        return Gradients(
             _to_torch(dx, x, x.dtype),
             _to_torch(dweight, x, stats_dtype),
             _to_torch(dbias, x, stats_dtype),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from batchnorm.backends.base import Backend, ForwardResult, compute_dtype
+from batchnorm.backends.base import Backend, ForwardResult, Gradients, Saved, compute_dtype
 
 __all__ = ["TorchBackend"]
 
@@ -47,15 +47,9 @@ class TorchBackend(Backend):
             y = y + _per_channel(bias.to(dtype))  # (N, C, L)
         return ForwardResult(y.to(x.dtype), mean, invstd, var)
 
-    def backward(
-        self,
-        dy: torch.Tensor,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        mean: torch.Tensor,
-        invstd: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def backward(self, dy: torch.Tensor, saved: Saved) -> Gradients:
         """Backward of :meth:`forward`; see :class:`Backend` for the three-term formula."""
+        x, weight, mean, invstd = saved
         dtype = compute_dtype(x.dtype)
         dyf = dy.to(dtype)  # (N, C, L)
         count = x.shape[0] * x.shape[2]  # M = N·L
@@ -67,4 +61,4 @@ class TorchBackend(Backend):
         mean_term = _per_channel(dbias / max(count, 1))  # (1, C, 1)
         variance_term = x_hat * _per_channel(dweight / max(count, 1))  # (N, C, L)
         dx = _per_channel(gain) * (dyf - mean_term - variance_term)  # (N, C, L)
-        return dx.to(x.dtype), dweight, dbias
+        return Gradients(dx.to(x.dtype), dweight, dbias)

@@ -20,6 +20,8 @@ from batchnorm.backends.base import (
     Call,
     ForwardResult,
     FusedForwardResult,
+    Gradients,
+    Saved,
     channel_view,
 )
 from batchnorm.backends.torch_backend import TorchBackend
@@ -129,22 +131,16 @@ class TritonBackend(Backend):
         y, mean, invstd, var, *_ = forward(x, weight, bias, None, None, None, 0.0, eps, "none", 0.0)
         return ForwardResult(y, mean, invstd, var)
 
-    def backward(
-        self,
-        dy: torch.Tensor,
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        mean: torch.Tensor,
-        invstd: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def backward(self, dy: torch.Tensor, saved: Saved) -> Gradients:
         """Backward of :meth:`forward`; see :class:`Backend`."""
+        x, weight, mean, invstd = saved
         if not self.supports_fusion(x):
-            return _TORCH_BACKEND.backward(dy, x, weight, mean, invstd)
+            return _TORCH_BACKEND.backward(dy, saved)
         backward = train_backward if runs_eagerly(x, dy, weight) else train_backward_op
         dx, dweight, dbias, _dz = backward(
             dy, x, weight, None, None, placeholder(x), mean, invstd, "none", 0.0, False
         )
-        return dx, dweight, dbias
+        return Gradients(dx, dweight, dbias)
 
     def forward_act(
         self,

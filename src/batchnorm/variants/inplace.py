@@ -56,6 +56,7 @@ from torch.autograd.function import once_differentiable
 
 from batchnorm import _compat
 from batchnorm.backends import Backend, compute_dtype, resolve_backend
+from batchnorm.backends.base import Saved
 from batchnorm.functional import (
     BatchNormOutput,
     batch_norm_pure,
@@ -266,7 +267,7 @@ class InPlaceABNFunction(torch.autograd.Function):
             gain = gamma * gain  # (C,)  γ'·r
         zeros = torch.zeros_like(gain)  # (C,)  μ₀
         ones = torch.ones_like(gain)  # (C,)  r₀
-        dx3, dgamma, dbeta = ctx.backend.backward(dz3, x_hat, gain, zeros, ones)
+        dx3, dgamma, dbeta = ctx.backend.backward(dz3, Saved(x_hat, gain, zeros, ones))
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         dx = dx3.reshape(y.shape).to(y.dtype) if needs_x else None  # (N, C, *)
         dweight = None
