@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import statistics
 import sys
@@ -251,6 +252,23 @@ def _summarize(case: Case, pass_name: str, times: dict[str, list[float]]) -> dic
     }
 
 
+def summary(records: list[dict[str, Any]]) -> list[str]:
+    """Per ratio (``ours/aten``, ``ours-module/torch-module``, the A/A control): how many cases
+    reach 0.95, the smallest, and the geometric mean, of the paired ratios."""
+    lines = []
+    for name, baseline in BASELINE.items():
+        key = "paired_ratio_vs_" + baseline
+        values = [r["providers"][name][key] for r in records if name in r["providers"]]
+        if not values:
+            continue
+        geomean = math.exp(statistics.fmean(math.log(v) for v in values))
+        lines.append(
+            f"{name}/{baseline} (paired): {sum(v >= 0.95 for v in values)}/{len(values)} "
+            f"at 0.95 or more, min ×{min(values):.2f}, geomean ×{geomean:.3f}"
+        )
+    return lines
+
+
 def _print_row(record: dict[str, Any]) -> None:
     providers = record["providers"]
     cells = [
@@ -293,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             record = _summarize(case, pass_name, times)
             _print_row(record)
             records.append(record)
+    for line in summary(records):
+        print(line)
     if args.out is not None:
         payload = {
             "environment": harness.environment(torch.get_num_threads()),
