@@ -121,9 +121,6 @@ LAZY_BUDGET_S = 0.5
 WIN_RATIO = 1.05
 #: Largest run class (:func:`run_class`): every run from 2048 values on.
 RUN_MAX_CLASS = 6
-#: Values copied (float32; read and written) before each timed call, so caches start cold as
-#: in a network, as ``benchmarks/cpu_sizes.py`` does: 16 MB read and 16 MB written.
-FLUSH_ELEMENTS = 4 << 20
 #: The sweep's inputs, ``(N, 64, 16, 16)`` (``benchmarks/cpu_sizes.py``: ``(N, 64, 14, 14)``).
 SWEEP_CHANNELS, SWEEP_SPATIAL = 64, (16, 16)
 #: The run class a sweep's thresholds stand for, per layout (runs of 256 and of 64 values; the
@@ -388,8 +385,10 @@ def time_passes(
 ) -> dict[str, Timing]:
     """Times whole calls of ``kernels`` and ``aten`` on a scratch input, interleaved.
 
-    Each round runs both backends in a shuffled order (seeded), each pass after an untimed copy
-    of :data:`FLUSH_ELEMENTS` values (caches cold): the training forward (``train`` on a
+    Each round runs both backends in a shuffled order (seeded), with the caches as a network
+    leaves them for a batch norm's input, which the layer before has just written: the scratch
+    input was read by the previous call, no flush in between (as ``benchmarks/cpu.py`` times
+    it too). The passes: the training forward (``train`` on a
     :class:`Call`, autograd graph built), its backward (``torch.autograd.grad`` of that
     forward's output), evaluation (``evaluate``, no grad). Everything is made here from a
     private generator: no tensor of the caller's is read or written, torch's global random
@@ -431,7 +430,6 @@ def time_passes(
             x.requires_grad_()
             weight.requires_grad_()
             bias.requires_grad_()
-        source, target = torch.ones(FLUSH_ELEMENTS), torch.empty(FLUSH_ELEMENTS)
         train = Call(x, running_mean, running_var, weight, bias, 0.1, 1e-5, None, True)
         evaluate = Call(x, running_mean, running_var, weight, bias, 0.1, 1e-5, None, False)
         names = list(variants)
@@ -443,7 +441,6 @@ def time_passes(
                 backend = variants[name]
                 if training:
                     with torch.enable_grad():
-                        target.copy_(source)
                         begin = time.perf_counter()
                         result = backend.train(train)
                         elapsed = time.perf_counter() - begin
@@ -452,7 +449,6 @@ def time_passes(
                         if timed and "forward" in passes:
                             times.setdefault((name, "forward"), []).append(elapsed * 1e3)
                         if dy is not None:
-                            target.copy_(source)
                             begin = time.perf_counter()
                             torch.autograd.grad(result.output, (x, weight, bias), dy)
                             elapsed = time.perf_counter() - begin
@@ -461,7 +457,6 @@ def time_passes(
                         del result
                 if "inference" in passes:
                     with torch.no_grad():
-                        target.copy_(source)
                         begin = time.perf_counter()
                         backend.evaluate(evaluate)
                         elapsed = time.perf_counter() - begin
