@@ -5,8 +5,10 @@ float16, bfloat16 and float32 (statistics, γ, β and reductions in float32), on
 ``(N, C, L)`` view, channels_last included, without copying; float64 goes to the pure-torch
 backend (Triton's fp64 path has no use here). Eager calls launch through plain autograd
 functions; traced calls (``torch.compile``, fake tensors, ``torch.func``) through the
-``torch.library`` ops of :mod:`batchnorm.backends.triton_ops`, whose fakes serve tracing. Launch
-code and arrangements: :mod:`batchnorm.kernels.triton.launch`.
+``torch.library`` ops of :mod:`batchnorm.backends.triton_ops`, whose fakes serve tracing, or,
+under ``torch.compile`` with ``BATCHNORM_TRITON_COMPILED``, their ``triton_op`` twins of
+:mod:`batchnorm.backends.triton_compiled` (kernels visible to Inductor). Launch code and
+arrangements: :mod:`batchnorm.kernels.triton.launch`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from batchnorm._math import new_running_stats
+from batchnorm.backends import triton_compiled
 from batchnorm.backends.base import (
     Backend,
     BatchNormOutput,
@@ -127,7 +130,11 @@ class TritonBackend(Backend):
         """Training-mode forward on the ``(N, C, L)`` view; see :class:`Backend`."""
         if not self.supports_fusion(x):
             return _TORCH_BACKEND.forward(x, weight, bias, eps)
-        forward = train_forward if runs_eagerly(x, weight, bias) else train_op
+        if runs_eagerly(x, weight, bias):
+            forward = train_forward
+        else:
+            compiled = triton_compiled.use_triton_op(x)
+            forward = triton_compiled.train_compiled_op if compiled else train_op
         y, mean, invstd, var, *_ = forward(x, weight, bias, None, None, None, 0.0, eps, "none", 0.0)
         return ForwardResult(y, mean, invstd, var)
 
@@ -136,7 +143,11 @@ class TritonBackend(Backend):
         x, weight, mean, invstd = saved
         if not self.supports_fusion(x):
             return _TORCH_BACKEND.backward(dy, saved)
-        backward = train_backward if runs_eagerly(x, dy, weight) else train_backward_op
+        if runs_eagerly(x, dy, weight):
+            backward = train_backward
+        else:
+            compiled = triton_compiled.use_triton_op(x)
+            backward = triton_compiled.train_backward_compiled_op if compiled else train_backward_op
         dx, dweight, dbias, _dz = backward(
             dy, x, weight, None, None, placeholder(x), mean, invstd, "none", 0.0, False
         )
@@ -169,7 +180,9 @@ class TritonBackend(Backend):
         outputs = (
             TrainFunction.apply(*args, in_place)  # type: ignore[no-untyped-call]
             if direct
-            else train_op(*args)
+            else (
+                triton_compiled.train_compiled_op if triton_compiled.use_triton_op(x) else train_op
+            )(*args)
         )
         y, mean, invstd, var, _mask, new_mean, new_var = outputs
         has_running = new_mean.numel() > 0
@@ -196,7 +209,11 @@ class TritonBackend(Backend):
     ) -> torch.Tensor:
         """``act(γ·(x − μ̄)/sqrt(σ̄² + ε) + β + z)`` from the running statistics."""
         direct = runs_eagerly(x, running_mean, running_var, weight, bias, residual)
-        run = InferenceFunction.apply if direct else inference_op
+        if direct:
+            run = InferenceFunction.apply
+        else:
+            compiled = triton_compiled.use_triton_op(x)
+            run = triton_compiled.inference_compiled_op if compiled else inference_op
         y: torch.Tensor = run(  # type: ignore[no-untyped-call]
             x, running_mean, running_var, weight, bias, residual, float(eps),
             activation or "none", float(negative_slope),

@@ -11,11 +11,12 @@ Three ops in the ``batchnorm`` namespace, each with a fake (meta) implementation
   elementwise pass;
 * ``batchnorm::triton_inference`` — evaluation forward from the running statistics.
 
-The ops are opaque to Inductor (``torch.library.custom_op``), which keeps one code path for
-eager, compiled and interpreted runs (``torch.library.triton_op`` would expose the kernels to
-Inductor but cannot run them in the interpreter on CPU tensors). Outside tracing the backend
-calls the eager twins instead (:func:`runs_eagerly`): the same launches and formulas as plain
-autograd functions, without the ops' dispatch.
+The ops are opaque to Inductor (``torch.library.custom_op``): they serve every traced call that
+is not ``torch.compile`` on a GPU (fake tensors, ``make_fx``, ``torch.func``, the interpreter),
+and ``torch.compile`` where the ``torch.library.triton_op`` twins of
+:mod:`batchnorm.backends.triton_compiled` (which expose the kernels to Inductor) are not used.
+Outside tracing the backend calls the eager twins instead (:func:`runs_eagerly`): the same
+launches and formulas as plain autograd functions, without the ops' dispatch.
 """
 
 from __future__ import annotations
@@ -149,8 +150,14 @@ def _train_setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, .
     ctx.set_materialize_grads(False)
 
 
-def _train_backward_formula(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of ``batchnorm::triton_train`` w.r.t. ``x``, ``γ``, ``β`` and ``z``."""
+def _train_backward_formula(
+    ctx: Any, *grads: torch.Tensor, backward_op: Any = None
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``batchnorm::triton_train`` w.r.t. ``x``, ``γ``, ``β`` and ``z``.
+
+    ``backward_op``: the op a traced backward calls (default ``batchnorm::tritontrain_backward``;
+    the ``triton_op`` twin of :mod:`batchnorm.backends.triton_compiled` passes its own).
+    """
     x3, weight, bias, residual, positive, mean, invstd = ctx.saved_tensors
     needs = ctx.needs_input_grad
     if grads[0] is None:  # y itself was not used: nothing flows back
@@ -158,7 +165,7 @@ def _train_backward_formula(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tenso
     # With create_graph the op runs, so that differentiating its result fails as it does on
     # the op route (the kernels have no backward of their own) instead of losing gradients.
     direct = not torch.is_grad_enabled() and runs_eagerly(x3, grads[0], weight, bias, residual)
-    backward = train_backward if direct else train_backward_op
+    backward = train_backward if direct else (backward_op or train_backward_op)
     dx, dweight, dbias, dz = backward(
         grads[0], x3, weight, bias, residual, positive, mean, invstd, ctx.activation,
         ctx.negative_slope, needs[3],

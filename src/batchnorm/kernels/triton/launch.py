@@ -1,6 +1,6 @@
 """Launch code of the Triton kernels: tile configurations, occupancy, the three passes.
 
-(One file of about 440 lines: the forward, backward and inference launches share the geometry,
+(One file of about 490 lines: the forward, backward and inference launches share the geometry,
 the stand-ins for absent tensors and the occupancy check, and each lists its kernels' arguments
 in the kernels' own order; scratch memory and the launcher live beside it.)
 
@@ -86,7 +86,7 @@ def _multiprocessors(index: int) -> int:
 
 
 def _geometry(
-    n: int, length: int, tensors: tuple[torch.Tensor, ...]
+    n: int, length: int, tensors: tuple[torch.Tensor, ...], traceable: bool = False
 ) -> tuple[int, int, int, list[tuple[int, int, int]]]:
     """``(N, L, L_VEC, strides)`` as the kernels see the ``(N, C, L)`` ``tensors`` of one launch.
 
@@ -95,8 +95,12 @@ def _geometry(
     rows are passed as ``N = 1, L = M``: one row axis, 1-D row tiles. Otherwise (NCHW) the tiles
     are 2-D over ``(n, l)``. Where every tensor is contiguous along ``l``, ``L_VEC``
     (:func:`~.common.vector_width`) divides ``L`` and all ``n``/``c`` strides, which are returned
-    in units of ``L_VEC`` (the kernels multiply them back).
+    in units of ``L_VEC`` (the kernels multiply them back). ``traceable``: sizes and strides may
+    be symbolic (a traced call) and are specialized to ints.
     """
+    if traceable:
+        n, length = _static(n, length)
+        tensors = tuple(_StaticStrides(t) for t in tensors)  # type: ignore[misc]
     if length == 1 or n == 1 or all(t.stride(0) == length * t.stride(2) for t in tensors):
         axis = 0 if length == 1 else 2
         n, length = 1, n * length
@@ -109,6 +113,16 @@ def _geometry(
     if vec == 1:
         return n, length, 1, strides
     return n, length, vec, [(s[0] // vec, s[1] // vec, s[2]) for s in strides]
+
+
+class _StaticStrides:
+    """``stride(i)`` of a tensor as a Python int (for :func:`_geometry` of a traced call)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.strides = _static(*tensor.stride())
+
+    def stride(self, dim: int) -> int:
+        return self.strides[dim]
 
 
 def _config(x3: torch.Tensor, batch: int, length: int, vec: int) -> TileConfig:
@@ -194,6 +208,25 @@ def _activation_code(activation: str) -> int:
     return int(ACTIVATIONS[None if activation == "none" else activation])
 
 
+def _fresh_scratch(
+    device: torch.device, floats: int, counters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scratch of one traced call: allocated by the graph (Inductor's pool, a CUDA graph's
+    private pool when captured), the counters zero-filled by a kernel, never cached on the host."""
+    partial = torch.empty(max(floats, 1), dtype=torch.float32, device=device)
+    return partial, torch.zeros(max(2 * counters, 2), dtype=torch.int32, device=device)
+
+
+def _launch(launcher: DirectLauncher, traceable: bool) -> Any:
+    """The launch function: the cached direct launch, or ``wrap_triton`` when ``traceable``."""
+    return launcher.traced if traceable else launcher
+
+
+def _static(*values: Any) -> tuple[int, ...]:
+    """Sizes and strides as Python ints (a symbolic size is specialized: the tiles need ints)."""
+    return tuple(int(v) for v in values)
+
+
 _REDUCE_STATS = DirectLauncher(batchnorm_fwd, "reduce_stats_kernel")
 _NORMALIZE = DirectLauncher(batchnorm_fwd, "normalize_kernel")
 _PERSISTENT_FORWARD = DirectLauncher(batchnorm_fwd, "persistent_forward_kernel")
@@ -215,6 +248,8 @@ def train_forward(
     activation: str,
     negative_slope: float,
     in_place: bool = False,
+    *,
+    traceable: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Launches the training forward; returns ``(y, mean, invstd, var, mask, new_rm, new_rv)``.
 
@@ -222,10 +257,12 @@ def train_forward(
     the reduction's merging program writes the new running statistics over
     ``running_mean``/``running_var`` (each channel's value is read before it is written, by the
     same program), which are then returned as ``new_rm``/``new_rv``: no separate update or copy.
-    The op (``torch.library``) never passes it: its inputs are not mutable.
+    The op (``torch.library``) never passes it: its inputs are not mutable. ``traceable``
+    (the bodies of :mod:`batchnorm.backends.triton_compiled`): launches through
+    ``torch.library.wrap_triton``, per-call scratch, the split arrangement.
     """
     check_device(x3)
-    n, c, length = x3.shape
+    n, c, length = _static(*x3.shape) if traceable else x3.shape
     rows = n * length  # M
     y = torch.empty_like(x3)  # (N, C, L), strides of x3 when x3 is dense
     mean, invstd, var = (x3.new_empty((c,), dtype=torch.float32) for _ in range(3))  # (C,)
@@ -251,7 +288,7 @@ def train_forward(
     positive_ = positive if save_mask else x3
     old_mean, old_var = (running_mean, running_var) if update else (mean, var)
     out_mean, out_var = (new_mean, new_var) if update else (mean, var)
-    batch, length_, vec, (sx, sy, sz, sp) = _geometry(n, length, (x3, y, z_, positive_))
+    batch, length_, vec, (sx, sy, sz, sp) = _geometry(n, length, (x3, y, z_, positive_), traceable)
     strides = (*sx, *sy, *(sz if residual is not None else _NO_STRIDES),
                *(sp if save_mask else _NO_STRIDES))  # fmt: skip
     flags = (
@@ -275,16 +312,18 @@ def train_forward(
         run = _PERSISTENT_FORWARD.warmup if warmup else _PERSISTENT_FORWARD
         return run(config.grid, args, constexprs, config.num_warps)
 
-    if _arrangement() == "persistent":
+    if not traceable and _arrangement() == "persistent":
         config = _persistent_config(
             x3, batch, length_, vec, lambda cfg: persistent(cfg, warmup=True), split
         )
         if config is not None:
             persistent(config)
             return outputs
-    partial, counter = scratch(x3.device, 3 * split.row_programs * c, split.channel_blocks)
+    partial, counter = (_fresh_scratch if traceable else scratch)(
+        x3.device, 3 * split.row_programs * c, split.channel_blocks
+    )
     l_groups = length_ // split.l_vec
-    _REDUCE_STATS(
+    _launch(_REDUCE_STATS, traceable)(
         split.grid,
         (
             x3, partial, counter, mean, invstd, var, old_mean, old_var, out_mean, out_var,
@@ -296,7 +335,7 @@ def train_forward(
         ),
         split.num_warps,
     )  # fmt: skip
-    _NORMALIZE(
+    _launch(_NORMALIZE, traceable)(
         split.grid,
         (
             x3, y, z_, positive_, weight_, bias_, mean, invstd, batch, l_groups, c,
@@ -320,6 +359,8 @@ def train_backward(
     activation: str,
     negative_slope: float,
     residual_grad: bool,
+    *,
+    traceable: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Launches the training backward; returns ``(dx, dweight, dbias, dresidual)``.
 
@@ -328,7 +369,7 @@ def train_backward(
     ``(C,)``; ``dresidual = du`` (dtype of ``x``) when ``residual_grad``, else 0 elements.
     """
     check_device(x3)
-    n, c, length = x3.shape
+    n, c, length = _static(*x3.shape) if traceable else x3.shape
     rows = n * length  # M
     dx = torch.empty_like(x3)  # (N, C, L)
     dz = torch.empty_like(x3) if residual_grad else placeholder(x3)  # (N, C, L)
@@ -345,7 +386,7 @@ def train_backward(
     positive_ = positive if from_mask else x3
     dz_ = dz if residual_grad else x3
     batch, length_, vec, (sd, sx, sz, sp, sdx, sdz) = _geometry(
-        n, length, (dy, x3, z_, positive_, dx, dz_)
+        n, length, (dy, x3, z_, positive_, dx, dz_), traceable
     )
     grad_strides = (
         *sd, *sx, *(sz if residual is not None else _NO_STRIDES),
@@ -372,16 +413,18 @@ def train_backward(
         run = _PERSISTENT_BACKWARD.warmup if warmup else _PERSISTENT_BACKWARD
         return run(config.grid, args, constexprs, config.num_warps)
 
-    if _arrangement() == "persistent":
+    if not traceable and _arrangement() == "persistent":
         config = _persistent_config(
             x3, batch, length_, vec, lambda cfg: persistent(cfg, warmup=True), split
         )
         if config is not None:
             persistent(config)
             return dx, dweight, dbias, dz
-    partial, counter = scratch(x3.device, 2 * split.row_programs * c, split.channel_blocks)
+    partial, counter = (_fresh_scratch if traceable else scratch)(
+        x3.device, 2 * split.row_programs * c, split.channel_blocks
+    )
     l_groups = length_ // split.l_vec
-    _REDUCE_GRADS(
+    _launch(_REDUCE_GRADS, traceable)(
         split.grid,
         (
             dy, x3, z_, positive_, weight_, bias_, mean, invstd, partial, counter, dweight,
@@ -394,7 +437,7 @@ def train_backward(
         ),
         split.num_warps,
     )  # fmt: skip
-    _INPUT_GRAD(
+    _launch(_INPUT_GRAD, traceable)(
         split.grid,
         (
             dy, x3, z_, positive_, dx, dz_, weight_, bias_, mean, invstd, dweight, dbias, batch,
@@ -416,17 +459,19 @@ def run_inference(
     eps: float,
     activation: str,
     negative_slope: float,
+    *,
+    traceable: bool = False,
 ) -> torch.Tensor:
     """Launches the evaluation forward ``y = act(γ·(x − μ̄)/sqrt(σ̄² + ε) + β + z)``."""
     check_device(x3)
-    n, c, length = x3.shape
+    n, c, length = _static(*x3.shape) if traceable else x3.shape
     y = torch.empty_like(x3)  # (N, C, L)
     if n * length == 0:
         return y
     z_ = x3 if residual is None else residual
-    batch, length_, vec, (sx, sy, sz) = _geometry(n, length, (x3, y, z_))
+    batch, length_, vec, (sx, sy, sz) = _geometry(n, length, (x3, y, z_), traceable)
     config = _config(x3, batch, length_, vec)
-    _INFERENCE(
+    _launch(_INFERENCE, traceable)(
         config.grid,
         (
             x3, y, z_, x3 if weight is None else weight, x3 if bias is None else bias,

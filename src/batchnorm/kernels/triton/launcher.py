@@ -39,7 +39,13 @@ import torch
 
 from batchnorm.kernels.triton.common import interpreting
 
-__all__ = ["DirectLauncher", "fast_path_available", "int_class", "specialization_key"]
+__all__ = [
+    "DirectLauncher",
+    "fast_path_available",
+    "int_class",
+    "jit_function",
+    "specialization_key",
+]
 
 #: Triton versions whose ``CompiledKernel.run`` convention this module was checked against.
 _CHECKED_VERSIONS = ((3, 6), (3, 7), (3, 8), (3, 9))
@@ -113,6 +119,45 @@ def specialization_key(args: Sequence[Any]) -> tuple[tuple[Any, ...], list[Any]]
     return tuple(key), call
 
 
+_JIT_TWINS: dict[int, Any] = {}
+
+
+def jit_function(kernel: Any) -> Any:
+    """``kernel`` as a ``triton.runtime.jit.JITFunction``, which ``torch.library.wrap_triton``
+    needs in order to trace it (into ``triton_kernel_wrapper_mutation``/``_functional``).
+
+    A compiled ``@triton.jit`` kernel is returned as it is. Under ``TRITON_INTERPRET=1`` the
+    decorator made an ``InterpretedFunction``, which ``wrap_triton`` does not trace (torch 2.13
+    runs it eagerly, earlier versions reject it); its twin here is a ``JITFunction`` of the same
+    Python function whose launches run in the interpreter, so traced graphs can be built and
+    run on CPU tensors (tests only: Inductor generates its own launcher for the real kernel).
+    """
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, JITFunction):
+        return kernel
+    twin = _JIT_TWINS.get(id(kernel))
+    if twin is None:
+
+        class _InterpretedJIT(JITFunction):  # type: ignore[misc]
+            """A ``JITFunction`` whose launches run ``interpreted`` (the interpreter's kernel)."""
+
+            @property
+            def cache_key(self) -> str:  # the device functions are not JITFunctions
+                return f"interpreted:{self.fn.__module__}.{self.fn.__qualname__}"
+
+            def __hash__(self) -> int:
+                return hash(self.cache_key)
+
+            def run(self, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
+                for name in ("num_warps", "num_stages", "num_ctas"):
+                    kwargs.pop(name, None)
+                return kernel.run(*args, grid=grid, warmup=warmup, **kwargs)
+
+        twin = _JIT_TWINS[id(kernel)] = _InterpretedJIT(kernel.fn)
+    return twin
+
+
 class DirectLauncher:
     """Launches ``module.<name>`` (a ``@triton.jit`` kernel) with a per-specialization cache.
 
@@ -175,6 +220,22 @@ class DirectLauncher:
             grid[0], grid_y, grid_z, stream, compiled.function, compiled.packed_metadata,
             None, None, None, *call, *constexprs,
         )  # fmt: skip
+
+    def traced(
+        self,
+        grid: tuple[int, ...],
+        args: Sequence[Any],
+        constexprs: Sequence[Any],
+        num_warps: int,
+    ) -> None:
+        """``wrap_triton(kernel)[grid](...)``: the launch as ``torch.library.triton_op`` bodies
+        write it, tensors passed as tensors (traceable; no integer pointers, no cache)."""
+        from torch.library import wrap_triton
+
+        kernel = wrap_triton(jit_function(getattr(self.module, self.name)))
+        kernel[grid](
+            *args, **dict(zip(self.constexpr_names, constexprs, strict=True)), num_warps=num_warps
+        )
 
     def warmup(
         self,
