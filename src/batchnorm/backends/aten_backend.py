@@ -49,6 +49,7 @@ from batchnorm.backends.base import (
     channel_view,
     compute_dtype,
     normalize_with_running_stats,
+    plain_evaluation,
 )
 
 __all__ = [
@@ -253,13 +254,7 @@ class AtenBackend(Backend):
 
     def evaluate(self, call: Call) -> torch.Tensor | None:
         """Plain evaluation in one ATen pass; see :class:`Backend`."""
-        if call.fusion is not None:
-            return None
-        assert call.running_mean is not None  # checked by check_batch_norm_args
-        assert call.running_var is not None
-        return self.inference(
-            call.input, call.weight, call.bias, call.running_mean, call.running_var, call.eps
-        )
+        return plain_evaluation(self.inference, call)
 
     def forward(
         self,

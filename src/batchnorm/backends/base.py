@@ -10,6 +10,7 @@ backend overrides (running update included) and the others leave to the generic 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -29,6 +30,7 @@ __all__ = [
     "channel_view",
     "compute_dtype",
     "normalize_with_running_stats",
+    "plain_evaluation",
 ]
 
 
@@ -194,6 +196,18 @@ class FusedForwardResult(NamedTuple):
     var: torch.Tensor
     running_mean: torch.Tensor | None
     running_var: torch.Tensor | None
+
+
+def plain_evaluation(inference: Callable[..., torch.Tensor], call: Call) -> torch.Tensor | None:
+    """A plain call's evaluation by a backend's one-pass ``inference(x, γ, β, μ̄, σ̄², ε)``
+    (on the input as the caller has it); ``None`` for a fused call (the generic path)."""
+    if call.fusion is not None:
+        return None
+    assert call.running_mean is not None  # checked by check_batch_norm_args
+    assert call.running_var is not None
+    return inference(
+        call.input, call.weight, call.bias, call.running_mean, call.running_var, call.eps
+    )
 
 
 def channel_view(input: torch.Tensor) -> torch.Tensor:

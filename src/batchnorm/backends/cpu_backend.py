@@ -86,6 +86,7 @@ from batchnorm.backends.base import (
     Saved,
     channel_view,
     compute_dtype,
+    plain_evaluation,
 )
 from batchnorm.backends.calibration import RoutingTable, Timing
 from batchnorm.backends.measured import (
@@ -361,13 +362,7 @@ class CpuBackend(Backend):
 
     def evaluate(self, call: Call) -> torch.Tensor | None:
         """Plain evaluation on the kernels or ATen's; see :class:`Backend`."""
-        if call.fusion is not None:
-            return None
-        assert call.running_mean is not None  # checked by check_batch_norm_args
-        assert call.running_var is not None
-        return self.inference(
-            call.input, call.weight, call.bias, call.running_mean, call.running_var, call.eps
-        )
+        return plain_evaluation(self.inference, call)
 
     def __init__(
         self, kernel_cases: Mapping[KernelCase, int] | None = None, streaming: bool | None = None
