@@ -3,11 +3,15 @@
 Checks against independent computations: IDX files written here with NumPy, an SGD step of
 torch's optimizer for the landscape probe, evaluation-mode accuracy for batch statistics of a
 network without normalization, and the numbers of ``results.json`` in the reports.
+
+Why this file is long: it covers every part of the lab below the experiments' claims (data,
+models, training, runner, plans, reports); the claims' directions have their own files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 from pathlib import Path
 
@@ -18,8 +22,9 @@ from torch import nn
 
 from batchnorm.lab import data as lab_data
 from batchnorm.lab import experiments, models, training
-from batchnorm.lab.experiments import BUDGETS, EXPERIMENTS, Budget, LabContext
-from batchnorm.lab.report import format_value
+from batchnorm.lab.catalog import EXPERIMENTS, PLANS
+from batchnorm.lab.experiments import BUDGETS, Budget, LabContext
+from batchnorm.lab.report import format_value, write_markdown
 from batchnorm.lab.session import run_lab
 from batchnorm.lab.training import Runner, RunSpec
 from batchnorm.modules import BatchNorm1d
@@ -134,9 +139,30 @@ def test_mlp_follows_the_paper() -> None:
     assert abs(float(weights.std()) - 0.1) < 0.005
 
 
+@pytest.mark.parametrize(
+    ("activation", "gain"), [("sigmoid", 1.0), ("tanh", 1.0), ("relu", 2**0.5)]
+)
+def test_deep_mlp_with_scaled_init(activation: str, gain: float) -> None:
+    torch.manual_seed(0)
+    model = models.mlp(64, 10, "bn", hidden=400, depth=4, init_std=None, activation=activation)
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    assert len(linears) == 5
+    assert isinstance(model[-2], type(models.ACTIVATIONS[activation][0]()))
+    for linear in linears[:-1]:  # std = gain / √fan_in (He or LeCun)
+        expected = gain / linear.in_features**0.5
+        assert abs(float(linear.weight.detach().std()) / expected - 1) < 0.03, activation
+    assert abs(float(linears[-1].weight.detach().std()) * 20 - 1) < 0.05  # output: 1/√400
+    layer_norm = models.mlp(64, 10, "ln")
+    assert sum(isinstance(m, nn.LayerNorm) for m in layer_norm) == 3
+    biases = [lin.bias is None for lin in layer_norm if isinstance(lin, nn.Linear)]
+    assert biases == [True, True, True, False]  # β of each LayerNorm takes the bias's place
+
+
 def test_model_errors() -> None:
     with pytest.raises(ValueError, match="norm: expected one of"):
         models.norm_1d("layer", 4)
+    with pytest.raises(ValueError, match="activation: expected one of sigmoid, tanh, relu"):
+        models.mlp(64, 10, activation="gelu")
     with pytest.raises(ValueError, match="cell: expected 'lstm' or 'bnlstm'"):
         models.SequenceClassifier((8, 8), 10, 4, "gru")
     digits = lab_data.load_digits_dataset()
@@ -239,10 +265,18 @@ def test_runner_workers_match_in_process() -> None:
     serial = Runner("digits", jobs=1, progress=False)
     parallel = Runner("digits", jobs=2, progress=False)
     try:
+        parallel.prefetch(specs[1:])  # started now, collected by run() below
+        assert set(parallel._pending) == {specs[1]}
         assert parallel.run(specs, "parallel") == serial.run(specs, "serial")
+        assert parallel._pending == {}
         assert parallel.run(specs[:1], "cached")[0] is parallel.run(specs, "again")[0]
+        parallel.prefetch(specs)  # nothing left to start
+        assert parallel._pending == {}
     finally:
         parallel.close()
+    serial.prefetch(specs)  # one job: runs stay in this process, nothing is started
+    assert serial._pending == {}
+    assert serial._pool is None
     with pytest.raises(ValueError, match="jobs: expected a positive int"):
         Runner("digits", jobs=0)
 
@@ -271,19 +305,33 @@ def test_convergence_bn_is_ahead_at_mid_training() -> None:
 
 
 @pytest.fixture(scope="module")
-def quick_lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """Every experiment at the quick budget, with the variants made unavailable."""
+def quick_lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict[str, list]]:
+    """Every experiment at the quick budget, with the variants made unavailable; also records
+    the runs handed to ``Runner.prefetch`` and those each ``Runner.run`` call asked for."""
     folder = tmp_path_factory.mktemp("lab")
+    calls: dict[str, list] = {"prefetch": [], "run": []}
+    prefetch, run = Runner.prefetch, Runner.run
+
+    def recording_prefetch(self: Runner, specs: list[RunSpec]) -> None:
+        calls["prefetch"].append(list(specs))
+        prefetch(self, specs)
+
+    def recording_run(self: Runner, specs: list[RunSpec], description: str) -> list:
+        calls["run"].append((description, list(specs)))
+        return run(self, specs, description)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(models, "VARIANT_LAYERS", MISSING_VARIANTS)
+        patch.setattr(Runner, "prefetch", recording_prefetch)
+        patch.setattr(Runner, "run", recording_run)
         output = run_lab(budget="quick", out=folder, progress=True)
     assert output.report == folder / "report.html"
-    return folder, json.loads((folder / "results.json").read_text())
+    return folder, json.loads((folder / "results.json").read_text()), calls
 
 
 @pytest.mark.slow
-def test_every_experiment_writes_a_plot(quick_lab: tuple[Path, dict]) -> None:
-    folder, results = quick_lab
+def test_every_experiment_writes_a_plot(quick_lab: tuple[Path, dict, dict]) -> None:
+    folder, results, _ = quick_lab
     assert list(results["experiments"]) == list(EXPERIMENTS)
     for key, experiment in results["experiments"].items():
         assert experiment["figure"] == f"{key}.png"
@@ -294,9 +342,27 @@ def test_every_experiment_writes_a_plot(quick_lab: tuple[Path, dict]) -> None:
         assert experiment["summary"], key
 
 
+def markdown_cell(text: str) -> str:
+    """A Markdown table cell: a pipe is escaped (independent of the report's own helper)."""
+    return "".join("\\|" if character == "|" else character for character in text)
+
+
+def test_pipes_do_not_break_the_markdown_tables(tmp_path: Path) -> None:
+    result = experiments.ExperimentResult(
+        "demo", "A | B", "claim", "source", effect="max |Δ| = 0", summary={"|x|": "a|b"}
+    )
+    write_markdown(tmp_path / "report.md", [result], {"seeds": 1})
+    rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line[:1] == "|"]
+    for row in rows:  # every row of both tables keeps its number of cells
+        cells = row.replace("\\|", "").count("|") - 1
+        assert cells in (4, 2), row
+    assert "| 1 | A \\| B | source | max \\|Δ\\| = 0 |" in rows
+    assert "| \\|x\\| | a\\|b |" in rows
+
+
 @pytest.mark.slow
-def test_reports_hold_the_numbers_of_results_json(quick_lab: tuple[Path, dict]) -> None:
-    folder, results = quick_lab
+def test_reports_hold_the_numbers_of_results_json(quick_lab: tuple[Path, dict, dict]) -> None:
+    folder, results, _ = quick_lab
     markdown = (folder / "report.md").read_text()
     page = (folder / "report.html").read_text()
     for key, experiment in results["experiments"].items():
@@ -304,15 +370,20 @@ def test_reports_hold_the_numbers_of_results_json(quick_lab: tuple[Path, dict]) 
         assert f'src="{key}.png"' in page
         assert experiment["claim"] in markdown
         for name, value in experiment["summary"].items():
-            assert f"| {name} | {format_value(value)} |" in markdown, (key, name)
+            row = f"| {markdown_cell(name)} | {markdown_cell(format_value(value))} |"
+            assert row in markdown, (key, name)
             assert f'class="number">{format_value(value)}<' in page, (key, name)
+        if experiment["text"]:
+            assert f"```text\n{experiment['text']}\n```" in markdown, key
+            assert f"<pre>{html.escape(experiment['text'])}</pre>" in page, key
+    assert results["experiments"]["worked-example"]["text"]
     assert results["meta"]["budget"] == "quick"
     assert results["meta"]["seeds"] == 1
 
 
 @pytest.mark.slow
-def test_missing_variants_are_skipped_with_a_note(quick_lab: tuple[Path, dict]) -> None:
-    folder, results = quick_lab
+def test_missing_variants_are_skipped_with_a_note(quick_lab: tuple[Path, dict, dict]) -> None:
+    folder, results, _ = quick_lab
     small, recurrent = results["experiments"]["small-batches"], results["experiments"]["cnn-rnn"]
     assert any("Batch Renorm, one class skipped" in note for note in small["notes"])
     assert any("Ghost BN, one class skipped" in note for note in small["notes"])
@@ -320,6 +391,40 @@ def test_missing_variants_are_skipped_with_a_note(quick_lab: tuple[Path, dict]) 
     assert any("RNN part skipped" in note and "BNLSTM" in note for note in recurrent["notes"])
     assert set(recurrent["curves"]) == {"CNN", "CNN + BatchNorm2d"}
     assert "RNN part skipped" in (folder / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_session_starts_every_run_it_needs_first(quick_lab: tuple[Path, dict, dict]) -> None:
+    """The plans list every run the experiments then ask for, and only those."""
+    _, _, calls = quick_lab
+    (planned,) = calls["prefetch"][:1]
+    asked = [spec for _, specs in calls["run"] for spec in specs]
+    assert set(asked) == set(planned)
+    assert set(PLANS) == set(EXPERIMENTS)
+    descriptions = [description for description, _ in calls["run"]]
+    assert "7 gradient flow" in descriptions
+    assert "8 which axes" in descriptions
+
+
+def test_plans_match_what_each_experiment_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each experiment alone asks for exactly the runs its plan lists (tiny budgets)."""
+    monkeypatch.setattr(models, "VARIANT_LAYERS", MISSING_VARIANTS)
+    context = tiny_context(
+        mlp_steps=2, eval_every=1, cnn_steps=1, rnn_steps=1, small_batch_steps=2,
+        probe_steps=2, probe_every=1, gradient_steps=1, axes_steps=1,
+    )  # fmt: skip
+    asked: list[RunSpec] = []
+    run = context.runner.run
+
+    def recording_run(specs: list[RunSpec], description: str) -> list:
+        asked.extend(specs)
+        return run(specs, description)
+
+    monkeypatch.setattr(context.runner, "run", recording_run)
+    for name, experiment in EXPERIMENTS.items():
+        asked.clear()
+        experiment(context)
+        assert asked == PLANS[name](context), name
 
 
 class StandInRenorm(BatchNorm1d):

@@ -1,9 +1,20 @@
 """The ``batchnorm`` command.
 
+``batchnorm --version`` prints the library's version (and torch's).
+
 ``batchnorm lab [EXPERIMENT ...] [--data digits|mnist1d|mnist] [--data-dir DIR] [--seeds K]
 [--quick|--full] [--out DIR] [--jobs N]`` runs the lab's experiments (all by default), writes a
 PNG per experiment, ``results.json``, ``report.md`` and ``report.html`` into ``--out``, and
-prints a table of claims → measured effects. Bad arguments exit with code 2 and a message.
+prints a table of claims → measured effects. Progress bars (over the experiments, and the
+training steps of the current one) go to stderr when stdout and stderr are terminals; nothing
+is drawn otherwise. Bad arguments exit with code 2 and a message; so does a missing part of the
+``lab`` extra (matplotlib, scikit-learn; ``pip install 'batchnorm[lab]'``), in one line.
+
+``batchnorm explain [--batch ROWS] [--gamma G] [--beta B] [--momentum M] [--eps E] [--image]``
+prints the worked example of :mod:`batchnorm.lab.explain`: batch normalization by hand on a tiny
+batch, each step checked against the library's ``BatchNorm1d`` (``BatchNorm2d`` with
+``--image``); exit code 1 if a step disagrees. It needs no extra. (Not to be confused with
+``calibrate --show``, which explains the CPU backend's routing.)
 
 ``batchnorm calibrate [--threads N ...] [--quick] [--rounds R] [--min-size S] [--max-size S]
 [--dtypes ...] [--show | --reset]`` measures where the CPU kernels beat ATen's on this machine
@@ -11,19 +22,24 @@ prints a table of claims → measured effects. Bad arguments exit with code 2 an
 sizes, median of interleaved rounds), stores the thresholds in the cache directory (what
 ``auto`` then routes by) and prints the table; ``--show`` prints what is stored for this
 machine, ``--reset`` removes it (the committed defaults and lazy measurement route again).
+
+Why this file is long: three sub-commands, each with its parser (help texts included) and its
+checks of what argparse cannot check.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["build_parser", "main"]
+__all__ = ["LAB_EXTRA", "build_parser", "lab_requirements_missing", "main"]
 
-#: The lab's experiments, in order (kept here so that ``--help`` does not import torch).
+#: The lab's experiments, in order (kept here so that parsing imports neither the lab nor
+#: matplotlib; a test checks them against :data:`batchnorm.lab.catalog.EXPERIMENTS`).
 EXPERIMENT_NAMES = (
     "convergence",
     "distributions",
@@ -32,8 +48,16 @@ EXPERIMENT_NAMES = (
     "cnn-rnn",
     "small-batches",
     "landscape",
+    "gradient-flow",
+    "which-axes",
+    "worked-example",
 )
 DATA_NAMES = ("digits", "mnist1d", "mnist")
+#: How to install what ``batchnorm lab`` needs beyond the core library.
+LAB_EXTRA = "pip install 'batchnorm[lab]'"
+#: Modules ``batchnorm lab`` imports from the ``lab`` extra: always, and per ``--data``.
+LAB_MODULES = ("matplotlib",)
+DATA_MODULES = {"digits": ("sklearn",), "mnist1d": ("mnist1d",), "mnist": ()}
 
 
 def _positive_int(text: str) -> int:
@@ -78,10 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     return _build_parsers()[0]
 
 
-def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """The ``batchnorm`` parser and its ``lab`` sub-parser."""
+def _build_parsers() -> tuple[
+    argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser
+]:
+    """The ``batchnorm`` parser and its ``lab`` and ``explain`` sub-parsers."""
     parser = argparse.ArgumentParser(
         prog="batchnorm", description="Batch normalization: the lab that reproduces its claims."
+    )
+    parser.add_argument(
+        "--version", action="version", version=_version(), help="print the version and exit"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     lab = commands.add_parser(
@@ -134,8 +163,58 @@ def _build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         metavar="N",
         help="worker processes for training (default: CPUs, at most 2)",
     )
+    explain = _add_explain(commands)
     _add_calibrate(commands)
-    return parser, lab
+    return parser, lab, explain
+
+
+def _version() -> str:
+    """``batchnorm X.Y.Z (torch A.B.C)``: the installed distribution's version, else the
+    package's own."""
+    from importlib import metadata
+
+    import torch
+
+    try:
+        version = metadata.version("batchnorm")
+    except metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        from batchnorm import __version__ as version
+    return f"batchnorm {version} (torch {torch.__version__})"
+
+
+def _add_explain(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """The ``explain`` sub-parser."""
+    explain = commands.add_parser(
+        "explain",
+        help="batch normalization by hand on a tiny batch, checked against the library",
+        description="Prints the three steps of batch normalization (batch mean, biased "
+        "variance, normalized values), then γ and β, the running estimates after one step "
+        "(unbiased variance) and the evaluation-mode output, on a tiny batch with real numbers; "
+        "each step is checked against batchnorm.BatchNorm1d (BatchNorm2d with --image). Exit "
+        "code 1 if a step disagrees. For the CPU backend's routing, see 'calibrate --show'.",
+    )
+    source = explain.add_mutually_exclusive_group()
+    source.add_argument(
+        "--batch",
+        metavar="ROWS",
+        help="the batch: rows (examples) separated by ';', values by spaces or commas, "
+        "e.g. '1 2; 3 2; 5 4; 7 8' (default: a 4 × 3 batch)",
+    )
+    source.add_argument(
+        "--image",
+        action="store_true",
+        help="an image batch (N, C, H, W) = (2, 2, 2, 2) through BatchNorm2d: statistics per "
+        "channel over N·H·W",
+    )
+    explain.add_argument("--gamma", metavar="G", help="γ per feature, e.g. '1 2 0.5'")
+    explain.add_argument("--beta", metavar="B", help="β per feature, e.g. '0 1 -1'")
+    explain.add_argument(
+        "--momentum", type=float, default=0.1, metavar="M", help="momentum (default: 0.1)"
+    )
+    explain.add_argument("--eps", type=float, default=1e-5, metavar="E", help="ε (default: 1e-5)")
+    return explain
 
 
 def _add_calibrate(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -216,6 +295,33 @@ def _check_lab_arguments(lab_parser: argparse.ArgumentParser, args: argparse.Nam
         lab_parser.error(f"--data-dir is only used with --data mnist (got --data {args.data})")
 
 
+def lab_requirements_missing(data: str) -> str | None:
+    """The one-line message for a module of the ``lab`` extra that cannot be imported, or None.
+
+    Tries to import matplotlib (the plots) and the module ``data`` needs (scikit-learn for
+    ``digits``, mnist1d for ``mnist1d``), the way the lab will.
+
+    Args:
+        data: the ``--data`` name.
+
+    Returns:
+        ``"batchnorm lab needs <module> (<error>): install the lab extra: pip install
+        'batchnorm[lab]'"``, or ``None`` when everything imports.
+    """
+    for module in (*LAB_MODULES, *DATA_MODULES.get(data, ())):
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            name = "scikit-learn" if module == "sklearn" else module
+            return f"batchnorm lab needs {name} ({error}): install the lab extra: {LAB_EXTRA}"
+    return None
+
+
+def _show_progress() -> bool:
+    """Progress bars only when both stdout and stderr are terminals (the bars go to stderr)."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the ``batchnorm`` command.
 
@@ -223,14 +329,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments (default: ``sys.argv[1:]``).
 
     Returns:
-        The exit code: 0 on success. Bad arguments raise ``SystemExit(2)`` with a message.
+        The exit code: 0 on success, 1 when ``explain`` finds a step that disagrees with the
+        library, 2 when the ``lab`` extra is missing. Bad arguments raise ``SystemExit(2)`` with
+        a message.
     """
     start = time.perf_counter()
-    parser, lab_parser = _build_parsers()
+    parser, lab_parser, explain_parser = _build_parsers()
     args = parser.parse_args(argv)
     if args.command == "calibrate":
         return _calibrate(parser, args)
+    if args.command == "explain":
+        return _explain(explain_parser, args)
     _check_lab_arguments(lab_parser, args)
+    missing = lab_requirements_missing(args.data)
+    if missing is not None:
+        print(missing, file=sys.stderr)
+        return 2
 
     from batchnorm.lab.report import claims_table
     from batchnorm.lab.session import default_jobs, run_lab
@@ -243,12 +357,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget=args.budget,
         out=args.out,
         jobs=args.jobs or default_jobs(),
-        progress=sys.stderr.isatty(),
+        progress=_show_progress(),
     )
     print()
     print(claims_table(output.results))
     print(f"\nReport: {output.report.resolve()}  ({time.perf_counter() - start:.0f} s)")
     return 0
+
+
+def _explain(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``batchnorm explain``: prints the worked example; 1 if a step disagrees."""
+    from batchnorm.lab import explain
+
+    try:
+        batch: Any = explain.DEFAULT_IMAGE if args.image else explain.DEFAULT_BATCH
+        if args.batch is not None:
+            batch = explain.parse_batch(args.batch)
+        gamma = None if args.gamma is None else explain.parse_values(args.gamma, "--gamma")
+        beta = None if args.beta is None else explain.parse_values(args.beta, "--beta")
+        example = explain.worked_example(batch, gamma, beta, momentum=args.momentum, eps=args.eps)
+    except ValueError as error:
+        parser.error(str(error))
+    print(example.text())
+    return 0 if example.ok else 1
 
 
 def _calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

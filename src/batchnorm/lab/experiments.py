@@ -5,6 +5,11 @@ Each function takes a :class:`LabContext` (data, seeds, budget, runner) and retu
 report prints, ``curves`` for what the plots draw), a one-line measured effect, and notes (e.g.
 a part skipped because a layer is not available). Runs are shared through the runner's cache:
 the convergence runs also serve the distribution, learning-rate and regularization claims.
+Each experiment's ``…_runs(context)`` lists the training runs it will ask for, so that a
+session can start them all at once (:meth:`batchnorm.lab.training.Runner.prefetch`); the
+registry of experiments is :mod:`batchnorm.lab.catalog`. The gradient-flow and which-axes
+experiments are in :mod:`batchnorm.lab.experiments_gradients`, the worked example in
+:mod:`batchnorm.lab.explain`.
 
 References:
     S. Ioffe and C. Szegedy, "Batch Normalization: Accelerating Deep Network Training by
@@ -14,7 +19,7 @@ References:
     T. Cooijmans et al., "Recurrent Batch Normalization", ICLR 2017.
     S. Santurkar et al., "How Does Batch Normalization Help Optimization?", NeurIPS 2018.
 
-Why this file is long: one function per claim of the lab (seven), each with its own setup and
+Why this file is long: one function per claim of the lab (seven), each with its own setup, runs and
 verdict; none is on a hot path.
 """
 
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,17 +36,23 @@ from batchnorm.lab.training import Runner, RunResult, RunSpec
 
 __all__ = [
     "BUDGETS",
-    "EXPERIMENTS",
+    "MLP_ARMS",
     "Budget",
     "ExperimentResult",
     "LabContext",
     "cnn_rnn",
+    "cnn_rnn_runs",
     "convergence",
     "distributions",
     "landscape",
+    "landscape_runs",
+    "learning_rate_runs",
     "learning_rates",
+    "mlp_pair_runs",
     "regularization",
+    "small_batch_runs",
     "small_batches",
+    "sweep_seeds",
 ]
 
 #: Learning rate of the sigmoid MLP (×1), with SGD and batches of 60 as in the paper's Fig. 1.
@@ -68,6 +79,8 @@ class Budget:
         small_batch_steps: steps of the small-batch runs.
         probe_steps: steps of the loss-landscape runs.
         probe_every: steps between landscape probes.
+        gradient_steps: steps of the deep networks of the gradient-flow experiment.
+        axes_steps: steps of each batch size of the batch-norm vs layer-norm sweep.
     """
 
     name: str
@@ -80,12 +93,14 @@ class Budget:
     small_batch_steps: int
     probe_steps: int
     probe_every: int
+    gradient_steps: int
+    axes_steps: int
 
 
 BUDGETS = {
-    "quick": Budget("quick", 1, 60, 20, 1, 20, 10, 40, 40, 20),
-    "default": Budget("default", 3, 2000, 50, 1, 300, 120, 800, 1000, 100),
-    "full": Budget("full", 5, 10000, 100, 5, 3000, 2000, 6000, 5000, 250),
+    "quick": Budget("quick", 1, 60, 20, 1, 20, 10, 40, 40, 20, 20, 40),
+    "default": Budget("default", 3, 2000, 50, 1, 300, 120, 800, 1000, 100, 100, 400),
+    "full": Budget("full", 5, 10000, 100, 5, 3000, 2000, 6000, 5000, 250, 2000, 3000),
 }
 
 
@@ -117,6 +132,7 @@ class ExperimentResult:
         summary: scalar numbers shown in the report (``None`` when undefined).
         curves: series the plots draw.
         notes: remarks, e.g. parts skipped and why.
+        text: a block of preformatted text the report shows (e.g. the worked example).
         figure: file name of the plot, set when it is drawn.
     """
 
@@ -128,6 +144,7 @@ class ExperimentResult:
     summary: dict[str, float | int | str | None] = field(default_factory=dict)
     curves: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    text: str = ""
     figure: str | None = None
 
 
@@ -158,13 +175,20 @@ def _mlp_spec(context: LabContext, norm: str | None, seed: int, lr_factor: float
     )
 
 
-def _mlp_pairs(context: LabContext, description: str) -> dict[str, list[RunResult]]:
+#: The two arms of the MLP experiments: label → normalization.
+MLP_ARMS = {"no BN": None, "BN": "bn"}
+
+
+def mlp_pair_runs(context: LabContext) -> list[RunSpec]:
     """The convergence runs (no BN and BN, every seed), shared by four experiments."""
-    labels = {"no BN": None, "BN": "bn"}
-    specs = [_mlp_spec(context, norm, seed) for norm in labels.values() for seed in context.seeds]
-    runs = context.runner.run(specs, description)
+    return [_mlp_spec(context, norm, seed) for norm in MLP_ARMS.values() for seed in context.seeds]
+
+
+def _mlp_pairs(context: LabContext, description: str) -> dict[str, list[RunResult]]:
+    """The results of :func:`mlp_pair_runs` by arm."""
+    runs = context.runner.run(mlp_pair_runs(context), description)
     count = len(context.seeds)
-    return {label: runs[i * count : (i + 1) * count] for i, label in enumerate(labels)}
+    return {label: runs[i * count : (i + 1) * count] for i, label in enumerate(MLP_ARMS)}
 
 
 def convergence(context: LabContext) -> ExperimentResult:
@@ -266,6 +290,20 @@ LR_SWEEP = (
 )
 
 
+def sweep_seeds(context: LabContext) -> tuple[int, ...]:
+    """The seeds of the sweeps: the first ``budget.sweep_seeds`` (at least one)."""
+    return context.seeds[: max(1, context.budget.sweep_seeds)]
+
+
+def learning_rate_runs(context: LabContext) -> list[RunSpec]:
+    """The runs of :func:`learning_rates`: every rate of :data:`LR_SWEEP` on the sweep seeds."""
+    return [
+        _mlp_spec(context, norm, seed, factor)
+        for _, norm, factor in LR_SWEEP
+        for seed in sweep_seeds(context)
+    ]
+
+
 def learning_rates(context: LabContext) -> ExperimentResult:
     """Claim 3: BN allows much larger learning rates (Ioffe & Szegedy 2015, Sec. 3.3, BN-x5/x30).
 
@@ -281,12 +319,8 @@ def learning_rates(context: LabContext) -> ExperimentResult:
         "fails.",
         "Ioffe & Szegedy 2015, Sec. 3.3 and 4.2.1 (BN-x5, BN-x30)",
     )
-    seeds = context.seeds[: max(1, context.budget.sweep_seeds)]
-    specs = [
-        _mlp_spec(context, norm, seed, factor) for _, norm, factor in LR_SWEEP for seed in seeds
-    ]
-    runs = context.runner.run(specs, "3 learning rates")
-    count = len(seeds)
+    runs = context.runner.run(learning_rate_runs(context), "3 learning rates")
+    count = len(sweep_seeds(context))
     grouped = {label: runs[i * count : (i + 1) * count] for i, (label, _, _) in enumerate(LR_SWEEP)}
     target = max(_mean_curve(grouped["no BN ×1"], "test_acc")[0])
     lines = []
@@ -338,25 +372,19 @@ def regularization(context: LabContext) -> ExperimentResult:
     return result
 
 
-def cnn_rnn(context: LabContext) -> ExperimentResult:
-    """Claim 5: BN also speeds up convolutional and recurrent networks.
+def _cnn_rnn_pairs(
+    context: LabContext, notes: list[str]
+) -> list[tuple[str, list[tuple[str, RunSpec]]]]:
+    """The CNN and RNN pairs (family, [(label, spec), (label, spec)]) that can run here.
 
-    A small CNN with :class:`batchnorm.BatchNorm2d` vs the same CNN without it (SGD, momentum
-    0.9), and, when :mod:`batchnorm.variants` provides it, a BN-LSTM vs an LSTM (Adam) reading
-    each example as a sequence (64 pixels of digits). Runs on the first seed.
+    A part that cannot run (data without images, BN-LSTM not available) is left out, with a
+    note appended to ``notes``.
     """
-    result = ExperimentResult(
-        "cnn-rnn",
-        "Convolutional and recurrent networks",
-        "BN applies to convolutions (per channel, over N·H·W) and, normalizing the recurrent "
-        "terms separately at each step, to LSTMs, speeding up both.",
-        "Ioffe & Szegedy 2015, Sec. 3.2; Cooijmans et al. 2017 (BN-LSTM)",
-    )
     budget, seed = context.budget, context.seeds[0]
     dataset = context.runner.dataset
     pairs: list[tuple[str, list[tuple[str, RunSpec]]]] = []
     if dataset.image_shape is None:
-        result.notes.append(f"CNN part skipped: the {dataset.name} data are not images.")
+        notes.append(f"CNN part skipped: the {dataset.name} data are not images.")
     else:
         pairs.append(
             (
@@ -382,7 +410,7 @@ def cnn_rnn(context: LabContext) -> ExperimentResult:
     try:
         load_variant("bnlstm")
     except VariantUnavailable as error:
-        result.notes.append(f"RNN part skipped: {error}.")
+        notes.append(f"RNN part skipped: {error}.")
     else:
         pairs.append(
             (
@@ -405,6 +433,29 @@ def cnn_rnn(context: LabContext) -> ExperimentResult:
                 ],
             )
         )
+    return pairs
+
+
+def cnn_rnn_runs(context: LabContext) -> list[RunSpec]:
+    """The runs of :func:`cnn_rnn`."""
+    return [spec for _, labelled in _cnn_rnn_pairs(context, []) for _, spec in labelled]
+
+
+def cnn_rnn(context: LabContext) -> ExperimentResult:
+    """Claim 5: BN also speeds up convolutional and recurrent networks.
+
+    A small CNN with :class:`batchnorm.BatchNorm2d` vs the same CNN without it (SGD, momentum
+    0.9), and, when :mod:`batchnorm.variants` provides it, a BN-LSTM vs an LSTM (Adam) reading
+    each example as a sequence (64 pixels of digits). Runs on the first seed.
+    """
+    result = ExperimentResult(
+        "cnn-rnn",
+        "Convolutional and recurrent networks",
+        "BN applies to convolutions (per channel, over N·H·W) and, normalizing the recurrent "
+        "terms separately at each step, to LSTMs, speeding up both.",
+        "Ioffe & Szegedy 2015, Sec. 3.2; Cooijmans et al. 2017 (BN-LSTM)",
+    )
+    pairs = _cnn_rnn_pairs(context, result.notes)
     specs = [spec for _, labelled in pairs for _, spec in labelled]
     runs = iter(context.runner.run(specs, "5 CNN and RNN"))  # one call: the runs overlap
     effect = []
@@ -436,6 +487,47 @@ SMALL_BATCH_CONFIGS = (
 )
 
 
+def _small_batch_configs(notes: list[str]) -> list[tuple[str, str, bool]]:
+    """The configurations of :data:`SMALL_BATCH_CONFIGS` whose layer is available (notes for
+    the others)."""
+    configs = []
+    for label, norm, non_iid in SMALL_BATCH_CONFIGS:
+        if norm in ("renorm", "ghost"):
+            try:
+                load_variant(norm)
+            except VariantUnavailable as error:
+                notes.append(f"{label} skipped: {error}.")
+                continue
+        configs.append((label, norm, non_iid))
+    return configs
+
+
+def _small_batch_specs(
+    context: LabContext, configs: Sequence[tuple[str, str, bool]]
+) -> list[RunSpec]:
+    budget = context.budget
+    return [
+        RunSpec(
+            "mlp",
+            norm,
+            0.1,
+            budget.small_batch_steps,
+            SMALL_BATCH,
+            seed,
+            max(1, budget.small_batch_steps // 10),
+            non_iid=non_iid,
+            test_batch_stats=True,
+        )
+        for _, norm, non_iid in configs
+        for seed in sweep_seeds(context)
+    ]
+
+
+def small_batch_runs(context: LabContext) -> list[RunSpec]:
+    """The runs of :func:`small_batches`."""
+    return _small_batch_specs(context, _small_batch_configs([]))
+
+
 def small_batches(context: LabContext) -> ExperimentResult:
     """Claim 6a: with small, non-iid batches BN's batch and population statistics disagree.
 
@@ -452,34 +544,10 @@ def small_batches(context: LabContext) -> ExperimentResult:
         "(and Ghost BN's smaller virtual batches) address this.",
         "Ioffe 2017 (Batch Renorm); Hoffer et al. 2017 (Ghost BN)",
     )
-    budget = context.budget
-    seeds = context.seeds[: max(1, budget.sweep_seeds)]
-    configs = []
-    for label, norm, non_iid in SMALL_BATCH_CONFIGS:
-        if norm in ("renorm", "ghost"):
-            try:
-                load_variant(norm)
-            except VariantUnavailable as error:
-                result.notes.append(f"{label} skipped: {error}.")
-                continue
-        configs.append((label, norm, non_iid))
-    specs = [
-        RunSpec(
-            "mlp",
-            norm,
-            0.1,
-            budget.small_batch_steps,
-            SMALL_BATCH,
-            seed,
-            max(1, budget.small_batch_steps // 10),
-            non_iid=non_iid,
-            test_batch_stats=True,
-        )
-        for _, norm, non_iid in configs
-        for seed in seeds
-    ]
+    configs = _small_batch_configs(result.notes)
+    specs = _small_batch_specs(context, configs)
     runs = context.runner.run(specs, "6 small batches")
-    count = len(seeds)
+    count = len(sweep_seeds(context))
     effect = []
     for i, (label, _, _) in enumerate(configs):
         group = runs[i * count : (i + 1) * count]
@@ -504,6 +572,26 @@ def small_batches(context: LabContext) -> ExperimentResult:
 PROBE_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
+def landscape_runs(context: LabContext) -> list[RunSpec]:
+    """The runs of :func:`landscape`: no BN and BN on the first seed, with the probe."""
+    budget, seed = context.budget, context.seeds[0]
+    step_sizes = tuple(BASE_LR * factor for factor in PROBE_FACTORS)
+    return [
+        RunSpec(
+            "mlp",
+            norm,
+            BASE_LR,
+            budget.probe_steps,
+            BATCH_SIZE,
+            seed,
+            budget.probe_steps,
+            probe_every=budget.probe_every,
+            probe_step_sizes=step_sizes,
+        )
+        for norm in MLP_ARMS.values()
+    ]
+
+
 def landscape(context: LabContext) -> ExperimentResult:
     """Claim 6b: BN makes the loss landscape smoother (Santurkar et al. 2018, Fig. 4).
 
@@ -519,26 +607,9 @@ def landscape(context: LabContext) -> ExperimentResult:
         "loss variation, more predictive gradients, smaller effective β-smoothness).",
         "Santurkar et al. 2018, Fig. 4",
     )
-    budget, seed = context.budget, context.seeds[0]
-    step_sizes = tuple(BASE_LR * factor for factor in PROBE_FACTORS)
-    labels = {"no BN": None, "BN": "bn"}
-    specs = [
-        RunSpec(
-            "mlp",
-            norm,
-            BASE_LR,
-            budget.probe_steps,
-            BATCH_SIZE,
-            seed,
-            budget.probe_steps,
-            probe_every=budget.probe_every,
-            probe_step_sizes=step_sizes,
-        )
-        for norm in labels.values()
-    ]
-    runs = context.runner.run(specs, "6 landscape")
+    runs = context.runner.run(landscape_runs(context), "6 landscape")
     means = {}
-    for label, run in zip(labels, runs, strict=True):
+    for label, run in zip(MLP_ARMS, runs, strict=True):
         probes = run["probes"]
         result.curves[label] = {
             key: [p[key] for p in probes]
@@ -565,15 +636,3 @@ def landscape(context: LabContext) -> ExperimentResult:
     result.summary["step sizes η (× lr)"] = ", ".join(f"{f:g}" for f in PROBE_FACTORS)
     result.effect = "no BN / BN: " + ", ".join(ratios)
     return result
-
-
-#: Command-line name → experiment function, in report order.
-EXPERIMENTS: dict[str, Callable[[LabContext], ExperimentResult]] = {
-    "convergence": convergence,
-    "distributions": distributions,
-    "learning-rates": learning_rates,
-    "regularization": regularization,
-    "cnn-rnn": cnn_rnn,
-    "small-batches": small_batches,
-    "landscape": landscape,
-}

@@ -2,7 +2,10 @@
 
 * :func:`mlp`: the network of Ioffe & Szegedy (2015), Sec. 4.1: three hidden layers of 100
   sigmoid units, weights drawn from a Gaussian of std 0.1, normalization before each sigmoid
-  (the linear layer before it then has no bias, since β takes its place).
+  (the linear layer before it then has no bias, since β takes its place). Deeper versions, other
+  activations (tanh, ReLU), fan-in scaled initial weights and layer normalization
+  (``torch.nn.LayerNorm``, for the comparison of the axes) serve the gradient-flow and
+  which-axes experiments.
 * :class:`SmallCNN`: three 3×3 convolutions with :class:`batchnorm.BatchNorm2d` and ReLU.
 * :class:`SequenceClassifier`: an LSTM (or BN-LSTM, Cooijmans et al. 2017) reading a row as a
   sequence.
@@ -15,6 +18,7 @@ missing one raises :class:`VariantUnavailable` so that the experiment needing it
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any
 
 import torch
@@ -23,6 +27,7 @@ from torch import nn
 from batchnorm.modules import BatchNorm1d, BatchNorm2d
 
 __all__ = [
+    "ACTIVATIONS",
     "NORMS",
     "VARIANT_LAYERS",
     "SequenceClassifier",
@@ -34,8 +39,16 @@ __all__ = [
     "variant_kwargs",
 ]
 
-#: Normalizations :func:`mlp` accepts (``None`` is the plain network).
-NORMS = (None, "bn", "renorm", "ghost")
+#: Normalizations :func:`mlp` accepts (``None`` is the plain network; ``"ln"`` is
+#: ``torch.nn.LayerNorm``, statistics per example over the features, for comparison).
+NORMS = (None, "bn", "ln", "renorm", "ghost")
+
+#: Activations :func:`mlp` accepts → (module class, gain of the fan-in scaled initialization).
+ACTIVATIONS: dict[str, tuple[type[nn.Module], float]] = {
+    "sigmoid": (nn.Sigmoid, 1.0),
+    "tanh": (nn.Tanh, 1.0),
+    "relu": (nn.ReLU, math.sqrt(2.0)),
+}
 
 #: Variant name → (module, class). The only place that names the variants' classes.
 VARIANT_LAYERS: dict[str, tuple[str, str]] = {
@@ -111,6 +124,8 @@ def norm_1d(norm: str | None, num_features: int, total_steps: int = 1) -> nn.Mod
         return nn.Identity()
     if norm == "bn":
         return BatchNorm1d(num_features)
+    if norm == "ln":
+        return nn.LayerNorm(num_features)
     if norm in ("renorm", "ghost"):
         return load_variant(norm)(num_features, **variant_kwargs(norm, total_steps))
     raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
@@ -122,37 +137,54 @@ def mlp(
     norm: str | None = None,
     hidden: int = 100,
     depth: int = 3,
-    init_std: float = 0.1,
+    init_std: float | None = 0.1,
     total_steps: int = 1,
+    activation: str = "sigmoid",
 ) -> nn.Sequential:
-    """The sigmoid network of Ioffe & Szegedy (2015), Sec. 4.1 (Fig. 1).
+    """The sigmoid network of Ioffe & Szegedy (2015), Sec. 4.1 (Fig. 1), and its deeper kin.
 
-    Layout: ``[Linear → norm → Sigmoid] × depth → Linear``; every weight ~ N(0, init_std²),
-    every bias 0; the linear layers before a normalization have no bias.
+    Layout: ``[Linear → norm → activation] × depth → Linear``; every bias 0, and the linear
+    layers before a normalization have no bias. Initial weights ~ N(0, init_std²), or with
+    ``init_std=None`` scaled by the fan-in: std = gain / √fan_in, gain √2 for ReLU (He et al.
+    2015) and 1 for sigmoid and tanh (LeCun et al. 1998), which keeps a plain network's forward
+    signal at a constant scale through depth.
 
     Args:
         in_features: input size ``D``.
         num_classes: output size.
-        norm: ``None`` (no normalization), ``"bn"`` (:class:`batchnorm.BatchNorm1d`),
-            ``"renorm"`` or ``"ghost"`` (from :mod:`batchnorm.variants`).
+        norm: ``None`` (no normalization), ``"bn"`` (:class:`batchnorm.BatchNorm1d`), ``"ln"``
+            (``torch.nn.LayerNorm``), ``"renorm"`` or ``"ghost"`` (from
+            :mod:`batchnorm.variants`).
         hidden: units per hidden layer.
         depth: number of hidden layers.
-        init_std: standard deviation of the Gaussian initial weights.
+        init_std: standard deviation of the Gaussian initial weights; ``None`` for fan-in scaled.
         total_steps: training steps of the run (for Batch Renorm's schedule).
+        activation: ``"sigmoid"``, ``"tanh"`` or ``"relu"``.
 
     Returns:
-        The network; ``model[-2]`` is the last hidden layer's sigmoid.
+        The network; ``model[-2]`` is the last hidden layer's activation.
+
+    Raises:
+        ValueError: on an unknown ``norm`` or ``activation``.
     """
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"activation: expected one of {', '.join(ACTIVATIONS)}, got {activation!r}"
+        )
+    make_activation, gain = ACTIVATIONS[activation]
     layers: list[nn.Module] = []
     width = in_features
     for _ in range(depth):
         linear = nn.Linear(width, hidden, bias=norm is None)
-        layers += [linear, norm_1d(norm, hidden, total_steps), nn.Sigmoid()]
+        layers += [linear, norm_1d(norm, hidden, total_steps), make_activation()]
         width = hidden
     layers.append(nn.Linear(width, num_classes))
     for layer in layers:
         if isinstance(layer, nn.Linear):
-            nn.init.normal_(layer.weight, std=init_std)
+            fan_in = layer.in_features
+            last = layer is layers[-1]
+            std = init_std if init_std is not None else (1.0 if last else gain) / math.sqrt(fan_in)
+            nn.init.normal_(layer.weight, std=std)
             if layer.bias is not None:
                 nn.init.zeros_(layer.bias)
     return nn.Sequential(*layers)

@@ -3,6 +3,9 @@
 Uses matplotlib's object-oriented API on the Agg canvas (no display, no global backend state):
 ``Figure`` → ``savefig``. Every figure has a title, axis labels and a legend, and repeats the
 experiment's key numbers in its title so that it reads on its own.
+
+Why this file is long: one self-contained drawing function per experiment (ten), plus the
+cube diagram of the normalization axes; none is on a hot path.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from typing import Literal
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Polygon
 
 from batchnorm.lab.experiments import SMALL_BATCH_CONFIGS, ExperimentResult
+from batchnorm.lab.experiments_gradients import GRADIENT_ACTIVATIONS, GRADIENT_DEPTH, GRADIENT_LR
 
 __all__ = ["PLOTTERS", "plot_experiment"]
 
@@ -23,10 +28,20 @@ __all__ = ["PLOTTERS", "plot_experiment"]
 COLORS = {"no BN": "tab:red", "BN": "tab:blue"}
 
 
-def _figure(columns: int = 1) -> tuple[Figure, list[Axes]]:
-    figure = Figure(figsize=(6.0 * columns, 4.4), dpi=110, layout="constrained")
-    axes = [figure.add_subplot(1, columns, i + 1) for i in range(columns)]
-    return figure, axes
+#: How a figure's panels are laid out: a number of columns in one row, or a mosaic (rows of
+#: panel names; a name repeated spans cells), the panels then passed in order of first appearance.
+Layout = int | list[list[str]]
+
+
+def _figure(layout: Layout = 1) -> tuple[Figure, list[Axes]]:
+    if isinstance(layout, int):
+        figure = Figure(figsize=(6.0 * layout, 4.4), dpi=110, layout="constrained")
+        return figure, [figure.add_subplot(1, layout, i + 1) for i in range(layout)]
+    rows, columns = len(layout), len(layout[0])
+    figure = Figure(figsize=(4.0 * columns, 3.6 * rows), dpi=110, layout="constrained")
+    panels = figure.subplot_mosaic(layout)  # type: ignore[arg-type]
+    names = list(dict.fromkeys(name for row in layout for name in row))
+    return figure, [panels[name] for name in names]
 
 
 def _convergence(result: ExperimentResult, figure: Figure, axes: list[Axes]) -> None:
@@ -241,8 +256,212 @@ def _landscape(result: ExperimentResult, figure: Figure, axes: list[Axes]) -> No
     )
 
 
-#: Experiment key → (number of panels, drawing function).
-PLOTTERS: dict[str, tuple[int, Callable[[ExperimentResult, Figure, list[Axes]], None]]] = {
+def _gradient_flow(result: ExperimentResult, figure: Figure, axes: list[Axes]) -> None:
+    """Per activation: ‖∂L/∂W_l‖ per layer, at init and after training, no BN vs BN."""
+    last = GRADIENT_DEPTH
+    for ax, activation in zip(axes, GRADIENT_ACTIVATIONS, strict=True):
+        ratios = []
+        for arm in ("no BN", "BN"):
+            curve = result.curves.get(f"{activation}, {arm}")
+            if curve is None:
+                continue
+            color = COLORS[arm]
+            ax.plot(
+                curve["layers"],
+                curve["init"],
+                "-o",
+                color=color,
+                markersize=3,
+                label=f"{arm}, at init",
+            )
+            ax.plot(
+                curve["layers"],
+                curve["trained"],
+                "--",
+                color=color,
+                label=f"{arm}, after step {curve['steps'][-1]}",
+            )
+            ratio = result.summary.get(
+                f"layer 1 / layer {last} gradient at init, {activation}, {arm}"
+            )
+            if isinstance(ratio, float):
+                ratios.append(f"{arm} {ratio:.2g}")
+        ax.set(
+            xlabel=f"linear layer (1 = input side, {last + 1} = output)",
+            ylabel="‖∂L/∂W‖ (batch of 60)",
+            yscale="log",
+            title=f"{activation}: layer 1 / layer {last} at init: " + ", ".join(ratios),
+        )
+        ax.title.set_fontsize(9)
+        ax.legend(loc="best", fontsize=8)
+    rescue = result.summary.get("observed: BN keeps the sigmoid network from vanishing")
+    exploding = result.summary.get("observed: BN networks exploding at init")
+    figure.suptitle(
+        f"7. Gradient flow through {last} hidden layers of 100 (fan-in scaled init, "
+        f"SGD lr {GRADIENT_LR:g})\n"
+        f"observed: BN keeps sigmoid from vanishing: {rescue}; BN nets exploding at init: "
+        f"{exploding}",
+        fontsize=10,
+    )
+
+
+#: The cube of each normalization: N (batch) across, C (channels) in depth, H·W up.
+_CUBE = (5, 6, 4)
+
+
+def _cube(ax: Axes, shaded: Callable[[int, int, int], bool], title: str) -> None:
+    """Draws an N × C × (H·W) cube of cells, those normalized together by one μ, σ² in blue
+    (as in Wu & He 2018, Fig. 2)."""
+    count, channels, space = _CUBE
+    depth_x, depth_y = 0.55, 0.45
+
+    def point(n: float, c: float, s: float) -> tuple[float, float]:
+        return n + depth_x * c, s + depth_y * c
+
+    faces = []
+    for n in range(count):
+        for s in range(space):  # front face, c = 0
+            corners = [(n, 0, s), (n + 1, 0, s), (n + 1, 0, s + 1), (n, 0, s + 1)]
+            faces.append((corners, shaded(n, 0, s), 1.0))
+        for c in range(channels):  # top face, s = space
+            corners = [(n, c, space), (n + 1, c, space), (n + 1, c + 1, space), (n, c + 1, space)]
+            faces.append((corners, shaded(n, c, space - 1), 0.8))
+    for c in range(channels):  # right face, n = count
+        for s in range(space):
+            corners = [(count, c, s), (count, c + 1, s), (count, c + 1, s + 1), (count, c, s + 1)]
+            faces.append((corners, shaded(count - 1, c, s), 0.6))
+    for corners, on, light in faces:
+        color = (0.25 * light, 0.45 * light, 0.95 * light) if on else (light, light, light)
+        ax.add_patch(
+            Polygon(
+                [point(*corner) for corner in corners],
+                closed=True,
+                facecolor=color,
+                edgecolor="0.3",
+                linewidth=0.6,
+            )
+        )
+    ax.annotate("N (batch)", point(count / 2, 0, -0.15), ha="center", va="top", fontsize=8)
+    ax.annotate(
+        "C (channels)",
+        point(count + 0.15, channels / 2, 0),
+        ha="left",
+        va="top",
+        fontsize=8,
+        rotation=39,
+    )
+    ax.annotate(
+        "H, W", point(-0.15, 0, space / 2), ha="right", va="center", fontsize=8, rotation=90
+    )
+    ax.set_xlim(-1.0, count + depth_x * channels + 1.4)
+    ax.set_ylim(-1.0, space + depth_y * channels + 0.3)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    ax.set_title(title, fontsize=9)
+
+
+def _which_axes(result: ExperimentResult, figure: Figure, axes: list[Axes]) -> None:
+    """The four normalizations' axes as cubes, then BN vs LN over the batch size."""
+    half = _CUBE[1] // 2
+    cubes: list[tuple[str, Callable[[int, int, int], bool]]] = [
+        ("Batch norm: per channel,\nover N and H, W", lambda n, c, s: c == 0),
+        ("Layer norm: per sample,\nover C and H, W", lambda n, c, s: n == 0),
+        ("Instance norm: per sample and channel,\nover H, W", lambda n, c, s: n == 0 and c == 0),
+        ("Group norm: per sample and group\nof channels, over the group and H, W",
+         lambda n, c, s: n == 0 and c < half),
+    ]  # fmt: skip
+    for ax, (title, shaded) in zip(axes[:4], cubes, strict=True):
+        _cube(ax, shaded, title)
+    accuracy_ax, gradient_ax = axes[4:]
+    colors = {"BN": "tab:blue", "LN": "tab:green"}
+    for arm, curve in result.curves.items():
+        accuracy_ax.plot(
+            curve["batch_sizes"],
+            curve["final"],
+            "-o",
+            color=colors.get(arm),
+            label=f"{arm} (test accuracy, eval mode)",
+        )
+        gradient_ax.plot(
+            curve["batch_sizes"], curve["gradient"], "-o", color=colors.get(arm), label=arm
+        )
+    summary = result.summary
+    hurts, helps = (
+        summary.get("batch sizes where BN hurts"),
+        summary.get("batch sizes where BN helps"),
+    )
+    steps, lr = summary.get("steps per run"), summary.get("learning rate")
+    accuracy_ax.set(
+        xscale="log",
+        xlabel="batch size",
+        ylabel="final test accuracy",
+        ylim=(0, 1.02),
+        title=f"after {steps} steps (lr {lr}): BN hurts at {hurts}, helps at {helps}",
+    )
+    gradient_ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch size",
+        ylabel="‖∂L/∂W₁‖ at init",
+        title="layer-1 gradient at init, on one batch of that size",
+    )
+    for ax in (accuracy_ax, gradient_ax):
+        ax.title.set_fontsize(9)
+        ax.legend(loc="best", fontsize=8)
+        if "BN" in result.curves:
+            sizes = result.curves["BN"]["batch_sizes"]
+            ax.set_xticks(sizes, [str(size) for size in sizes])
+            ax.minorticks_off()
+    figure.suptitle(
+        "8. Which axes: each normalization averages over the blue cells; "
+        "the lab's MLP with BN or layer norm (LN) over batch sizes",
+        fontsize=10,
+    )
+
+
+def _biased_variance(values: list[float]) -> float:
+    mean = sum(values) / len(values)
+    return sum((v - mean) ** 2 for v in values) / len(values)
+
+
+def _worked_example(result: ExperimentResult, figure: Figure, axes: list[Axes]) -> None:
+    """The worked example's batch, x̂, y and the evaluation output, as annotated tables."""
+    panels = (
+        ("x", "the batch x"),
+        ("x_hat", "x̂ = (x − μ)/√(σ² + ε)\neach column: mean 0, variance 1"),
+        ("y", "y = γ·x̂ + β (training)"),
+        ("y_eval", "evaluation mode\n(running estimates after 1 step)"),
+    )
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        per_channel = result.curves[key]  # (C, N)
+        table = [list(row) for row in zip(*per_channel, strict=True)]  # (N, C)
+        limit = max(abs(v) for row in table for v in row) or 1.0
+        ax.imshow(table, cmap="coolwarm", vmin=-limit, vmax=limit, aspect="auto")
+        for n, row in enumerate(table):
+            for c, value in enumerate(row):
+                ax.text(c, n, f"{value:.3g}", ha="center", va="center", fontsize=9)
+        if key == "x":  # each column's statistics under the batch
+            labels = [
+                f"f{c}\nμ = {sum(v) / len(v):.3g}\nσ² = {_biased_variance(v):.3g}"
+                for c, v in enumerate(per_channel)
+            ]
+        else:
+            labels = [
+                f"f{c}\nmean {sum(v) / len(v) + 0.0:.2g}\nvar {_biased_variance(v):.4g}"
+                for c, v in enumerate(per_channel)
+            ]
+        ax.set_xticks(range(len(per_channel)), labels, fontsize=8)
+        ax.set_yticks(range(len(table)), [f"x{n}" for n in range(len(table))])
+        ax.set_title(title, fontsize=9)
+    figure.suptitle(
+        "9. Worked example: batch norm by hand, checked against batchnorm.BatchNorm1d\n"
+        + result.effect,
+        fontsize=10,
+    )
+
+
+#: Experiment key → (layout of the panels, drawing function).
+PLOTTERS: dict[str, tuple[Layout, Callable[[ExperimentResult, Figure, list[Axes]], None]]] = {
     "convergence": (1, _convergence),
     "distributions": (2, _distributions),
     "learning-rates": (2, _learning_rates),
@@ -250,6 +469,9 @@ PLOTTERS: dict[str, tuple[int, Callable[[ExperimentResult, Figure, list[Axes]], 
     "cnn-rnn": (1, _cnn_rnn),
     "small-batches": (1, _small_batches),
     "landscape": (2, _landscape),
+    "gradient-flow": (len(GRADIENT_ACTIVATIONS), _gradient_flow),
+    "which-axes": ([["bn", "ln", "in", "gn"], ["acc", "acc", "grad", "grad"]], _which_axes),
+    "worked-example": ([["x", "x_hat", "y", "y_eval"]], _worked_example),
 }
 
 
@@ -263,8 +485,8 @@ def plot_experiment(result: ExperimentResult, folder: Path) -> Path:
     Returns:
         The path of the PNG.
     """
-    columns, draw = PLOTTERS[result.key]
-    figure, axes = _figure(columns)
+    layout, draw = PLOTTERS[result.key]
+    figure, axes = _figure(layout)
     draw(result, figure, axes)
     path = folder / f"{result.key}.png"
     figure.savefig(path)

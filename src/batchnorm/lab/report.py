@@ -1,6 +1,7 @@
 """Writes the lab's outputs: ``results.json`` (every number), ``report.md`` and ``report.html``
-(each claim next to its plot and its measured numbers), and the short claims → effect table
-printed at the end of a run.
+(each claim next to its plot, its measured numbers and, where an experiment has one, its block of
+text such as the worked example), and the short claims → effect table printed at the end of a
+run.
 
 Numbers are printed by :func:`format_value` everywhere, so a value in ``results.json`` appears
 in the reports exactly as ``format_value`` renders it.
@@ -27,6 +28,7 @@ section .text { flex: 1 1 40%; } section img { flex: 1 1 60%; max-width: 60%; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 0.2em 0.6em; }
 td.number { text-align: right; font-variant-numeric: tabular-nums; }
 .note { color: #a33; }
+pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }
 """
 
 
@@ -47,6 +49,11 @@ def write_json(path: Path, results: Sequence[ExperimentResult], meta: dict[str, 
     path.write_text(json.dumps(document, indent=1, allow_nan=True) + "\n", encoding="utf-8")
 
 
+def _cell(text: str) -> str:
+    """Text for a cell of a Markdown table: its pipes escaped (``|Δ|`` would end the cell)."""
+    return text.replace("|", "\\|")
+
+
 def _meta_lines(meta: dict[str, Any]) -> list[str]:
     return [f"{key}: {format_value(value)}" for key, value in meta.items()]
 
@@ -57,15 +64,23 @@ def write_markdown(path: Path, results: Sequence[ExperimentResult], meta: dict[s
     lines += [f"- {line}" for line in _meta_lines(meta)]
     lines += ["", "| # | claim | source | measured |", "|---|---|---|---|"]
     for number, result in enumerate(results, 1):
-        lines.append(f"| {number} | {result.title} | {result.source} | {result.effect} |")
+        lines.append(
+            f"| {number} | {_cell(result.title)} | {_cell(result.source)} | "
+            f"{_cell(result.effect)} |"
+        )
     for number, result in enumerate(results, 1):
         lines += ["", f"## {number}. {result.title}", ""]
         lines += [f"**Claim** ({result.source}): {result.claim}", ""]
         lines += [f"**Measured**: {result.effect}", ""]
         if result.figure:
             lines += [f"![{result.title}]({result.figure})", ""]
+        if result.text:
+            lines += ["```text", result.text, "```", ""]
         lines += ["| quantity | value |", "|---|---:|"]
-        lines += [f"| {key} | {format_value(value)} |" for key, value in result.summary.items()]
+        lines += [
+            f"| {_cell(key)} | {_cell(format_value(value))} |"
+            for key, value in result.summary.items()
+        ]
         lines += [""] + [f"> Note: {note}" for note in result.notes]
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
 
@@ -93,6 +108,7 @@ def write_html(path: Path, results: Sequence[ExperimentResult], meta: dict[str, 
             for key, value in result.summary.items()
         )
         notes = "".join(f'<p class="note">Note: {escape(note)}</p>' for note in result.notes)
+        text = f"<pre>{escape(result.text)}</pre>" if result.text else ""
         image = (
             f'<img src="{escape(result.figure)}" alt="{escape(result.title)}">'
             if result.figure
@@ -103,7 +119,7 @@ def write_html(path: Path, results: Sequence[ExperimentResult], meta: dict[str, 
             f"<h2>{number}. {escape(result.title)}</h2>"
             f"<p><b>Claim</b> ({escape(result.source)}): {escape(result.claim)}</p>"
             f"<p><b>Measured</b>: {escape(result.effect)}</p>"
-            f"<table>{rows}</table>{notes}</div>{image}</section>"
+            f"<table>{rows}</table>{notes}{text}</div>{image}</section>"
         )
     parts.append("</body></html>")
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")

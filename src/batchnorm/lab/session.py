@@ -1,4 +1,9 @@
-"""A lab session: runs the chosen experiments, draws their plots and writes the reports."""
+"""A lab session: runs the chosen experiments, draws their plots and writes the reports.
+
+The session first hands the runner every training run the chosen experiments will ask for
+(:data:`batchnorm.lab.catalog.PLANS`), so that with worker processes the pool stays busy across
+experiments, then runs the experiments in report order, each waiting only for its own runs.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from batchnorm.lab.experiments import BUDGETS, EXPERIMENTS, ExperimentResult, LabContext
+from batchnorm.lab.catalog import EXPERIMENTS, PLANS
+from batchnorm.lab.experiments import BUDGETS, ExperimentResult, LabContext
 from batchnorm.lab.plots import plot_experiment
 from batchnorm.lab.report import write_html, write_json, write_markdown
 from batchnorm.lab.training import Runner
@@ -63,14 +70,15 @@ def run_lab(
     """Runs experiments and writes one PNG each, ``results.json``, ``report.md``, ``report.html``.
 
     Args:
-        experiments: names from :data:`batchnorm.lab.experiments.EXPERIMENTS`; empty for all.
+        experiments: names from :data:`batchnorm.lab.catalog.EXPERIMENTS`; empty for all.
         data: ``digits``, ``mnist1d`` or ``mnist``.
         data_dir: folder of the MNIST IDX files.
         seeds: number of seeds (0, 1, …); ``None`` for the budget's default.
         budget: ``quick``, ``default`` or ``full``.
         out: output folder (created).
         jobs: worker processes for the training runs.
-        progress: show progress bars.
+        progress: show progress bars (on stderr): one over the experiments, one over the
+            training steps of the current experiment.
 
     Returns:
         A :class:`LabOutput`.
@@ -99,10 +107,15 @@ def run_lab(
     names = [name for name in EXPERIMENTS if not experiments or name in experiments]
     results = []
     try:
-        for name in names:
-            result = EXPERIMENTS[name](context)
-            plot_experiment(result, folder)
-            results.append(result)
+        runner.prefetch([spec for name in names for spec in PLANS[name](context)])
+        with tqdm(
+            names, desc="batchnorm lab", unit="experiment", disable=not progress, leave=True
+        ) as bar:
+            for name in bar:
+                bar.set_postfix_str(name)
+                result = EXPERIMENTS[name](context)
+                plot_experiment(result, folder)
+                results.append(result)
     finally:
         runner.close()
     seconds = time.perf_counter() - start

@@ -33,6 +33,7 @@ __all__ = [
     "RunSpec",
     "Runner",
     "batch_stats_accuracy",
+    "gradient_norms",
     "landscape_probe",
     "single_thread",
     "train",
@@ -53,8 +54,8 @@ class RunSpec:
 
     Attributes:
         model: ``"mlp"``, ``"cnn"``, ``"lstm"`` or ``"bnlstm"``.
-        norm: normalization of the MLP (``None``, ``"bn"``, ``"renorm"``, ``"ghost"``); for the
-            CNN ``"bn"`` or ``None``; ignored by the sequence models.
+        norm: normalization of the MLP (``None``, ``"bn"``, ``"ln"``, ``"renorm"``,
+            ``"ghost"``); for the CNN ``"bn"`` or ``None``; ignored by the sequence models.
         lr: learning rate.
         steps: number of optimizer steps.
         batch_size: examples per batch.
@@ -67,6 +68,12 @@ class RunSpec:
             ``batch_size`` (see :func:`batch_stats_accuracy`).
         probe_every: run the loss-landscape probe every this many steps (0: never).
         probe_step_sizes: step sizes η of the probe, along the negative gradient.
+        depth: hidden layers of the MLP.
+        activation: activation of the MLP (``"sigmoid"``, ``"tanh"``, ``"relu"``).
+        init_std: std of the MLP's initial weights; ``None`` for fan-in scaled (see
+            :func:`batchnorm.lab.models.mlp`).
+        gradient_norms: at every evaluation, also record the gradient norm of each linear
+            layer's weight (see :func:`gradient_norms`).
     """
 
     model: str
@@ -82,13 +89,25 @@ class RunSpec:
     test_batch_stats: bool = False
     probe_every: int = 0
     probe_step_sizes: tuple[float, ...] = ()
+    depth: int = 3
+    activation: str = "sigmoid"
+    init_std: float | None = 0.1
+    gradient_norms: bool = False
 
 
 def build_model(spec: RunSpec, dataset: Dataset) -> nn.Module:
     """The freshly initialized network of ``spec`` (seeds the global RNG with ``spec.seed``)."""
     torch.manual_seed(spec.seed)
     if spec.model == "mlp":
-        return mlp(dataset.in_features, dataset.num_classes, spec.norm, total_steps=spec.steps)
+        return mlp(
+            dataset.in_features,
+            dataset.num_classes,
+            spec.norm,
+            depth=spec.depth,
+            init_std=spec.init_std,
+            total_steps=spec.steps,
+            activation=spec.activation,
+        )
     if spec.model == "cnn":
         if dataset.image_shape is None:
             raise ValueError(f"model 'cnn' needs image data; {dataset.name!r} has none")
@@ -164,6 +183,33 @@ def batch_stats_accuracy(
                 correct += int((prediction == y[index]).sum())
                 total += batch_size
     return correct / max(total, 1)
+
+
+def gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """The norm ``‖∂L/∂W_l‖`` of the loss gradient for each linear layer's weight, input first.
+
+    ``L`` is the mean cross-entropy on the batch ``(x, y)``. Runs on a copy in training mode
+    (batch statistics, as the optimizer sees them), so the model, its gradients and its running
+    statistics are left as they were. A vanishing gradient shows as norms that shrink from the
+    output layer towards the input, an exploding one as norms that grow.
+
+    Args:
+        model: the network.
+        x: the batch's inputs.
+        y: the batch's labels.
+
+    Returns:
+        One Frobenius norm per ``nn.Linear`` in the order of ``model.modules()``.
+    """
+    copy_in_train_mode = copy.deepcopy(model).train()
+    copy_in_train_mode.zero_grad()
+    loss = nn.functional.cross_entropy(copy_in_train_mode(x), y)
+    torch.autograd.backward(loss)
+    return [
+        float(layer.weight.grad.norm()) if layer.weight.grad is not None else 0.0
+        for layer in copy_in_train_mode.modules()
+        if isinstance(layer, nn.Linear)
+    ]
 
 
 def _flat_gradient(
@@ -264,7 +310,9 @@ def train(
         A JSON-able dict: ``steps``, ``test_acc``, ``test_loss``, ``train_acc``, ``train_loss``
         (lists, one per evaluation), ``percentiles`` (list of ``[p15, p50, p85]``, MLP only),
         ``diverged``, ``steps_done``, ``final_test_acc``, ``final_train_acc``, ``probes`` (list
-        of :func:`landscape_probe` dicts with their ``step``), and with ``test_batch_stats``
+        of :func:`landscape_probe` dicts with their ``step``), ``gradient_norms`` (with
+        ``spec.gradient_norms``: per evaluation, :func:`gradient_norms` on the first
+        ``batch_size`` training examples), and with ``test_batch_stats``
         ``batch_stats_acc_one_class`` and ``batch_stats_acc_mixed``.
     """
     model = build_model(spec, dataset)
@@ -280,7 +328,9 @@ def train(
             lambda _module, inputs: captured.append(inputs[0][:, 0].detach())  # (N,)
         )
     result: RunResult = {key: [] for key in ("steps", "test_acc", "test_loss", "train_acc")}
-    result.update(train_loss=[], percentiles=[], probes=[], diverged=False)
+    result.update(train_loss=[], percentiles=[], probes=[], gradient_norms=[], diverged=False)
+    x_probe = dataset.x_train[: spec.batch_size]  # (B, D): a fixed batch for the gradient norms
+    y_probe = dataset.y_train[: spec.batch_size]
 
     def record(step: int) -> None:
         model.eval()
@@ -291,6 +341,8 @@ def train(
             values = torch.quantile(captured[0].double(), levels)  # (3,)
             result["percentiles"].append([float(v) for v in values])
         train_acc, train_loss = _evaluate(model, x_train_eval, y_train_eval)
+        if spec.gradient_norms:
+            result["gradient_norms"].append(gradient_norms(model, x_probe, y_probe))
         for key, value in (
             ("steps", step),
             ("test_acc", test_acc),
@@ -370,24 +422,35 @@ def _train_in_worker(spec: RunSpec) -> RunResult:
     return train(spec, _worker_dataset)
 
 
-#: Rough CPU milliseconds per step of each model (normalized MLPs: ×3), measured on 2 cores.
+#: Rough CPU milliseconds per step of each model, measured on 2 cores (MLPs: per 3 hidden layers;
+#: with BN ×3, with layer norm ×2).
 _STEP_COST = {"mlp": 1.0, "cnn": 8.0, "lstm": 10.0, "bnlstm": 120.0}
 
 
 def _estimated_cost(spec: RunSpec) -> float:
     """Rough cost of a run, to start the longest ones first (results do not depend on order)."""
-    normalized_mlp = spec.model == "mlp" and spec.norm is not None
-    return spec.steps * _STEP_COST.get(spec.model, 1.0) * (3.0 if normalized_mlp else 1.0)
+    if spec.model != "mlp":
+        return spec.steps * _STEP_COST.get(spec.model, 1.0)
+    per_layer = 1.0 if spec.norm is None else 2.0 if spec.norm == "ln" else 3.0
+    return spec.steps * per_layer * spec.depth / 3.0
 
 
 class Runner:
     """Executes training runs, each spec once per lab session, in-process or in worker processes.
+
+    With ``jobs > 1`` the runs go to a pool of worker processes: :meth:`prefetch` hands the pool
+    every run a session will need at its start (costliest first, so that the longest run does
+    not end alone), and :meth:`run` then only waits for the ones asked for. Results do not
+    depend on the order or the process (see :func:`train`).
 
     Args:
         data: dataset name (see :data:`batchnorm.lab.data.DATASETS`).
         data_dir: folder of the MNIST IDX files, if ``data == "mnist"``.
         jobs: worker processes; 1 trains in this process.
         progress: show a progress bar per :meth:`run` call.
+
+    Raises:
+        ValueError: if ``jobs`` is not a positive int.
     """
 
     def __init__(
@@ -401,6 +464,7 @@ class Runner:
         self.progress = progress
         self.dataset = load_dataset(data, self.data_dir)
         self._cache: dict[RunSpec, RunResult] = {}
+        self._pending: dict[RunSpec, Future[RunResult]] = {}
         self._pool: ProcessPoolExecutor | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
@@ -412,6 +476,24 @@ class Runner:
                 initargs=(self.data, self.data_dir),
             )
         return self._pool
+
+    def prefetch(self, specs: Sequence[RunSpec]) -> None:
+        """Starts the runs of ``specs`` not yet done or started in the workers, costliest first.
+
+        Returns at once; :meth:`run` collects the results. Does nothing with ``jobs == 1``.
+
+        Args:
+            specs: the runs, e.g. every run of a lab session.
+        """
+        if self.jobs == 1:
+            return
+        todo = [
+            spec
+            for spec in dict.fromkeys(specs)
+            if spec not in self._cache and spec not in self._pending
+        ]
+        for spec in sorted(todo, key=_estimated_cost, reverse=True):
+            self._pending[spec] = self._executor().submit(_train_in_worker, spec)
 
     def run(self, specs: Sequence[RunSpec], description: str) -> list[RunResult]:
         """Results of ``specs`` in order; runs those not seen before (in parallel if jobs > 1).
@@ -429,25 +511,25 @@ class Runner:
             desc=description,
             unit="step",
             disable=not self.progress or not todo,
-            leave=True,
+            leave=False,
         ) as bar:
-            if self.jobs == 1 or len(todo) == 1:
+            if self.jobs == 1:
                 with single_thread():
                     for spec in todo:
                         self._cache[spec] = train(spec, self.dataset, bar.update)
             else:
-                costliest_first = sorted(todo, key=_estimated_cost, reverse=True)
-                futures: dict[Future[RunResult], RunSpec] = {
-                    self._executor().submit(_train_in_worker, spec): spec
-                    for spec in costliest_first
-                }
+                self.prefetch(todo)
+                futures = {self._pending[spec]: spec for spec in todo}
                 for future in as_completed(futures):
-                    self._cache[futures[future]] = future.result()
-                    bar.update(futures[future].steps)
+                    spec = futures[future]
+                    self._cache[spec] = future.result()
+                    del self._pending[spec]
+                    bar.update(spec.steps)
         return [self._cache[spec] for spec in specs]
 
     def close(self) -> None:
-        """Stops the worker processes, if any."""
+        """Stops the worker processes, if any (runs not yet started are cancelled)."""
         if self._pool is not None:
-            self._pool.shutdown()
+            self._pool.shutdown(cancel_futures=True)
             self._pool = None
+            self._pending.clear()
