@@ -752,3 +752,27 @@ def test_calibrate_show_in_a_subprocess(cache) -> None:
     assert "(stored)" in done.stdout
     assert re.search(r"forward +ncl +float32 +1 MiB", done.stdout)
     assert str(cache) in done.stdout
+
+
+def test_a_sample_is_several_back_to_back_calls() -> None:
+    """time_passes: after one warm-up call, each sample is about SAMPLE_MS of back-to-back calls
+    of one backend (a 1 ms call: 4 of them), reported per call; a slow call once a sample."""
+
+    class Sleeper:
+        def __init__(self, seconds: float) -> None:
+            self.seconds, self.calls = seconds, 0
+
+        def evaluate(self, call):
+            self.calls += 1
+            time.sleep(self.seconds)
+
+    fast, slow = Sleeper(0.001), Sleeper(0.006)
+    timings = calibration.time_passes(
+        fast, slow, ["inference"], (2, 3, 4), "ncl", torch.float32, rounds=3
+    )
+    per_sample = calibration._calls_per_sample(0.001)
+    assert 2 <= per_sample <= calibration.MAX_CALLS_PER_SAMPLE
+    assert fast.calls in range(1 + 3 * (per_sample - 1), 1 + 3 * (per_sample + 1) + 1)
+    assert slow.calls == 1 + 3  # over SAMPLE_MS per call: one call a sample
+    assert timings["inference"].kernels_ms < 3.0  # per call, not per sample
+    assert timings["inference"].aten_ms >= 6.0

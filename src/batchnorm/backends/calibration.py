@@ -119,6 +119,10 @@ LAZY_BUDGET_S = 0.5
 #: rounds' medians on a busy machine, so that noise does not hand a case to a kernel that is
 #: slower (a case the kernels win by less than 5% loses little on ATen).
 WIN_RATIO = 1.05
+#: How long one sample of :func:`time_passes` lasts (ms; back-to-back calls of one backend, at
+#: most MAX_CALLS_PER_SAMPLE): a 1 ms call is timed 4 times in a row, a slow one once.
+SAMPLE_MS = 4.0
+MAX_CALLS_PER_SAMPLE = 8
 #: Largest run class (:func:`run_class`): every run from 2048 values on.
 RUN_MAX_CLASS = 6
 #: The sweep's inputs, ``(N, 64, 16, 16)`` (``benchmarks/cpu_sizes.py``: ``(N, 64, 14, 14)``).
@@ -369,6 +373,13 @@ class Timing(NamedTuple):
         return self.aten_ms >= WIN_RATIO * self.kernels_ms
 
 
+def _calls_per_sample(seconds_per_call: float) -> int:
+    """Back-to-back calls in one sample of :func:`time_passes`: about :data:`SAMPLE_MS` of
+    them, at most :data:`MAX_CALLS_PER_SAMPLE`."""
+    wanted = SAMPLE_MS / max(seconds_per_call * 1e3, 1e-3)
+    return max(1, min(MAX_CALLS_PER_SAMPLE, int(wanted + 0.999)))
+
+
 def time_passes(
     kernels: Backend,
     aten: Backend,
@@ -387,8 +398,10 @@ def time_passes(
 
     Each round runs both backends in a shuffled order (seeded), with the caches as a network
     leaves them for a batch norm's input, which the layer before has just written: the scratch
-    input was read by the previous call, no flush in between (as ``benchmarks/cpu.py`` times
-    it too). The passes: the training forward (``train`` on a
+    input was read by the previous call, no flush in between. A sample is the mean of a few
+    back-to-back calls of one backend (:data:`SAMPLE_MS`), so that each call's output lands on
+    the memory its previous call freed, as in a training or inference loop and as
+    ``benchmarks/cpu.py`` times them. The passes: the training forward (``train`` on a
     :class:`Call`, autograd graph built), its backward (``torch.autograd.grad`` of that
     forward's output), evaluation (``evaluate``, no grad). Everything is made here from a
     private generator: no tensor of the caller's is read or written, torch's global random
@@ -434,34 +447,56 @@ def time_passes(
         evaluate = Call(x, running_mean, running_var, weight, bias, 0.1, 1e-5, None, False)
         names = list(variants)
         done = 0
+        # Back-to-back calls per sample (one in the warm-up rounds): k training steps or k
+        # evaluations of one backend in a row, k chosen from the warm-up so that a sample
+        # lasts about SAMPLE_MS, as benchmarks/cpu.py times them (each call's output lands
+        # on the memory the previous one freed, as in a training or inference loop).
+        calls = dict.fromkeys(variants, 1)
+        eval_calls = dict(calls)
         for round_index in range(warmup + rounds):
             order.shuffle(names)
             timed = round_index >= warmup
             for name in names:
                 backend = variants[name]
                 if training:
+                    forward_s = backward_s = 0.0
                     with torch.enable_grad():
-                        begin = time.perf_counter()
-                        result = backend.train(train)
-                        elapsed = time.perf_counter() - begin
-                        if result is None:
-                            raise RuntimeError(f"{name}: the backend did not run the call itself")
-                        if timed and "forward" in passes:
-                            times.setdefault((name, "forward"), []).append(elapsed * 1e3)
-                        if dy is not None:
+                        for _ in range(calls[name]):
                             begin = time.perf_counter()
-                            torch.autograd.grad(result.output, (x, weight, bias), dy)
-                            elapsed = time.perf_counter() - begin
-                            if timed:
-                                times.setdefault((name, "backward"), []).append(elapsed * 1e3)
-                        del result
+                            result = backend.train(train)
+                            forward_s += time.perf_counter() - begin
+                            if result is None:
+                                raise RuntimeError(
+                                    f"{name}: the backend did not run the call itself"
+                                )
+                            if dy is not None:
+                                begin = time.perf_counter()
+                                torch.autograd.grad(result.output, (x, weight, bias), dy)
+                                backward_s += time.perf_counter() - begin
+                            del result
+                    if timed and "forward" in passes:
+                        times.setdefault((name, "forward"), []).append(
+                            forward_s * 1e3 / calls[name]
+                        )
+                    if timed and dy is not None:
+                        times.setdefault((name, "backward"), []).append(
+                            backward_s * 1e3 / calls[name]
+                        )
+                    if not timed:
+                        calls[name] = _calls_per_sample((forward_s + backward_s) / calls[name])
                 if "inference" in passes:
+                    elapsed = 0.0
                     with torch.no_grad():
-                        begin = time.perf_counter()
-                        backend.evaluate(evaluate)
-                        elapsed = time.perf_counter() - begin
+                        for _ in range(eval_calls[name]):
+                            begin = time.perf_counter()
+                            backend.evaluate(evaluate)
+                            elapsed += time.perf_counter() - begin
                     if timed:
-                        times.setdefault((name, "inference"), []).append(elapsed * 1e3)
+                        times.setdefault((name, "inference"), []).append(
+                            elapsed * 1e3 / eval_calls[name]
+                        )
+                    else:
+                        eval_calls[name] = _calls_per_sample(elapsed / eval_calls[name])
             done += timed
             if (
                 budget_s is not None
