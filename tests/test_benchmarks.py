@@ -268,3 +268,25 @@ def test_compare_cpu_pairs_the_rounds(tmp_path: Path) -> None:
     assert row["control_before"] == 1.0
     (slower,) = module.compare(run(1.0), run(2.0))
     assert slower["after/before"] == 0.5
+
+
+def test_cpu_hugepages_tiny_run() -> None:
+    """``cpu_hugepages.py --tiny`` runs a fresh process per setting and prints both."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    script = str(ROOT / "benchmarks" / "cpu_hugepages.py")
+    options = ["--tiny", "--steps", "4", "--processes", "1", "--threads", "1"]
+    completed = subprocess.run(
+        [sys.executable, script, *options],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("advice")]
+    assert [line.split()[1] for line in lines] == ["on", "off"]
+    assert all("| ATen " in line for line in lines)
