@@ -19,36 +19,37 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _run_script(
+    name: str, *args: str, timeout: float = 300, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Runs ``benchmarks/<name>`` with this tree's ``src`` first on the path (and ``env`` added);
+    fails the test, showing the end of stderr, unless it exits 0."""
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        **env,
+    }
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=environment,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed
+
+
 @pytest.mark.slow
 def test_cpu_benchmark_tiny_run(tmp_path) -> None:
     """``cpu.py --tiny`` exits 0 and records every (case, pass) with ATen and our providers."""
     out = tmp_path / "cpu.json"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-        "BATCHNORM_BENCHMARK_COMMIT": "abc123-from-env",  # a copy without .git names its commit
-    }
-    completed = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "cpu.py"),
-            "--tiny",
-            "--threads",
-            "1",
-            "--repeats",
-            "1",
-            "--warmup",
-            "0",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    completed = _run_script(
+        "cpu.py", "--tiny", "--threads", "1", "--repeats", "1", "--warmup", "0",
+        "--out", str(out),
+        BATCHNORM_BENCHMARK_COMMIT="abc123-from-env",  # a copy without .git names its commit
+    )  # fmt: skip
     results = json.loads(out.read_text())
     assert results["environment"]["torch_num_threads"] == 1
     assert results["environment"]["git_commit"] == "abc123-from-env"
@@ -67,19 +68,7 @@ def test_cpu_benchmark_tiny_run(tmp_path) -> None:
 
 def test_cpu_overhead_runs() -> None:
     """``cpu_overhead.py`` exits 0 and prints a row per measured call."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "cpu_overhead.py"), "--rounds", "3"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr
+    completed = _run_script("cpu_overhead.py", "--rounds", "3")
     rows = [line.split()[0] for line in completed.stdout.splitlines()[2:]]
     assert rows == ["inference", "training", "module"]
 
@@ -87,20 +76,9 @@ def test_cpu_overhead_runs() -> None:
 def test_cpu_sizes_runs() -> None:
     """``cpu_sizes.py`` exits 0 and prints the three passes' ratios for every size asked."""
     pytest.importorskip("numba")
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [sys.executable, str(ROOT / "benchmarks" / "cpu_sizes.py"), "--rounds", "1"]
-    completed = subprocess.run(
-        [*command, "--batches", "2", "--dtypes", "float32", "bfloat16"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-        timeout=300,
+    completed = _run_script(
+        "cpu_sizes.py", "--rounds", "1", "--batches", "2", "--dtypes", "float32", "bfloat16"
     )
-    assert completed.returncode == 0, completed.stderr
     lines = completed.stdout.splitlines()[1:]
     assert [line.split()[:2] for line in lines] == [
         ["float32", "ncl"], ["float32", "rows"], ["bfloat16", "ncl"], ["bfloat16", "rows"]
@@ -173,34 +151,11 @@ def test_ab_benchmark_against_this_commit(tmp_path: Path) -> None:
     """``ab_cpu.py --tiny --base HEAD`` imports HEAD's package renamed beside ours and reports
     both paired ratios and the A/A control for every (case, pass)."""
     out = tmp_path / "ab.json"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    options = [
-        "--base",
-        "HEAD",
-        "--tiny",
-        "--dtypes",
-        "float32",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
-        "--sample-ms",
-        "0",
-    ]
-    command = [sys.executable, str(ROOT / "benchmarks" / "ab_cpu.py"), *options]
-    command += ["--cache", str(tmp_path / "cache"), "--out", str(out)]
-    completed = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    completed = _run_script(
+        "ab_cpu.py", "--base", "HEAD", "--tiny", "--dtypes", "float32", "--repeats", "1",
+        "--warmup", "0", "--sample-ms", "0", "--cache", str(tmp_path / "cache"),
+        "--out", str(out), timeout=600,
+    )  # fmt: skip
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 4 * 4  # 4 tiny cases (one 4D in two layouts) × 4 passes, one dtype
     for row in rows:
@@ -213,19 +168,7 @@ def test_ab_benchmark_against_this_commit(tmp_path: Path) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba not installed")
 def test_cpu_kernels_tiny_run() -> None:
     """``cpu_kernels.py --tiny`` checks both kernels against ATen's and prints a row per dtype."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "cpu_kernels.py"), "--tiny", "--rounds", "1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    completed = _run_script("cpu_kernels.py", "--tiny", "--rounds", "1")
     rows = [line for line in completed.stdout.splitlines() if "forward numba" in line]
     assert len(rows) == 2  # float32 and bfloat16
 
@@ -272,21 +215,9 @@ def test_compare_cpu_pairs_the_rounds(tmp_path: Path) -> None:
 
 def test_cpu_hugepages_tiny_run() -> None:
     """``cpu_hugepages.py --tiny`` runs a fresh process per setting and prints both."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-    }
-    script = str(ROOT / "benchmarks" / "cpu_hugepages.py")
-    options = ["--tiny", "--steps", "4", "--processes", "1", "--threads", "1"]
-    completed = subprocess.run(
-        [sys.executable, script, *options],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
+    completed = _run_script(
+        "cpu_hugepages.py", "--tiny", "--steps", "4", "--processes", "1", "--threads", "1"
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
     lines = [line for line in completed.stdout.splitlines() if line.startswith("advice")]
     assert [line.split()[1] for line in lines] == ["on", "off"]
     assert all("| ATen " in line for line in lines)
