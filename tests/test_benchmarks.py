@@ -221,3 +221,13 @@ def test_cpu_hugepages_tiny_run() -> None:
     lines = [line for line in completed.stdout.splitlines() if line.startswith("advice")]
     assert [line.split()[1] for line in lines] == ["on", "off"]
     assert all("| ATen " in line for line in lines)
+
+
+def test_calibration_stability_tiny_run() -> None:
+    """``calibration_stability.py --tiny`` prints each repeated measurement and the loop's."""
+    completed = _run_script("calibration_stability.py", "--tiny", "--repeats", "2")
+    lines = completed.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines[1:]] == [
+        "time_passes 1", "time_passes 2", "harness loop"
+    ]  # fmt: skip
+    assert all("ATen/ours x" in line for line in lines[1:])
