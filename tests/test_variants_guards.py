@@ -132,3 +132,8 @@ def test_convert_names_the_layers_it_creates():
     converted = batchnorm.tools.convert(net)
     assert converted[1][0].layer_name == "1.0"
     assert converted[1][0]._layer_name() == "1.0 (BatchNorm2d)"
+
+
+def test_name_layers_rejects_what_is_not_a_module():
+    with pytest.raises(TypeError, match=r"^model: expected an nn.Module, got list"):
+        batchnorm.tools.name_layers([BatchNorm1d(3)])

@@ -18,12 +18,17 @@ def name_layers(model: nn.Module) -> nn.Module:
     creates it; call this after building a model that is neither.
 
     Args:
-        model: any module; ``model`` itself, if one of our layers, gets the empty name's
-            fallback (its ``repr``).
+        model: any module; ``model`` itself, if one of our layers, keeps its ``repr`` as its
+            name (it has no dotted name in itself).
 
     Returns:
         ``model``, for chaining.
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     for name, module in model.named_modules():
         if isinstance(module, BatchNormBase) and name:
             module.layer_name = name
