@@ -50,9 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the measurement and prints the table; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=300, help="timed calls per entry")
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="also time the per-call questions whose faster spelling _compat keeps",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     source, target = torch.randn(FLUSH_ELEMENTS), torch.empty(FLUSH_ELEMENTS)
+    if args.parts:
+        _print_parts(args.rounds, lambda: target.copy_(source))
     x = torch.randn(2, 8, 3, 3)  # (N, C, H, W)
     x_grad = x.clone().requires_grad_()
     weight, bias = torch.ones(8, requires_grad=True), torch.zeros(8, requires_grad=True)
@@ -79,6 +86,43 @@ def main(argv: list[str] | None = None) -> int:
                     cells.append(_median_us(call, args.rounds, flush))
         print(f"{name:18} " + " ".join(f"{cell:10.1f}" for cell in cells), flush=True)
     return 0
+
+
+def _print_parts(rounds: int, flush: Callable[[], object]) -> None:
+    """Times the plain and the faster spelling of two per-call questions, interleaved, cold.
+
+    The environment read of ``BATCHNORM_BACKEND`` (unset: the common case, where
+    ``os.environ.get`` raises and catches a ``KeyError``), and the three questions about
+    tracing against the one :func:`batchnorm._compat.call_kind`.
+    """
+    import os
+
+    from batchnorm import _compat
+
+    x = torch.randn(2, 8, 3, 3)
+    name = "BATCHNORM_BACKEND"
+    encoded = os.fsencode(name)
+    parts = {
+        "os.environ.get": lambda: os.environ.get(name),
+        "_compat.environ_get": lambda: _compat.environ_get(name, encoded),
+        "is_fx_proxy+jit_tracing+traced": lambda: (
+            _compat.is_fx_proxy(x) or _compat.jit_tracing() or _compat.traced(x)
+        ),
+        "_compat.call_kind": lambda: _compat.call_kind(x),
+    }
+    times: dict[str, list[float]] = {part: [] for part in parts}
+    for call in parts.values():
+        for _ in range(5):
+            call()
+    for _ in range(rounds):  # interleaved: each part sees the same machine state
+        for part, call in parts.items():
+            flush()
+            start = time.perf_counter()
+            call()
+            times[part].append(time.perf_counter() - start)
+    print(f"µs per question, cold (median of {rounds}, interleaved)")
+    for part, values in times.items():
+        print(f"{part:32} {statistics.median(values) * 1e6:8.1f}")
 
 
 if __name__ == "__main__":

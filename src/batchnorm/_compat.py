@@ -11,6 +11,7 @@ functional tensors, a ``TorchDispatchMode``) that can only see ATen operations? 
 kernels read data pointers and are invisible to all of those, so a traced call takes ATen's ops.
 """
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -18,8 +19,13 @@ import torch
 from torch import nn
 
 __all__ = [
+    "EAGER",
     "PLAIN_TENSOR_TYPES",
+    "SYMBOLIC",
+    "TRACED",
+    "call_kind",
     "dispatch_modes",
+    "environ_get",
     "functorch_active",
     "functorch_wrapped",
     "fx_attribute",
@@ -117,6 +123,67 @@ def traced(x: Any) -> bool:
         or _is_tracing()
         or dispatch_modes() > 0
     )
+
+
+#: :func:`call_kind`'s answers: run eagerly on plain tensors (our kernels may run); record ATen
+#: operations (``torch.compile``, ``torch.export``, fake/functional tensors, subclasses, meta
+#: tensors, dispatch modes); record symbolically (FX proxies, ``torch.jit.trace``), where the
+#: values cannot be checked and a check would be baked into the recording as a constant.
+EAGER, TRACED, SYMBOLIC = 0, 1, 2
+
+
+def call_kind(x: Any) -> int:
+    """How a call on ``x`` runs: :data:`EAGER`, :data:`TRACED` or :data:`SYMBOLIC`.
+
+    One question instead of three (:func:`is_fx_proxy`, :func:`jit_tracing`, :func:`traced`),
+    asked once per call: ``is_compiling`` is asked first, so Dynamo never sees the private
+    calls; ``SYMBOLIC`` implies what ``traced`` says too (the call takes ATen's operations).
+    ``benchmarks/results/cpu-2026-12-02-c-overhead.log`` has what the single question saves
+    on a call whose caches are cold.
+
+    Args:
+        x: the input of the call.
+
+    Returns:
+        ``SYMBOLIC`` for an FX proxy or while ``torch.jit.trace`` records (outside Dynamo);
+        ``EAGER`` for a plain, non-meta tensor with no dispatch mode active; else ``TRACED``.
+    """
+    if is_compiling():
+        return TRACED
+    if _is_tracing():
+        return SYMBOLIC
+    if type(x) in PLAIN_TENSOR_TYPES and not x.is_meta and dispatch_modes() == 0:
+        return EAGER
+    return SYMBOLIC if isinstance(x, torch.fx.Proxy) else TRACED
+
+
+#: ``os.environ._data`` (CPython 3.9–3.13; checked on 3.11 and 3.12): the dict behind
+#: ``os.environ``, which ``os.environ[...] = ...`` and ``del`` keep current, keyed by the
+#: encoded name on POSIX. ``os.environ.get`` reaches it through four Python frames and, for an
+#: unset name, a raised and caught ``KeyError``: 25 µs of a call whose caches are cold, against
+#: 3–6 µs here (``benchmarks/cpu_overhead.py --parts``, results in
+#: ``benchmarks/results/cpu-2026-12-02-c-overhead.log``), over 5% of the smallest case of
+#: ``benchmarks/cpu.py``. Where the dict is missing or keyed otherwise (Windows upper-cases
+#: str keys), the public read runs.
+_ENVIRON_DATA: dict[Any, Any] | None = getattr(os.environ, "_data", None)
+_ENVIRON_ENCODED = os.name == "posix" and isinstance(_ENVIRON_DATA, dict)
+
+
+def environ_get(name: str, encoded: bytes) -> str | None:
+    """``os.environ.get(name)``, read from the dict behind it where that is safe.
+
+    Args:
+        name: the variable's name.
+        encoded: ``name`` encoded as ``os.environ`` keys it (``os.fsencode(name)``), computed
+            once by the caller.
+
+    Returns:
+        The value, or None when the variable is not set.
+    """
+    if _ENVIRON_ENCODED:
+        value = _ENVIRON_DATA.get(encoded)  # type: ignore[union-attr]
+        return None if value is None else os.fsdecode(value)
+    return os.environ.get(name)
 
 
 def register_fusers(ours: dict[type[nn.Module], type[nn.Module]]) -> int:

@@ -305,14 +305,15 @@ def _checked_normalize(
     buffers itself and return them; otherwise nothing is mutated. What the backend does not
     run itself, the generic path of :mod:`batchnorm.autograd` composes from its primitives.
 
-    A traced call (:func:`batchnorm._compat.traced`: ``torch.compile``, ``torch.export``, FX,
+    A traced call (:func:`batchnorm._compat.call_kind`: ``torch.compile``, ``torch.export``, FX,
     ``torch.jit.trace``, fake tensors, dispatch modes) runs :func:`_normalize_traced`, ATen's
     operations. An FX proxy has no values to check and ``torch.jit.trace`` would record our
     checks as constants, so theirs are left to ATen's op in the recorded graph.
     """
     if momentum is None:
         raise TypeError("momentum: expected a float; None is a module option, not a functional one")
-    symbolic = _compat.is_fx_proxy(input) or _compat.jit_tracing()
+    kind = _compat.call_kind(input)  # EAGER, TRACED or SYMBOLIC (one question, once)
+    symbolic = kind == _compat.SYMBOLIC
     if not symbolic:
         check_batch_norm_args(
             input, running_mean, running_var, weight, bias, training, momentum, eps
@@ -343,7 +344,7 @@ def _checked_normalize(
     call = Call(
         input, running_mean, running_var, weight, bias, momentum, eps, fusion, update_in_place
     )
-    if symbolic or (_compat.traced(input) and backend != "triton"):
+    if symbolic or (kind == _compat.TRACED and backend != "triton"):
         return _normalize_traced(call, training)
     # One dispatch: the backend's own whole call, or the generic path over its primitives.
     impl = resolve_backend(backend, input.device)

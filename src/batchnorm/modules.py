@@ -271,8 +271,12 @@ class BatchNormBase(nn.Module):
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         """Rejects an input of the wrong rank or channel count for this module."""
-        if _compat.is_fx_proxy(input) or _compat.jit_tracing():
-            return  # a recording: our checks would be baked in; the graph runs ATen's checks
+        if _compat.call_kind(input) != _compat.SYMBOLIC:
+            self._check_dims(input)
+        # else a recording: our checks would be baked in; the graph runs ATen's checks
+
+    def _check_dims(self, input: torch.Tensor) -> None:
+        """:meth:`_check_input_dim` of an input that is not a symbolic recording."""
         if not isinstance(input, torch.Tensor):
             raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
         name = type(self).__name__
@@ -351,11 +355,13 @@ class BatchNormBase(nn.Module):
             mask: ``(N, *)``, True = real value, or ``None`` for all values.
             residual: ``z`` of ``act(bn(x) + z)`` (fused modules), or ``None``.
         """
-        self._check_input_dim(input)
+        kind = _compat.call_kind(input)  # asked once for this call (see _check_input_dim)
+        if kind != _compat.SYMBOLIC:
+            self._check_dims(input)
         # Buffers are None without track_running_stats; then batch statistics serve both modes.
         use_batch_stats = self.training or self.running_mean is None
         updates_stats = self._updates_stats()
-        symbolic = _compat.is_fx_proxy(input)
+        symbolic = kind == _compat.SYMBOLIC and _compat.is_fx_proxy(input)
         counter = self.num_batches_tracked
         if symbolic and counter is not None:
             # A proxy of the buffer, recorded in the graph (so that the traced module keeps it
@@ -370,7 +376,7 @@ class BatchNormBase(nn.Module):
         momentum = self._momentum_for_this_step() if updates_stats else 0.0
         if (
             mask is None
-            and (residual is None or symbolic or _compat.traced(input))
+            and (residual is None or kind != _compat.EAGER)
             and self.nonfinite == "propagate"
             and self._commits_in_place
         ):

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 import torch
 
+from batchnorm import _compat
 from batchnorm.backends.base import (
     Backend,
     ForwardResult,
@@ -43,6 +44,7 @@ __all__ = [
 ]
 
 BACKEND_ENV_VAR = "BATCHNORM_BACKEND"
+_ENCODED_ENV_VAR = os.fsencode(BACKEND_ENV_VAR)
 
 #: Backend name → (module, class); the module is imported when the backend is first asked for.
 _REGISTRY: dict[str, tuple[str, str]] = {
@@ -163,7 +165,7 @@ def resolve_backend(name: str | None, device: torch.device) -> Backend:
         ImportError: if the named backend needs a package that is not installed.
     """
     if name is None:
-        name = os.environ.get(BACKEND_ENV_VAR) or "auto"
+        name = _compat.environ_get(BACKEND_ENV_VAR, _ENCODED_ENV_VAR) or "auto"
         source = BACKEND_ENV_VAR
     else:
         source = "backend"

@@ -605,6 +605,9 @@ class RoutingTable:
         smallest: ``(pass, dtype)`` → smallest input any layout may run the kernels at, a
             lazy measurement included.
         smallest_unmeasured: the same where nothing new is measured.
+        routes: a memo for the backends: ``(pass, dtype, shape, strides, is_cpu)`` → the layout
+            the kernels read (None: ATen), for inputs whose route a measurement decided or no
+            measurement could change; replaced by an empty one on every change.
     """
 
     def __init__(
@@ -632,6 +635,7 @@ class RoutingTable:
         self._new_sweep = False
         self.smallest: dict[tuple[str, torch.dtype], int] = {}
         self.smallest_unmeasured: dict[tuple[str, torch.dtype], int] = {}
+        self.routes: dict[tuple[Any, ...], str | None] = {}
         self._refresh()
 
     @property
@@ -694,6 +698,7 @@ class RoutingTable:
                     smallest[group] = min(value, smallest.get(group, value))
         self.smallest_unmeasured = unmeasured
         self.smallest = smallest
+        self.routes = {}
 
     # -- changes (under LOCK) -------------------------------------------------------------------
 

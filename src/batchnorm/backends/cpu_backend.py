@@ -179,6 +179,28 @@ def _kernel_array(x: torch.Tensor, layout: str) -> np.ndarray:
     return _as_array(channel_rows(x))  # type: ignore[arg-type]  # (M, C)
 
 
+#: :meth:`CpuBackend._kernel_layout`'s memo has no entry (None is an entry: ATen).
+_UNROUTED = object()
+#: Entries the memo holds before it starts again (a few hundred bytes each).
+_MAX_ROUTES = 4096
+
+
+def _settled(table: RoutingTable, pass_name: str, x: torch.Tensor) -> bool:
+    """Whether ``x``'s route in ``pass_name`` stays what ``table`` says until it changes: no
+    kernel of ours takes the size, or a measurement (stored or lazy) decided its shape class.
+    Otherwise (the committed cold start, a measurement still to come, the
+    ``BATCHNORM_CALIBRATE`` switch) the route is worked out again on every call."""
+    nbytes = x.numel() * x.element_size()
+    smallest = table.smallest.get((pass_name, x.dtype))
+    if smallest is None or not 0 < nbytes >= smallest:
+        return True
+    layout = kernel_layout(x)
+    if layout is None:
+        return True
+    case = (pass_name, layout, x.dtype)
+    return table.choice(case, nbytes, calibration.run_length(x.shape, layout)) is not None
+
+
 def _is_transformed(*tensors: torch.Tensor) -> bool:
     """Whether a ``torch.func`` transform (vmap/grad) is active or a tensor is one's wrapper.
 
@@ -471,10 +493,27 @@ class CpuBackend(Backend):
         inside our autograd functions, where a ``torch.func`` transform no longer shows) pass
         False and route such a case by the committed table.
         """
+        threads = torch.get_num_threads()
+        table = None if self._fixed else self._tables.get(threads)
+        # One lookup for an input routed before (the shape and strides decide the layout, the
+        # size and run length the route): benchmarks/results/cpu-2026-12-02-c-*.
+        key = (pass_name, x.dtype, x.shape, x.stride(), x.is_cpu)
+        if table is not None:
+            route = table.routes.get(key, _UNROUTED)
+            if route is not _UNROUTED:
+                return route  # type: ignore[return-value]
         if not self._may_run(pass_name, x):  # one dict lookup: most calls end here
-            return None
-        layout = kernel_layout(x)
-        return layout if layout is not None and self._takes(pass_name, layout, x, measure) else None
+            layout = None
+        else:
+            layout = kernel_layout(x)
+            if layout is not None and not self._takes(pass_name, layout, x, measure):
+                layout = None
+        table = None if self._fixed else self._tables.get(threads)  # made by the first call
+        if table is not None and _settled(table, pass_name, x):
+            if len(table.routes) >= _MAX_ROUTES:  # e.g. a new sequence length each call
+                table.routes.clear()
+            table.routes[key] = layout
+        return layout
 
     def _measure_training(
         self, input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None
