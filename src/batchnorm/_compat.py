@@ -160,11 +160,11 @@ def call_kind(x: Any) -> int:
 #: ``os.environ._data`` (CPython 3.9–3.13; checked on 3.11 and 3.12): the dict behind
 #: ``os.environ``, which ``os.environ[...] = ...`` and ``del`` keep current, keyed by the
 #: encoded name on POSIX. ``os.environ.get`` reaches it through four Python frames and, for an
-#: unset name, a raised and caught ``KeyError``: 25 µs of a call whose caches are cold, against
-#: 3–6 µs here (``benchmarks/cpu_overhead.py --parts``, results in
-#: ``benchmarks/results/cpu-2026-12-02-c-overhead.log``), over 5% of the smallest case of
-#: ``benchmarks/cpu.py``. Where the dict is missing or keyed otherwise (Windows upper-cases
-#: str keys), the public read runs.
+#: unset name, a raised and caught ``KeyError``: 36–41 µs of a call whose caches are cold,
+#: against 8–10 µs here, on a 2-core AMD EPYC (``benchmarks/cpu_overhead.py --parts``, results
+#: in ``benchmarks/results/cpu-2026-12-02-c-overhead.log``), over 5% of the smallest case of
+#: ``benchmarks/cpu.py`` there (0.34–0.48 ms). Where the dict is missing or keyed otherwise
+#: (Windows upper-cases str keys), the public read runs.
 _ENVIRON_DATA: dict[Any, Any] | None = getattr(os.environ, "_data", None)
 _ENVIRON_ENCODED = os.name == "posix" and isinstance(_ENVIRON_DATA, dict)
 

@@ -496,7 +496,7 @@ class CpuBackend(Backend):
         threads = torch.get_num_threads()
         table = None if self._fixed else self._tables.get(threads)
         # One lookup for an input routed before (the shape and strides decide the layout, the
-        # size and run length the route): benchmarks/results/cpu-2026-12-02-c-*.
+        # size and run length the route); see RoutingTable.routes for what is kept.
         key = (pass_name, x.dtype, x.shape, x.stride(), x.is_cpu)
         if table is not None:
             route = table.routes.get(key, _UNROUTED)
