@@ -493,8 +493,10 @@ class CpuBackend(Backend):
         inside our autograd functions, where a ``torch.func`` transform no longer shows) pass
         False and route such a case by the committed table.
         """
+        if self._fixed:  # explicit tables: nothing measured, nothing memoized
+            return self._route(pass_name, x, measure)
         threads = torch.get_num_threads()
-        table = None if self._fixed else self._tables.get(threads)
+        table = self._tables.get(threads)
         # One lookup for an input routed before (the shape and strides decide the layout, the
         # size and run length the route); see RoutingTable.routes for what is kept.
         key = (pass_name, x.dtype, x.shape, x.stride(), x.is_cpu)
@@ -502,17 +504,21 @@ class CpuBackend(Backend):
             route = table.routes.get(key, _UNROUTED)
             if route is not _UNROUTED:
                 return route  # type: ignore[return-value]
-        if not self._may_run(pass_name, x):  # one dict lookup: most calls end here
-            layout = None
-        else:
-            layout = kernel_layout(x)
-            if layout is not None and not self._takes(pass_name, layout, x, measure):
-                layout = None
-        table = None if self._fixed else self._tables.get(threads)  # made by the first call
+        layout = self._route(pass_name, x, measure)
+        table = self._tables.get(threads)  # made by the first call
         if table is not None and _settled(table, pass_name, x):
             if len(table.routes) >= _MAX_ROUTES:  # e.g. a new sequence length each call
                 table.routes.clear()
             table.routes[key] = layout
+        return layout
+
+    def _route(self, pass_name: str, x: torch.Tensor, measure: bool) -> str | None:
+        """:meth:`_kernel_layout` worked out without the memo."""
+        if not self._may_run(pass_name, x):  # one dict lookup: most calls end here
+            return None
+        layout = kernel_layout(x)
+        if layout is None or not self._takes(pass_name, layout, x, measure):
+            return None
         return layout
 
     def _measure_training(
