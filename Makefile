@@ -20,7 +20,7 @@ COMPAT_TESTS := tests/test_ecosystem.py tests/test_modules.py tests/test_functio
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile src/batchnorm/kernels/cpu/cpu_stream.c
+$(STAMP): pyproject.toml Makefile src/batchnorm/kernels/cpu/cpu_stream.c src/batchnorm/kernels/cpu/cpu_stream_simd.h
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_PIN)
@@ -46,7 +46,7 @@ test-isolated: $(STAMP)
 		echo "== $$f"; $(BIN)/python -m pytest -q -x -p no:cacheprovider "$$f" || exit 1; \
 	done
 
-$(COMPAT_STAMP): pyproject.toml Makefile src/batchnorm/kernels/cpu/cpu_stream.c
+$(COMPAT_STAMP): pyproject.toml Makefile src/batchnorm/kernels/cpu/cpu_stream.c src/batchnorm/kernels/cpu/cpu_stream_simd.h
 	$(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/pip install --quiet --upgrade pip
 	$(COMPAT_VENV)/bin/pip install --quiet $(COMPAT_PINS)

@@ -1,11 +1,12 @@
-"""The streaming CPU kernels (``batchnorm.kernels.cpu.cpu_stream``, C with AVX-512) and their use.
+"""The streaming CPU kernels (``batchnorm.kernels.cpu.cpu_stream``: C, AVX-512 or AVX2), their use.
 
 Each is called directly on tensors' memory and checked against float64 formulas: every layout
 walk (runs shorter than a vector, runs that straddle vectors, channels innermost with fewer or
 more channels than a vector and with a wrap), misaligned input and output addresses, odd lengths
 (scalar head and tail), teams of threads (more threads than rows too), bfloat16 rounding against
 torch's own, and non-finite values.
-Skipped where the extension is not built or the CPU lacks AVX-512 F/BW/VL.
+Every test runs once per instruction set this CPU has (``cpu_stream.ISAS``: the same C compiled
+for AVX-512 and for AVX2 + FMA). Skipped where the extension is not built or the CPU has neither.
 """
 
 from __future__ import annotations
@@ -47,6 +48,48 @@ LAYOUTS = [
 OFFSETS = [(0, 0), (1, 0), (0, 3), (5, 7)]
 # Teams: the calling thread alone, and three threads (more than some layouts' rows).
 THREADS = [1, 3]
+
+
+@pytest.fixture(autouse=True, params=cpu_stream.ISAS or ("none",))
+def isa(request):
+    """Each test once per instruction set of this CPU; the widest again afterwards."""
+    cpu_stream.use_isa(request.param)
+    yield request.param
+    cpu_stream.use_isa(cpu_stream.ISAS[0])
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs /proc/cpuinfo (Linux)")
+def test_isas_are_what_the_cpu_reports(isa) -> None:
+    """ISAS, widest first, agrees with the kernel's flags; the default is the widest."""
+    flags = _cpu_flags()
+    expected = []
+    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        expected.append("avx512")
+    if {"avx2", "fma"} <= flags:
+        expected.append("avx2")
+    assert tuple(expected) == cpu_stream.ISAS
+    assert cpu_stream.isa() == isa
+
+
+def test_use_isa_refuses_an_isa_this_cpu_lacks() -> None:
+    """An unknown or absent instruction set is refused by name, and the current one stays."""
+    before = cpu_stream.isa()
+    for name in ("sse2", *(n for n in ("avx512", "avx2") if n not in cpu_stream.ISAS)):
+        with pytest.raises(ValueError, match=rf"name: expected one of .*got '{name}'"):
+            cpu_stream.use_isa(name)
+    assert cpu_stream.isa() == before
 
 
 def _tolerance(dtype):

@@ -1203,7 +1203,7 @@ def describe(table: RoutingTable) -> str:
     """The table as text: key, provenance, each case's threshold (stored, committed) with the
     sweep's ratios by size, then the lazy decisions."""
     key = table.key
-    isa = " ".join(key["isa"]) or "no AVX-512"
+    isa = " ".join(key["isa"]) or "neither AVX2 nor AVX-512"
     lines = [
         f"CPU routing on {key['cpu']} ({isa}), {key['threads']} thread(s); "
         f"torch {key['torch']}, batchnorm {key['batchnorm']}, kernels {key['kernels']}",

@@ -4,15 +4,15 @@ Two sets of kernels cover the two dense layouts of the ``(N, C, L)`` view, conti
 ``(N, C, L)`` and channels innermost (``channels_last``, ``(N, C)``: an ``(M, C)`` matrix), for
 training forward, backward and evaluation:
 
-* the streaming kernels (:mod:`batchnorm.kernels.cpu.cpu_stream`, C with AVX-512, built with the
-  package where a compiler is present) for float32 and bfloat16: each pass reads its input in
-  memory order (statistics of each run of ``L`` values, or of each block of rows, while it is in
-  cache, merged per channel by Chan's rule), writes its output with streaming stores and is one
-  C call, the training forward moving the running buffers itself; on several threads the call
+* the streaming kernels (:mod:`batchnorm.kernels.cpu.cpu_stream`, C with AVX-512 or AVX2 + FMA,
+  built with the package where a compiler is present) for float32 and bfloat16: each pass reads its
+  input in memory order (statistics of each run of ``L`` values, or of each block of rows, while it
+  is in cache, merged per channel by Chan's rule), writes its output with streaming stores and is
+  one C call, the training forward moving the running buffers itself; on several threads the call
   splits the rows over a team of torch's own OpenMP runtime (:data:`cpu_stream.THREADED`);
 * Numba's fused kernels (:mod:`batchnorm.kernels.cpu.cpu_numba`), parallel over ``torch``'s thread
-  count, for float64 and where the streaming kernels do not run (not built, no AVX-512, or
-  several threads without torch's OpenMP runtime).
+  count, for float64 and where the streaming kernels do not run (not built, neither AVX-512 nor
+  AVX2, or several threads without torch's OpenMP runtime).
 
 By default (``CpuBackend()``, what ``auto`` runs) they run only where they measured faster
 than ATen *on this machine, at this thread count* (:mod:`batchnorm.backends.calibration`): a
@@ -418,13 +418,15 @@ class CpuBackend(Backend):
         if cpu_numba is None and not cpu_stream.SUPPORTED:
             raise ImportError(
                 "the cpu backend needs its C kernels (built by pip install where a compiler is "
-                "found, on a CPU with AVX-512 F/BW/VL) or numba (pip install 'batchnorm[cpu]')"
+                "found, on a CPU with AVX-512 F/BW/VL or AVX2 with FMA) or numba "
+                "(pip install 'batchnorm[cpu]')"
             )
         if cpu_numba is None and streaming is False:
             raise ValueError("streaming: False needs numba's kernels, and numba is not installed")
         if streaming and not cpu_stream.SUPPORTED:
             raise ValueError(
-                "streaming: the streaming kernels are not built or this CPU lacks AVX-512 F/BW/VL"
+                "streaming: the streaming kernels are not built or this CPU has neither AVX-512 "
+                "F/BW/VL nor AVX2 with FMA"
             )
         self.streaming = cpu_stream.SUPPORTED if streaming is None else streaming
         # Cases on one thread and on several (the streaming kernels' on torch's OpenMP team, or
@@ -604,8 +606,9 @@ class CpuBackend(Backend):
         return self._measuring
 
     def kernel_set(self) -> str:
-        """Which kernels run, with versions, for the routing key: ``"c+numba-0.61.0"``."""
-        parts = ["c"] if self.streaming else []
+        """Which kernels run, with versions, for the routing key: ``"c-avx512+numba-0.61.0"``
+        (the C kernels' instruction set: each is measured on its own)."""
+        parts = [f"c-{cpu_stream.isa()}"] if self.streaming else []
         if cpu_numba is not None:
             parts.append(f"numba-{numba.__version__}")
         return "+".join(parts)

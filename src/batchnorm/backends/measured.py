@@ -76,11 +76,11 @@ CPU_NUMBA_ONLY = Measured(
     "python benchmarks/cpu.py --threads 1; python benchmarks/cpu_kernels.py",
     "cpu-2026-11-26.json, cpu-2026-11-26.log",
 )
-#: Where Numba's kernels alone (no C kernels: not built, or no AVX-512) measured faster than
-#: ATen's, case → smallest input in bytes (:data:`CPU_NUMBA_ONLY`): the contiguous forward of
-#: float32/float64 from 512 KiB (its channel slice re-read from L2), the contiguous float32
-#: backward from 512 KiB and bfloat16 backward from 2 MiB, every float32 pass once outputs are
-#: fresh mappings (page faults avoided). ATen was as fast or faster elsewhere.
+#: Where Numba's kernels alone (no C kernels: not built, or neither AVX-512 nor AVX2) measured
+#: faster than ATen's, case → smallest input in bytes (:data:`CPU_NUMBA_ONLY`): the contiguous
+#: forward of float32/float64 from 512 KiB (its channel slice re-read from L2), the contiguous
+#: float32 backward from 512 KiB and bfloat16 backward from 2 MiB, every float32 pass once outputs
+#: are fresh mappings (page faults avoided). ATen was as fast or faster elsewhere.
 MEASURED_NUMBA_CASES: Mapping[KernelCase, int] = {
     ("forward", "ncl", torch.float32): 1 << 19,
     ("forward", "ncl", torch.float64): 1 << 19,

@@ -1,4 +1,4 @@
-"""CPU kernels: C with AVX-512 and streaming stores, and Numba's.
+"""CPU kernels: C with AVX-512 or AVX2 and streaming stores, and Numba's.
 
 :mod:`.cpu_stream` is the plain-Python launcher of the C extension ``_cpu_stream`` (float32 and
 bfloat16, built by ``pip install`` where a compiler is found; ``cpu_stream.SUPPORTED`` says

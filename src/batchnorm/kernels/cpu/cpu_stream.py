@@ -3,8 +3,10 @@
 The C extension ``batchnorm.kernels.cpu._cpu_stream`` reads each pass's input in memory order and
 writes its output with streaming (non-temporal) stores, which skip the read for ownership a
 plain store makes of every line it writes (see the C file). It is built with the package where a
-C compiler is present and runs where the CPU has AVX-512 F/BW/VL (:data:`SUPPORTED`); elsewhere
-the Numba kernels (:mod:`batchnorm.kernels.cpu.cpu_numba`) and ATen run every pass.
+C compiler is present and runs where the CPU has AVX-512 F/BW/VL or AVX2 with FMA
+(:data:`SUPPORTED`; the same C compiled for both, the widest the CPU has chosen at import:
+:func:`isa`, :data:`ISAS`); elsewhere the Numba kernels (:mod:`batchnorm.kernels.cpu.cpu_numba`)
+and ATen run every pass.
 
 Each function here is one whole pass in one C call: :func:`train_forward`,
 :func:`train_backward`, :func:`inference`. Tensors come as addresses (the caller checks that
@@ -36,10 +38,43 @@ def _load_extension() -> ModuleType | None:
 
 _extension = _load_extension()
 
-__all__ = ["SUPPORTED", "THREADED", "inference", "train_backward", "train_forward"]
+__all__ = [
+    "ISAS",
+    "SUPPORTED",
+    "THREADED",
+    "inference",
+    "isa",
+    "train_backward",
+    "train_forward",
+    "use_isa",
+]
 
 #: Whether the extension is built and this CPU runs it.
 SUPPORTED: bool = _extension is not None and bool(_extension.SUPPORTED)
+
+#: The instruction sets the extension runs on this CPU, widest first (``"avx512"``, ``"avx2"``).
+ISAS: tuple[str, ...] = tuple(_extension.ISAS) if SUPPORTED else ()  # type: ignore[union-attr]
+
+
+def isa() -> str | None:
+    """The instruction set the passes run with: the first of :data:`ISAS` unless
+    :func:`use_isa` chose another; ``None`` where the kernels do not run."""
+    return _extension.isa() if SUPPORTED else None  # type: ignore[union-attr]
+
+
+def use_isa(name: str) -> None:
+    """Runs the passes with instruction set ``name`` from now on (tests and comparisons: each ISA
+    rounds the float32 sums in its own order).
+
+    Args:
+        name: one of :data:`ISAS`.
+
+    Raises:
+        ValueError: if ``name`` is not one of :data:`ISAS`.
+    """
+    if name not in ISAS:
+        raise ValueError(f"name: expected one of {ISAS} (this CPU's), got {name!r}")
+    _extension.use_isa(name)  # type: ignore[union-attr]
 
 
 def _use_torch_openmp() -> bool:
