@@ -75,6 +75,24 @@ TARGET static inline int FN(vector_params)(walk_t *walk, ptrdiff_t i, int count,
     return 0;
 }
 
+/* y = (x − lanes[0])·lanes[1] + lanes[2] for the vectors from i that end before `stop`, with
+ * constant lanes (within one run: no walk); returns where it stopped. The dtype is a constant in
+ * each loop, so that neither loop tests it per vector. */
+TARGET static inline ptrdiff_t FN(affine_within)(const char *x, char *y, ptrdiff_t i,
+                                                 ptrdiff_t stop, int is_bf16, const vec *lanes) {
+#define AFFINE_LOOP(bf16, item)                                                                 \
+    for (; i + W < stop; i += W)                                                                \
+        v_stream(y + i * (item), v_fmadd(v_sub(v_load(x + i * (item), bf16), lanes[0]), lanes[1], \
+                                         lanes[2]),                                             \
+                 bf16)
+    if (is_bf16)
+        AFFINE_LOOP(1, 2);
+    else
+        AFFINE_LOOP(0, 4);
+#undef AFFINE_LOOP
+    return i;
+}
+
 TARGET static void FN(affine)(const char *x, char *y, ptrdiff_t start, ptrdiff_t end,
                                  ptrdiff_t run, ptrdiff_t channels, int is_bf16,
                                  const float *shift, const float *scale, const float *offset) {
@@ -88,16 +106,37 @@ TARGET static void FN(affine)(const char *x, char *y, ptrdiff_t start, ptrdiff_t
     vec lanes[3];
     walk_t walk = walk_from(i, run, channels);
     int keep = 0;
-    for (; i + W <= end; i += W) {
+    while (i + W <= end) {
         keep = FN(vector_params)(&walk, i, 3, params, lanes, keep);
         vec centered = v_sub(v_load(x + i * item, is_bf16), lanes[0]); /* x − μ */
         v_stream(y + i * item, v_fmadd(centered, lanes[1], lanes[2]), is_bf16);
+        i += W;
+        /* The next vector is in this run too: those before the run's last need no walk. */
+        if (keep) i = FN(affine_within)(x, y, i, walk.run_end < end ? walk.run_end : end, is_bf16, lanes);
     }
     for (; i < end; i++) {
         ptrdiff_t c = channel_of(i, run, channels);
         store_one(y, is_bf16, i, (load_one(x, is_bf16, i) - shift[c]) * scale[c] + offset[c]);
     }
     v_fence(); /* streaming stores are visible to other threads once the call returns */
+}
+
+/* dx = lanes[1]·((dy − lanes[2]) − (x − lanes[0])·lanes[3]) for the vectors from i that end
+ * before `stop`, with constant lanes (as affine_within). */
+TARGET static inline ptrdiff_t FN(grad_within)(const char *dy, const char *x, char *dx, ptrdiff_t i,
+                                               ptrdiff_t stop, int is_bf16, const vec *lanes) {
+#define GRAD_LOOP(bf16, item)                                                                   \
+    for (; i + W < stop; i += W) {                                                              \
+        vec centered = v_sub(v_load(x + i * (item), bf16), lanes[0]);                           \
+        vec shifted = v_sub(v_load(dy + i * (item), bf16), lanes[2]);                           \
+        v_stream(dx + i * (item), v_mul(lanes[1], v_fnmadd(centered, lanes[3], shifted)), bf16); \
+    }
+    if (is_bf16)
+        GRAD_LOOP(1, 2)
+    else
+        GRAD_LOOP(0, 4)
+#undef GRAD_LOOP
+    return i;
 }
 
 TARGET static void FN(grad)(const char *dy, const char *x, char *dx, ptrdiff_t start,
@@ -118,12 +157,16 @@ TARGET static void FN(grad)(const char *dy, const char *x, char *dx, ptrdiff_t s
     vec lanes[4];
     walk_t walk = walk_from(i, run, channels);
     int keep = 0;
-    for (; i + W <= end; i += W) {
+    while (i + W <= end) {
         keep = FN(vector_params)(&walk, i, 4, params, lanes, keep);
         vec centered = v_sub(v_load(x + i * item, is_bf16), lanes[0]); /* x − μ */
         vec shifted = v_sub(v_load(dy + i * item, is_bf16), lanes[2]); /* dy − dβ/M */
         vec inner = v_fnmadd(centered, lanes[3], shifted);
         v_stream(dx + i * item, v_mul(lanes[1], inner), is_bf16);
+        i += W;
+        if (keep) /* as in affine */
+            i = FN(grad_within)(dy, x, dx, i, walk.run_end < end ? walk.run_end : end, is_bf16,
+                                lanes);
     }
     for (; i < end; i++) GRAD_ONE(i);
 #undef GRAD_ONE
