@@ -173,6 +173,17 @@ def test_cpu_kernels_tiny_run() -> None:
     assert len(rows) == 2  # float32 and bfloat16
 
 
+def test_cpu_stream_kernels_tiny_run() -> None:
+    """``cpu_stream_kernels.py --tiny`` checks the three C passes against ATen's (the script fails
+    on a mismatch) and prints a row per ISA, shape and dtype."""
+    from batchnorm.kernels.cpu import cpu_stream
+
+    completed = _run_script("cpu_stream_kernels.py", "--tiny", "--rounds", "1")
+    rows = [line for line in completed.stdout.splitlines() if "inference ours" in line]
+    assert len(rows) == 2 * 2 * len(cpu_stream.ISAS)  # two shapes, two dtypes per ISA
+    assert {row.split()[0] for row in rows} == set(cpu_stream.ISAS)
+
+
 def test_device_script_is_valid_bash_and_names_existing_scripts() -> None:
     """The prepared device run parses, and every benchmark it calls exists."""
     import re
