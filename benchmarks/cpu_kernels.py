@@ -19,9 +19,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import numba
 import numpy as np
@@ -29,24 +26,13 @@ import torch
 
 from batchnorm.backends.cpu_backend import _as_array
 from batchnorm.kernels.cpu import cpu_numba
+from harness import median_call_ms
 
 #: ``(N, C, L)`` views of ``benchmarks/cpu.py``'s contiguous cases.
 SHAPES = [(64, 64, 3136), (64, 256, 196), (32, 128, 784), (256, 64, 100)]
 TINY_SHAPES = [(4, 3, 50)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 EPS = 1e-5
-
-
-def _median_ms(call: Callable[[], object], rounds: int) -> float:
-    """Median wall time of ``call`` in milliseconds, after two untimed calls."""
-    for _ in range(2):
-        call()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def _row(shape: tuple[int, int, int], dtype: torch.dtype, rounds: int) -> str:
@@ -91,8 +77,8 @@ def _row(shape: tuple[int, int, int], dtype: torch.dtype, rounds: int) -> str:
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(y_ours.float(), y_aten.float(), atol=tolerance, rtol=tolerance)
     torch.testing.assert_close(dx_ours.float(), dx_aten.float(), atol=tolerance, rtol=tolerance)
-    forward = [_median_ms(call, rounds) for call in (ours_forward, aten_forward)]
-    backward = [_median_ms(call, rounds) for call in (ours_backward, aten_backward)]
+    forward = [median_call_ms(call, rounds) for call in (ours_forward, aten_forward)]
+    backward = [median_call_ms(call, rounds) for call in (ours_backward, aten_backward)]
     name = "x".join(map(str, shape))
     dtype_name = str(dtype).removeprefix("torch.")
     return (

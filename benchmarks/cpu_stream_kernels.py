@@ -22,32 +22,18 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 
 import torch
 
 from batchnorm.kernels.cpu import cpu_stream
+from harness import median_call_ms
 
 #: ``(N, C, L)`` views of ``benchmarks/cpu.py``'s contiguous cases; (M, C) as ``(M, C, 0)``.
 SHAPES = [(64, 64, 3136), (64, 256, 196), (32, 128, 784), (256, 64, 100), (4096, 512, 0)]
 TINY_SHAPES = [(4, 3, 50), (40, 5, 0)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 EPS, MOMENTUM = 1e-5, 0.1
-
-
-def _median_ms(call: Callable[[], object], rounds: int) -> float:
-    """Median wall time of ``call`` in milliseconds, after two untimed calls."""
-    for _ in range(2):
-        call()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def _row(shape: tuple[int, int, int], dtype: torch.dtype, rounds: int) -> str:
@@ -119,7 +105,7 @@ def _row(shape: tuple[int, int, int], dtype: torch.dtype, rounds: int) -> str:
         ("forward", ours_forward, aten_forward),
         ("backward", ours_backward, aten_backward),
     ):
-        ours_ms, aten_ms = _median_ms(ours, rounds), _median_ms(aten, rounds)
+        ours_ms, aten_ms = median_call_ms(ours, rounds), median_call_ms(aten, rounds)
         cells.append(f"{name} ours {ours_ms:7.3f} aten {aten_ms:7.3f} ×{aten_ms / ours_ms:.2f}")
     label = "x".join(map(str, full))
     return f"{cpu_stream.isa():6} {label:>12} {str(dtype).removeprefix('torch.'):8} " + " | ".join(

@@ -107,6 +107,19 @@ def time_interleaved(
 MAX_CALLS_PER_SAMPLE = 64
 
 
+def median_call_ms(call: Callable[[], object], rounds: int) -> float:
+    """Median wall time of ``call`` in milliseconds over ``rounds`` calls, after two untimed ones
+    (kernel-only scripts: one call per sample, back to back, warm caches)."""
+    for _ in range(2):
+        call()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
 def median_ms(times: list[float]) -> float:
     """The median of a list of times (ms)."""
     return float(statistics.median(times))
