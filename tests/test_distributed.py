@@ -73,9 +73,25 @@ def _entry(
         # The parent reports only one rank's error, often a peer's "connection closed": keep
         # every rank's own traceback in the captured stderr.
         sys.stderr.write(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
-    finally:
         dist.destroy_process_group()
+        raise
+    # A rank that tears gloo down while a peer is still in a collective, or exits while a peer
+    # is still destroying, can abort that peer ("terminate called without an active exception",
+    # seen once in CI on the 3-rank group): the ranks meet, through the store (no collective),
+    # before and after the teardown.
+    _meet(store, "worker_done", world_size)
+    dist.destroy_process_group()
+    _meet(store, "destroyed", world_size)
+
+
+def _meet(store: Any, key: str, world_size: int) -> None:
+    """A barrier on the store alone: every rank adds one to ``key``, then waits for all."""
+    store.add(key, 1)
+    deadline = time.monotonic() + GROUP_TIMEOUT_S
+    while store.add(key, 0) < world_size:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"barrier {key!r}: not every rank came in {GROUP_TIMEOUT_S} s")
+        time.sleep(0.01)
 
 
 def _run_group(worker: Any, world_size: int, *args: Any) -> None:
