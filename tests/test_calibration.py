@@ -183,6 +183,54 @@ def test_threshold_is_where_the_kernels_win_from_on() -> None:
     assert calibration.threshold_from(points(1.01)) is None  # within the margin: ATen
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "threshold", "again"),
+    [
+        # A disturbed loss between wins is timed again and turns into a win (the lower
+        # medians): the threshold goes below it; the next loss down is timed again too, and
+        # so on until one stays a loss.
+        ((0.5, 1.5, 0.6, 1.5), {2: 1.5, 0: 0.5}, 1 << 11, [2, 0]),
+        ((0.5, 0.7, 0.6, 1.5), {2: 1.5, 1: 1.2, 0: 0.9}, 1 << 11, [2, 1, 0]),
+        # A loss that stays a loss is kept, timed twice only.
+        ((0.5, 1.5, 0.6, 1.5), {2: 0.7}, 1 << 13, [2]),
+        # A disturbed largest size would mean ATen everywhere: timed again.
+        ((1.5, 1.5, 0.6), {2: 1.5}, 1 << 10, [2]),
+        # Nothing to decide: wins everywhere, or losses everywhere.
+        ((1.5, 1.5, 1.5), {}, 1 << 10, []),
+        ((0.5, 0.6, 0.7), {}, None, []),
+    ],
+)
+def test_a_loss_that_decides_the_threshold_is_timed_twice(
+    monkeypatch, first, second, threshold, again
+) -> None:
+    """sweep: each loss that decides the threshold (the largest loss, when the kernels win at
+    some size) is timed a second time, and each backend keeps its lower median."""
+    sizes = [1 << (10 + i) for i in range(len(first))]
+    index_of = {calibration.sweep_shape(size, torch.float32): i for i, size in enumerate(sizes)}
+    timed: list[int] = []
+
+    def scripted(kernels, aten, passes, shape, layout, dtype, **options):
+        index = index_of[tuple(shape)]
+        retimed = index in timed
+        timed.append(index)
+        # A second timing: ATen as before, the kernels at ATen / ratio (never slower than before).
+        ratio = second[index] if retimed else first[index]
+        return {name: Timing(1.0 / ratio, 1.0, 3) for name in passes}
+
+    monkeypatch.setattr(calibration, "time_passes", scripted)
+    steps: list[str] = []
+    points = calibration.sweep(None, None, [F32_NCL], sizes, 3, steps.append)
+    assert timed == list(range(len(sizes))) + again
+    assert len(steps) == calibration.sweep_steps([F32_NCL], sizes) + len(again)
+    assert all(text.endswith(" again") for text in steps[len(sizes) :])
+    assert calibration.threshold_from(points[F32_NCL]) == threshold
+    for index in again:  # the lower of the two medians, each timing's rounds
+        point = points[F32_NCL][index]
+        best = max(first[index], second[index])
+        assert point.timing.kernels_ms == pytest.approx(1.0 / best)
+        assert point.timing.rounds == 6
+
+
 # -- the file ------------------------------------------------------------------------------
 
 

@@ -447,6 +447,8 @@ def _calibrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int
         ) as bar:
 
             def progress(text: str, bar: Any = bar) -> None:
+                if bar.total is not None and bar.n >= bar.total:
+                    bar.total += 1  # a size timed a second time (calibration.sweep)
                 bar.set_postfix_str(text, refresh=False)
                 bar.update()
 

@@ -53,6 +53,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -61,7 +62,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -1135,12 +1136,21 @@ def sweep(
     """Times ``cases`` at each size of ``sizes`` (bytes; :func:`sweep_shape`), the passes of
     one layout and dtype in the same rounds.
 
+    A loss of the kernels above which they win somewhere decides the threshold
+    (:func:`threshold_from`: ATen below it), so one disturbed median, a burst of another
+    process or of the hypervisor during that size's rounds, would move a whole range of sizes
+    to ATen. Each such deciding loss is therefore timed a second time (every pass of its layout
+    and dtype), once, from the largest size down, and each backend keeps the lower of its two
+    medians (a disturbance only adds time, to either backend); a loss that stays a loss is
+    kept. At most one extra step per size.
+
     Args:
         kernels, aten: the backends to compare.
         cases: the cases to measure.
         sizes: the sizes (bytes), e.g. :func:`ladder`'s.
         rounds: timed rounds per size (after one untimed).
-        progress: called after each (layout, dtype, size) with a description.
+        progress: called after each (layout, dtype, size) with a description; the sizes timed a
+            second time call it too, after the :func:`sweep_steps` first ones.
 
     Returns:
         case → its points, by size.
@@ -1150,22 +1160,57 @@ def sweep(
         groups.setdefault((layout, dtype), []).append(pass_name)
     points: dict[KernelCase, list[SweepPoint]] = {case: [] for case in cases}
     for (layout, dtype), passes in groups.items():
-        for size in sizes:
-            shape = sweep_shape(size, dtype)
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            nbytes = itemsize
-            for dim in shape:
-                nbytes *= dim
-            timings = time_passes(kernels, aten, passes, shape, layout, dtype, rounds=rounds)
-            for pass_name in passes:
-                points[(pass_name, layout, dtype)].append(SweepPoint(nbytes, timings[pass_name]))
+        shapes = [sweep_shape(size, dtype) for size in sizes]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = [itemsize * math.prod(shape) for shape in shapes]
+        name = str(dtype).removeprefix("torch.")
+        timed: list[dict[str, Timing]] = []
+        for shape, size in zip(shapes, nbytes, strict=True):
+            timed.append(time_passes(kernels, aten, passes, shape, layout, dtype, rounds=rounds))
             if progress is not None:
-                progress(f"{str(dtype).removeprefix('torch.')} {layout} {format_bytes(nbytes)}")
+                progress(f"{name} {layout} {format_bytes(size)}")
+        again: set[int] = set()
+        while True:
+            indices = {_deciding_loss([t[p] for t in timed], again) for p in passes} - {None}
+            if not indices:
+                break
+            for index in sorted(i for i in indices if i is not None):
+                second = time_passes(
+                    kernels, aten, passes, shapes[index], layout, dtype, rounds=rounds
+                )
+                timed[index] = {p: _lower(timed[index][p], second[p]) for p in passes}
+                again.add(index)
+                if progress is not None:
+                    progress(f"{name} {layout} {format_bytes(nbytes[index])} again")
+        for pass_name in passes:
+            points[(pass_name, layout, dtype)] = [
+                SweepPoint(size, t[pass_name]) for size, t in zip(nbytes, timed, strict=True)
+            ]
     return points
 
 
+def _deciding_loss(timings: Sequence[Timing], again: Collection[int]) -> int | None:
+    """The index of the largest size where the kernels lose, when it is not yet timed twice
+    (``again``) and they win at some other size (else nothing a second timing could change)."""
+    for index in range(len(timings) - 1, -1, -1):
+        if not timings[index].kernels_win:
+            wins = any(t.kernels_win for t in timings)
+            return index if index not in again and wins else None
+    return None
+
+
+def _lower(first: Timing, second: Timing) -> Timing:
+    """Each backend's lower median of two timings of the same size (rounds: both)."""
+    return Timing(
+        min(first.kernels_ms, second.kernels_ms),
+        min(first.aten_ms, second.aten_ms),
+        first.rounds + second.rounds,
+    )
+
+
 def sweep_steps(cases: Sequence[KernelCase], sizes: Sequence[int]) -> int:
-    """How many steps (progress calls) :func:`sweep` makes."""
+    """How many steps (progress calls) :func:`sweep` makes at least (sizes timed twice add one
+    each)."""
     return len({(layout, dtype) for _pass, layout, dtype in cases}) * len(sizes)
 
 

@@ -670,10 +670,11 @@ class CpuBackend(Backend):
 
         Each case the kernels can run here (of ``dtypes``, default all) is timed at each of
         ``sizes`` (:func:`calibration.sweep`: ``CpuBackend(ALL_KERNEL_CASES)`` against
-        ``CpuBackend({})``, median of ``rounds`` interleaved rounds, caches cold); its
-        threshold is the smallest size from which the kernels win at every larger one
-        (:func:`calibration.threshold_from`). torch's thread count is set to ``threads`` for
-        the sweep and restored; no lazy measurement runs meanwhile.
+        ``CpuBackend({})``, median of ``rounds`` interleaved rounds, caches cold; a loss that
+        would decide the threshold is timed twice); its threshold is the smallest size from
+        which the kernels win at every larger one (:func:`calibration.threshold_from`).
+        torch's thread count is set to ``threads`` for the sweep and restored; no lazy
+        measurement runs meanwhile.
 
         Returns:
             The updated table (stored in the cache directory).
