@@ -867,3 +867,41 @@ def test_a_sample_is_several_back_to_back_calls(monkeypatch) -> None:
     assert slow.calls == 1 + 3  # over SAMPLE_MS per call: one call a sample
     assert timings["inference"].kernels_ms == pytest.approx(1.0)  # per call, not per sample
     assert timings["inference"].aten_ms == pytest.approx(6.0)
+
+
+def test_each_training_pass_has_samples_of_its_own(monkeypatch) -> None:
+    """time_passes: the forward's samples are back-to-back forwards alone, the backward's
+    back-to-back (untimed forward, timed backward) pairs, each with its own count per sample;
+    a 1 ms forward and a 3 ms backward are reported as such (fake clock, as above)."""
+    now = [0.0]
+    monkeypatch.setattr(calibration, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    class Trainer:
+        def __init__(self, forward_s: float, backward_s: float) -> None:
+            self.forward_s, self.backward_s = forward_s, backward_s
+            self.forwards = self.backwards = 0
+
+        def train(self, call):
+            self.forwards += 1
+            now[0] += self.forward_s
+            shape = (1, -1) + (1,) * (call.input.dim() - 2)
+            output = call.input * call.weight.view(shape) + call.bias.view(shape)
+            output.register_hook(self._backward)
+            return types.SimpleNamespace(output=output)
+
+        def _backward(self, grad):
+            self.backwards += 1
+            now[0] += self.backward_s
+
+    kernels, aten = Trainer(0.001, 0.003), Trainer(0.002, 0.004)
+    timings = calibration.time_passes(
+        kernels, aten, ["forward", "backward"], (2, 3, 4), "ncl", torch.float32, rounds=3
+    )
+    assert timings["forward"].kernels_ms == pytest.approx(1.0)
+    assert timings["forward"].aten_ms == pytest.approx(2.0)
+    assert timings["backward"].kernels_ms == pytest.approx(3.0)
+    assert timings["backward"].aten_ms == pytest.approx(4.0)
+    # Warm-up: one forward, one (forward, backward); then 3 samples of each pass: 4 forwards
+    # (4 ms) and 2 pairs (3 ms each: ceil(4 / 3)) for the kernels.
+    assert (kernels.forwards, kernels.backwards) == (1 + 1 + 3 * 4 + 3 * 2, 1 + 3 * 2)
+    assert (aten.forwards, aten.backwards) == (1 + 1 + 3 * 2 + 3 * 1, 1 + 3 * 1)

@@ -402,13 +402,13 @@ def time_passes(
     Each round runs both backends in a shuffled order (seeded), with the caches as a network
     leaves them for a batch norm's input, which the layer before has just written: the scratch
     input was read by the previous call, no flush in between. A sample is the mean of a few
-    back-to-back calls of one backend (:data:`SAMPLE_MS`), so that each call's output lands on
-    the memory its previous call freed, as in a training or inference loop and as
-    ``benchmarks/cpu.py`` times them. The passes: the training forward (``train`` on a
-    :class:`Call`, autograd graph built), its backward (``torch.autograd.grad`` of that
-    forward's output), evaluation (``evaluate``, no grad). Everything is made here from a
-    private generator: no tensor of the caller's is read or written, torch's global random
-    state is not drawn from.
+    back-to-back calls of one pass of one backend (:data:`SAMPLE_MS`), so that each call's
+    output lands on the memory the previous call of that pass freed, as in a training or
+    inference loop and as ``benchmarks/cpu.py`` times them. The passes: the training forward
+    (``train`` on a :class:`Call`, autograd graph built), the backward (``torch.autograd.grad``
+    of a forward's output, that forward untimed), evaluation (``evaluate``, no grad).
+    Everything is made here from a private generator: no tensor of the caller's is read or
+    written, torch's global random state is not drawn from.
 
     Args:
         kernels, aten: the backends to compare (``CpuBackend(ALL_KERNEL_CASES)``,
@@ -450,56 +450,31 @@ def time_passes(
         evaluate = Call(x, running_mean, running_var, weight, bias, 0.1, 1e-5, None, False)
         names = list(variants)
         done = 0
-        # Back-to-back calls per sample (one in the warm-up rounds): k training steps or k
-        # evaluations of one backend in a row, k chosen from the warm-up so that a sample
-        # lasts about SAMPLE_MS, as benchmarks/cpu.py times them (each call's output lands
-        # on the memory the previous one freed, as in a training or inference loop).
-        calls = dict.fromkeys(variants, 1)
-        eval_calls = dict(calls)
+        # Back-to-back calls per sample (one in the warm-up rounds): k calls of one pass of
+        # one backend in a row, k chosen from the warm-up so that a sample lasts about
+        # SAMPLE_MS, as benchmarks/cpu.py times them: each call's output lands on the memory
+        # the previous call of the same pass freed, as in a training or inference loop. Each
+        # pass has samples of its own: what ran just before a call changes its time (measured
+        # on a 2-core Xeon: an 8 MiB bfloat16 training forward of the kernels took 1.6 ms after
+        # their backward, 2.3 ms after their inference, ATen's 2.1 ms after either).
+        calls = {(name, pass_name): 1 for name in variants for pass_name in passes}
         for round_index in range(warmup + rounds):
             order.shuffle(names)
             timed = round_index >= warmup
             for name in names:
                 backend = variants[name]
-                if training:
-                    forward_s = backward_s = 0.0
-                    with torch.enable_grad():
-                        for _ in range(calls[name]):
-                            begin = time.perf_counter()
-                            result = backend.train(train)
-                            forward_s += time.perf_counter() - begin
-                            if result is None:
-                                raise RuntimeError(
-                                    f"{name}: the backend did not run the call itself"
-                                )
-                            if dy is not None:
-                                begin = time.perf_counter()
-                                torch.autograd.grad(result.output, (x, weight, bias), dy)
-                                backward_s += time.perf_counter() - begin
-                            del result
-                    if timed and "forward" in passes:
-                        times.setdefault((name, "forward"), []).append(
-                            forward_s * 1e3 / calls[name]
-                        )
-                    if timed and dy is not None:
-                        times.setdefault((name, "backward"), []).append(
-                            backward_s * 1e3 / calls[name]
-                        )
-                    if not timed:
-                        calls[name] = _calls_per_sample((forward_s + backward_s) / calls[name])
-                if "inference" in passes:
-                    elapsed = 0.0
-                    with torch.no_grad():
-                        for _ in range(eval_calls[name]):
-                            begin = time.perf_counter()
-                            backend.evaluate(evaluate)
-                            elapsed += time.perf_counter() - begin
-                    if timed:
-                        times.setdefault((name, "inference"), []).append(
-                            elapsed * 1e3 / eval_calls[name]
-                        )
+                for pass_name in passes:
+                    count = calls[(name, pass_name)]
+                    if pass_name == "inference":
+                        elapsed = _time_inference(backend, evaluate, count)
                     else:
-                        eval_calls[name] = _calls_per_sample(elapsed / eval_calls[name])
+                        elapsed = _time_training(
+                            name, backend, train, (x, weight, bias), dy, pass_name, count
+                        )
+                    if timed:
+                        times.setdefault((name, pass_name), []).append(elapsed * 1e3 / count)
+                    else:
+                        calls[(name, pass_name)] = _calls_per_sample(elapsed / count)
             done += timed
             if (
                 budget_s is not None
@@ -511,6 +486,49 @@ def time_passes(
     return {
         name: Timing(medians[("kernels", name)], medians[("aten", name)], done) for name in passes
     }
+
+
+def _time_inference(backend: Backend, call: Call, count: int) -> float:
+    """Seconds of ``count`` back-to-back evaluations (no grad)."""
+    elapsed = 0.0
+    with torch.no_grad():
+        for _ in range(count):
+            begin = time.perf_counter()
+            backend.evaluate(call)
+            elapsed += time.perf_counter() - begin
+    return elapsed
+
+
+def _time_training(
+    name: str,
+    backend: Backend,
+    call: Call,
+    leaves: tuple[torch.Tensor, ...],
+    dy: torch.Tensor | None,
+    pass_name: str,
+    count: int,
+) -> float:
+    """Seconds of ``count`` back-to-back training forwards (``pass_name`` ``"forward"``) or
+    backwards (``"backward"``: each after an untimed forward), the graph built.
+
+    Raises:
+        RuntimeError: if the backend returned None (it did not run the call itself).
+    """
+    elapsed = 0.0
+    with torch.enable_grad():
+        for _ in range(count):
+            begin = time.perf_counter()
+            result = backend.train(call)
+            if pass_name == "forward":
+                elapsed += time.perf_counter() - begin
+            if result is None:
+                raise RuntimeError(f"{name}: the backend did not run the call itself")
+            if pass_name == "backward":
+                begin = time.perf_counter()
+                torch.autograd.grad(result.output, leaves, dy)
+                elapsed += time.perf_counter() - begin
+            del result
+    return elapsed
 
 
 # ---------------------------------------------------------------------------------------------
