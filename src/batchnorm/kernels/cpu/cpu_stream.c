@@ -43,8 +43,14 @@
  * widest one the CPU has at import (ISAS lists those it has, best first; use_isa picks another
  * of them, for tests and comparisons). Where neither is there, and on other architectures,
  * SUPPORTED is False and the passes raise RuntimeError.
- * Pointers come as integers from the caller (batchnorm.backends.numba_backend), which checks
+ * Pointers come as integers from the caller (batchnorm.backends.cpu_backend), which checks
  * dtypes, sizes and density; the functions release the GIL.
+ *
+ * Why this file is long: one C extension is one translation unit, and it holds each ISA's
+ * primitives (loads, bfloat16 rounding, masks: 70-100 lines an ISA), the drivers written once
+ * over the kernels_t table (team split, Chan merge of the shares, running update), the OpenMP
+ * lookup that lets the passes join torch's thread team, and the Python bindings with their
+ * argument checks; the vector code itself is in cpu_stream_simd.h.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h> /* first: its pyconfig.h defines _GNU_SOURCE (RTLD_NOLOAD) */

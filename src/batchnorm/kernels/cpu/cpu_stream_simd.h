@@ -24,6 +24,11 @@
  * The order of float32 additions differs between the two ISAs (W lanes per accumulator, then a
  * reduction over them), so the two round differently; each is within the tolerances of the
  * float32 sums described in cpu_stream.c.
+ *
+ * Why this file is long: it is every vector loop of the three passes (statistics with the
+ * corrected second pass, output, gradient sums and dx), each in both layouts ((N, C, L) runs and
+ * (M, C) rows) and with its masked edges; written once for both ISAs, it is half of what two
+ * copies would be.
  */
 
 /* The per-lane values of `count` per-channel arrays for the W values from flat index i, into
